@@ -1,0 +1,111 @@
+"""Artefact plumbing shared by every stage: sha256, atomic writes, manifests and their verification."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sarloc import __version__
+from sarloc.errors import ArtifactError
+
+MANIFEST_SCHEMA = 1
+
+
+def sha256_file(path: str | Path, chunk_bytes: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks (never the whole file in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk_bytes):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex sha256 of a byte string."""
+    return hashlib.sha256(data).hexdigest()
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    On error the temporary file is removed and ``path`` is left untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file, fsync, rename)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    return Path(path)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def atomic_save(path: str | Path, writer: Callable[[Path], None]) -> Path:
+    """Call ``writer(tmp_path)`` and move the result onto ``path`` atomically."""
+    with atomic_path(path) as tmp:
+        writer(tmp)
+    return Path(path)
+
+
+def make_manifest(kind: str, parent_sha256: str | None = None, **fields: Any) -> dict[str, Any]:
+    """A manifest dict: schema, package version, artefact kind, parent hash and free fields."""
+    return {
+        "schema": MANIFEST_SCHEMA,
+        "kind": kind,
+        "sarloc_version": __version__,
+        "parent_sha256": parent_sha256,
+        **fields,
+    }
+
+
+def read_json(path: str | Path, what: str) -> dict[str, Any]:
+    """Read a JSON object, raising a one-line ArtifactError naming ``what`` and the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what}: {path} not found")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{what}: {path} is not valid JSON ({e}); regenerate it") from None
+    if not isinstance(obj, dict):
+        raise ArtifactError(f"{what}: {path} must hold a JSON object")
+    return obj
+
+
+def verify_files(root: str | Path, sha256_by_name: dict[str, str], what: str) -> None:
+    """Check that each file under ``root`` has the recorded sha256; raise ArtifactError naming the first mismatch."""
+    root = Path(root)
+    for name, expected in sha256_by_name.items():
+        p = root / name
+        if not p.is_file():
+            raise ArtifactError(f"{what}: {p} is missing; rebuild the {what}")
+        got = sha256_file(p)
+        if got != expected:
+            raise ArtifactError(
+                f"{what}: {p} has sha256 {got[:12]}, manifest says {expected[:12]} (tampered or truncated); rebuild it"
+            )

@@ -1,0 +1,208 @@
+"""`sarloc` command line: argument parsing only; every subcommand calls a library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from sarloc import __version__
+from sarloc.errors import SarlocError
+
+logger = logging.getLogger("sarloc.cli")
+
+
+def _cmd_synth(a: argparse.Namespace) -> int:
+    from sarloc.synth import SynthConfig, write_scene
+
+    cfg = SynthConfig(width_px=a.width_px, height_px=a.height_px, gsd_m=a.gsd_m, seed=a.seed)
+    out = write_scene(Path(a.out), cfg, force=a.force)
+    print(out)
+    return 0
+
+
+def _cmd_train(a: argparse.Namespace) -> int:
+    from sarloc.trainer.config import resolve_config
+    from sarloc.trainer.loop import train
+
+    enc: dict = {}
+    if a.from_scratch:
+        enc["pretrained"] = False
+    overrides = {
+        "steps": a.steps,
+        "batch_size": a.batch_size,
+        "align": a.align,
+        "seed": a.seed,
+        "max_minutes": a.max_minutes,
+        "window_px": a.window_px,
+        "threads": a.threads,
+        "metric_loss": a.loss,
+    }
+    if enc:
+        overrides["encoder"] = enc
+    if a.config:
+        try:
+            overrides.update(json.loads(Path(a.config).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise SarlocError(f"--config {a.config}: cannot read JSON ({e})") from None
+    cfg = resolve_config(a.preset, **overrides)
+    ckpt = train(a.scenes, a.out, cfg, exclude=a.exclude, progress=not a.no_progress)
+    print(ckpt)
+    return 0
+
+
+def _print_table(res: dict) -> None:
+    cols = (
+        "recall@1",
+        "recall@5",
+        "recall@10",
+        "median_error_m",
+        "p90_error_m",
+        "within_100m",
+        "queries",
+        "ms_per_query",
+    )
+    print(f"{'scene / queries':42s} " + " ".join(f"{c:>14s}" for c in cols))
+    for k, m in res.items():
+        if isinstance(m, dict) and "recall@1" in m:
+            label = f"{res.get('scene', '')} {k} [{m.get('method', '')}]"
+            print(
+                f"{label:42s} " + " ".join(f"{m[c]:14.3f}" if isinstance(m[c], float) else f"{m[c]:14d}" for c in cols)
+            )
+
+
+def _cmd_eval(a: argparse.Namespace) -> int:
+    from sarloc.artifacts import atomic_write_json
+    from sarloc.evaluation import EvalConfig, evaluate_cfog
+    from sarloc.scene import load_scene, make_queries
+
+    ecfg = EvalConfig(window_px=a.window_px, stride_px=a.stride_px, queries=a.queries, seed=a.seed)
+    if a.method == "cfog":
+        scene = load_scene(a.scene)
+        res: dict = {"scene": scene.name, "method": "cfog"}
+        for kind in ("aligned", "arbitrary"):
+            q = make_queries(scene, kind, ecfg.window_px, ecfg.queries, ecfg.seed)
+            res[kind] = evaluate_cfog(scene, q, ecfg)
+    else:
+        if not a.checkpoint:
+            raise SarlocError("sarloc eval --method encoder needs --checkpoint CKPT (or use --method cfog)")
+        from sarloc.trainer.loop import evaluate_checkpoint
+
+        res = evaluate_checkpoint(a.checkpoint, a.scene, ecfg)
+    _print_table(res)
+    if a.json:
+        atomic_write_json(a.json, res)
+        print(f"wrote {a.json}")
+    return 0
+
+
+def _cmd_figures(a: argparse.Namespace) -> int:
+    from sarloc.trainer.figures import embedding_projection, retrieval_figure
+
+    out = Path(a.out)
+    paths = [retrieval_figure(a.checkpoint, a.scene, out / "retrieval.png", window_px=a.window_px, seed=a.seed)]
+    paths.append(
+        embedding_projection(
+            a.checkpoint,
+            a.scene,
+            out / "embedding_projection.png",
+            baseline_checkpoint=a.baseline_checkpoint,
+            window_px=a.window_px,
+        )
+    )
+    for p in paths:
+        print(p)
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from sarloc.demo import run_demo
+
+    res = run_demo(a.out, steps=a.steps, seed=a.seed)
+    _print_table(res)
+    print(f"results in {Path(a.out) / 'eval.json'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (exposed for docs and tests)."""
+    p = argparse.ArgumentParser(prog="sarloc", description="GNSS-free UAV localisation from SAR imagery.")
+    p.add_argument("--version", action="version", version=f"sarloc {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    s = sub.add_parser("synth", help="generate a synthetic co-registered SAR/optical scene folder")
+    s.add_argument("--out", required=True, help="scene folder to create")
+    s.add_argument("--width-px", type=int, default=768)
+    s.add_argument("--height-px", type=int, default=768)
+    s.add_argument("--gsd-m", type=float, default=10.0)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty folder")
+    s.set_defaults(fn=_cmd_synth)
+
+    t = sub.add_parser("train", help="train the cross-modal encoder (torchrun for multi-GPU/multi-process)")
+    t.add_argument("--scenes", nargs="+", required=True, help="scene folders or folders of scene folders")
+    t.add_argument("--out", required=True, help="run folder")
+    t.add_argument("--preset", default="default", help="default | loso | quick | smoke")
+    t.add_argument("--exclude", nargs="*", default=None, help="scene names to hold out")
+    t.add_argument("--steps", type=int)
+    t.add_argument("--batch-size", type=int)
+    t.add_argument("--window-px", type=int)
+    t.add_argument("--align", choices=["none", "wasserstein", "classifier"])
+    t.add_argument("--loss", choices=["infonce", "triplet", "both"])
+    t.add_argument("--from-scratch", action="store_true", help="no ImageNet initialisation")
+    t.add_argument("--max-minutes", type=float)
+    t.add_argument("--threads", type=int)
+    t.add_argument("--seed", type=int)
+    t.add_argument("--config", help="JSON file of config overrides (nested keys allowed)")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(fn=_cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate retrieval on a scene (encoder checkpoint or the classical baseline)")
+    e.add_argument("--scene", required=True)
+    e.add_argument("--checkpoint")
+    e.add_argument("--method", choices=["encoder", "cfog"], default="encoder")
+    e.add_argument("--window-px", type=int, default=64)
+    e.add_argument("--stride-px", type=int, default=None, help="gallery stride (default: window, no overlap)")
+    e.add_argument("--queries", type=int, default=200)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", help="write the metrics here")
+    e.set_defaults(fn=_cmd_eval)
+
+    f = sub.add_parser("figures", help="retrieval visualisation and 2-D embedding projection")
+    f.add_argument("--checkpoint", required=True)
+    f.add_argument("--baseline-checkpoint", help="a checkpoint trained without alignment, for comparison")
+    f.add_argument("--scene", required=True)
+    f.add_argument("--out", required=True)
+    f.add_argument("--window-px", type=int, default=64)
+    f.add_argument("--seed", type=int, default=0)
+    f.set_defaults(fn=_cmd_figures)
+    d = sub.add_parser("demo", help="fresh-machine main job: synth scenes, short training, evaluation")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--steps", type=int, default=None, help="training steps (default: the 'quick' preset)")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point. Known user errors print one line and return 1; bugs raise."""
+    from sarloc.log import setup_logging
+
+    args = build_parser().parse_args(argv)
+    setup_logging(verbose=args.verbose, quiet=args.quiet)
+    try:
+        return int(args.fn(args) or 0)
+    except SarlocError as e:
+        print(f"sarloc {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"sarloc {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,109 @@
+"""Window preprocessing shared by trainer, export and runtime (torch-free: numpy + OpenCV).
+
+Every window (SAR or optical) enters the encoder as a single log/luminance band, standardised per window
+(zero mean, unit variance, clipped), optionally followed by ``n_orient`` unsigned oriented-gradient channels
+(CFOG-like: |gx cos t + gy sin t|, invariant to the intensity reversals common between SAR and optical).
+The same function runs in training, in the exported model's manifest contract and on board.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sarloc.errors import SarlocError
+
+
+@dataclass(frozen=True)
+class PreprocessConfig:
+    """How a (H, W) single-band window becomes a (C, H, W) float32 tensor.
+
+    Attributes:
+        n_orient: number of oriented-gradient channels appended (0 = intensity only).
+        clip_sigma: clip standardised intensity to +-clip_sigma.
+        grad_sigma: Gaussian pre-smoothing (pixels) before gradients; reduces speckle.
+    """
+
+    n_orient: int = 4
+    clip_sigma: float = 4.0
+    grad_sigma: float = 1.0
+
+    @property
+    def channels(self) -> int:
+        """Channels of the prepared tensor."""
+        return 1 + self.n_orient
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict."""
+        return asdict(self)
+
+
+def standardise(win: np.ndarray, clip_sigma: float = 4.0) -> np.ndarray:
+    """(..., H, W) -> per-window zero-mean, unit-variance float32, clipped to +-clip_sigma."""
+    w = np.asarray(win, dtype=np.float32)
+    mu = w.mean(axis=(-2, -1), keepdims=True)
+    sd = w.std(axis=(-2, -1), keepdims=True)
+    out = (w - mu) / (sd + 1e-6)
+    return np.clip(out, -clip_sigma, clip_sigma, out=out)
+
+
+def orientation_channels(std_win: np.ndarray, n_orient: int, grad_sigma: float = 1.0) -> np.ndarray:
+    """(H, W) standardised window -> (n_orient, H, W) unsigned oriented gradients, jointly scaled to unit RMS."""
+    import cv2
+
+    w = std_win.astype(np.float32)
+    if grad_sigma > 0:
+        w = cv2.GaussianBlur(w, (0, 0), grad_sigma, borderType=cv2.BORDER_REFLECT)
+    gx = cv2.Sobel(w, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
+    gy = cv2.Sobel(w, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
+    th = np.arange(n_orient, dtype=np.float32) * (np.pi / n_orient)
+    o = np.abs(np.cos(th)[:, None, None] * gx[None] + np.sin(th)[:, None, None] * gy[None])
+    rms = float(np.sqrt(np.mean(o * o))) + 1e-6
+    return (o / rms).astype(np.float32)
+
+
+def prepare_windows(wins: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
+    """Prepare a batch of single-band windows for the encoder.
+
+    Args:
+        wins: (B, H, W) or (H, W) float array (log-SAR or optical luminance, any scale).
+        cfg: preprocessing configuration (must match the model's manifest).
+
+    Returns:
+        (B, C, H, W) float32, C = cfg.channels.
+    """
+    a = np.asarray(wins)
+    if a.ndim == 2:
+        a = a[None]
+    if a.ndim != 3 or a.shape[1] < 8 or a.shape[2] < 8:
+        raise SarlocError(f"windows must be (B, H, W) with H, W >= 8, got shape {a.shape}")
+    a = a.astype(np.float32)
+    if not np.isfinite(a).all():
+        a = a.copy()
+        for i in range(len(a)):
+            bad = ~np.isfinite(a[i])
+            if bad.all():
+                a[i] = 0.0
+            elif bad.any():
+                a[i][bad] = float(np.mean(a[i][~bad]))
+    s = standardise(a, cfg.clip_sigma)
+    out = np.empty((a.shape[0], cfg.channels, a.shape[1], a.shape[2]), np.float32)
+    out[:, 0] = s
+    if cfg.n_orient:
+        for i in range(len(s)):
+            out[i, 1:] = orientation_channels(s[i], cfg.n_orient, cfg.grad_sigma)
+    return out
+
+
+def crop_windows(img: np.ndarray, origins: np.ndarray, window_px: int) -> np.ndarray:
+    """(H, W) image, (N, 2) top-left (x0, y0) -> (N, window, window) copies."""
+    o = np.asarray(origins, dtype=np.int64)
+    if len(o) == 0:
+        return np.zeros((0, window_px, window_px), img.dtype)
+    h, w = img.shape[:2]
+    if o[:, 0].min() < 0 or o[:, 1].min() < 0 or o[:, 0].max() + window_px > w or o[:, 1].max() + window_px > h:
+        raise SarlocError(f"window of {window_px} px at some origin falls outside the {w}x{h} image")
+    iy = o[:, 1, None, None] + np.arange(window_px)[None, :, None]
+    ix = o[:, 0, None, None] + np.arange(window_px)[None, None, :]
+    return img[iy, ix]

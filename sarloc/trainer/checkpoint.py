@@ -1,0 +1,91 @@
+"""Checkpoints: weights plus the resolved config and a manifest (no code pickled; loads with weights_only)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sarloc.artifacts import atomic_save, atomic_write_json, make_manifest, sha256_file
+from sarloc.errors import ArtifactError
+from sarloc.trainer.config import TrainConfig
+from sarloc.trainer.models.encoder import CrossModalEncoder
+
+CHECKPOINT_KIND = "sarloc.encoder-checkpoint"
+
+
+def save_checkpoint(path: str | Path, model: CrossModalEncoder, cfg: TrainConfig, info: dict[str, Any]) -> Path:
+    """Write ``path`` (torch state) and ``path.with_suffix('.json')`` (manifest with the checkpoint's sha256).
+
+    The checkpoint embeds its config as JSON text, so it loads with ``torch.load(weights_only=True)``.
+    """
+    path = Path(path)
+    blob = {
+        "kind": CHECKPOINT_KIND,
+        "config_json": cfg.to_json(),
+        "info_json": json.dumps(info),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+    }
+    atomic_save(path, lambda tmp: torch.save(blob, tmp))
+    manifest = make_manifest(
+        CHECKPOINT_KIND,
+        parent_sha256=info.get("scenes_sha256"),
+        file=path.name,
+        sha256=sha256_file(path),
+        config=cfg.to_dict(),
+        info=info,
+    )
+    atomic_write_json(path.with_suffix(".json"), manifest)
+    return path
+
+
+def load_checkpoint(path: str | Path) -> tuple[CrossModalEncoder, TrainConfig, dict[str, Any]]:
+    """Load a checkpoint -> (model in eval mode, its config, its info dict).
+
+    Raises:
+        ArtifactError: missing, corrupt, truncated or not a sarloc checkpoint (one line, naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint {path} not found; train one with `sarloc train`")
+    man_path = path.with_suffix(".json")
+    if man_path.is_file():
+        try:
+            man = json.loads(man_path.read_text())
+        except json.JSONDecodeError:
+            raise ArtifactError(f"checkpoint manifest {man_path} is not valid JSON; retrain or delete it") from None
+        if man.get("sha256") and man["sha256"] != sha256_file(path):
+            raise ArtifactError(f"checkpoint {path} does not match its manifest sha256 (modified or truncated)")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise ArtifactError(
+            f"checkpoint {path} could not be read ({type(e).__name__}); it is corrupt or truncated"
+        ) from None
+    if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
+        raise ArtifactError(f"{path} is not a sarloc encoder checkpoint")
+    cfg = TrainConfig.from_dict(json.loads(blob["config_json"]))
+    from dataclasses import replace
+
+    model = CrossModalEncoder(replace(cfg.encoder, pretrained=False))
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as e:
+        raise ArtifactError(f"checkpoint {path} weights do not fit its config: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model, cfg, json.loads(blob.get("info_json") or "{}")
+
+
+def checkpoint_embed_fns(model: CrossModalEncoder):
+    """Numpy embedding functions (sar, optical) over a torch model, for :mod:`sarloc.evaluation`."""
+
+    def make(modality: str):
+        @torch.no_grad()
+        def fn(x):
+            return model.embed(torch.from_numpy(x), modality).numpy()
+
+        return fn
+
+    return make("sar"), make("optical")

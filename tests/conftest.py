@@ -1,0 +1,79 @@
+"""Shared fixtures: tiny generated scenes, and the real scenes of ../shared/data when present."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def shared_scene(name: str) -> Path:
+    """Path of a real scene, or skip the test with a message when ../shared/data is absent."""
+    p = SHARED_DATA / name
+    if not (p / "scene.json").is_file():
+        pytest.skip(f"real scene {name} not available ({SHARED_DATA} missing); skipping")
+    return p
+
+
+@pytest.fixture(scope="session")
+def synth_scene(tmp_path_factory) -> Path:
+    """A 256x256 generated scene folder (seed 3)."""
+    from sarloc.synth import SynthConfig, write_scene
+
+    out = tmp_path_factory.mktemp("synth") / "scene"
+    return write_scene(out, SynthConfig(width_px=256, height_px=256, seed=3))
+
+
+@pytest.fixture(scope="session")
+def synth_scenes(tmp_path_factory) -> Path:
+    """A folder holding two generated scene folders."""
+    from sarloc.synth import SynthConfig, write_scene
+
+    root = tmp_path_factory.mktemp("synths")
+    for seed in (1, 2):
+        write_scene(root / f"s{seed}", SynthConfig(width_px=256, height_px=256, seed=seed))
+    return root
+
+
+def write_plain_scene(
+    folder: Path,
+    optical: np.ndarray,
+    sar: np.ndarray,
+    meta_extra: dict | None = None,
+    sar_scale: str = "linear_0_1",
+    opt_scale: str = "display8",
+) -> Path:
+    """Write a minimal scene folder from arrays (tif via tifffile, png via cv2)."""
+    import cv2
+    import tifffile
+
+    folder.mkdir(parents=True, exist_ok=True)
+    if optical.ndim == 3:
+        cv2.imwrite(str(folder / "optical.png"), optical[..., ::-1])
+    else:
+        cv2.imwrite(str(folder / "optical.png"), optical)
+    tifffile.imwrite(folder / "sar.tif", sar)
+    meta = {
+        "name": folder.name,
+        "optical": {
+            "file": "optical.png",
+            "bands": ["R", "G", "B"] if optical.ndim == 3 else ["gray"],
+            "scale": opt_scale,
+        },
+        "sar": {
+            "file": "sar.tif",
+            "bands": ["VV"] if sar.ndim == 2 else [f"b{i}" for i in range(sar.shape[2])],
+            "scale": sar_scale,
+        },
+        "crs": None,
+        "geotransform": None,
+        "gsd_m": None,
+        "gsd_m_estimate": 5.0,
+    }
+    meta.update(meta_extra or {})
+    (folder / "scene.json").write_text(json.dumps(meta))
+    return folder
