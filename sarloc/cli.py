@@ -85,6 +85,10 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         for kind in ("aligned", "arbitrary"):
             q = make_queries(scene, kind, ecfg.window_px, ecfg.queries, ecfg.seed)
             res[kind] = evaluate_cfog(scene, q, ecfg)
+    elif a.onnx:
+        from sarloc.export.evaluate import evaluate_onnx
+
+        res = evaluate_onnx(a.onnx, a.scene, ecfg, precision=a.precision, backend=a.backend)
     else:
         if not a.checkpoint:
             raise SarlocError("sarloc eval --method encoder needs --checkpoint CKPT (or use --method cfog)")
@@ -123,6 +127,59 @@ def _cmd_demo(a: argparse.Namespace) -> int:
     res = run_demo(a.out, steps=a.steps, seed=a.seed)
     _print_table(res)
     print(f"results in {Path(a.out) / 'eval.json'}")
+    return 0
+
+
+def _cmd_export(a: argparse.Namespace) -> int:
+    from sarloc.export.onnx import export_checkpoint
+
+    index = export_checkpoint(
+        a.checkpoint, a.out, opset=a.opset, scene_dir=a.scene, tolerance=a.tolerance, exporter=a.exporter
+    )
+    for m in index["models"].values():
+        par = m["parity"]
+        print(f"{Path(a.out) / m['file']}  parity max |diff| {par['max_abs_diff']:.1e} <= {par['tolerance']:.0e}")
+    return 0
+
+
+def _cmd_calib(a: argparse.Namespace) -> int:
+    from sarloc.calib.quantize import calibrate_export
+
+    out = calibrate_export(
+        a.onnx_dir, a.scenes, n_per_scene=a.n_per_scene, seed=a.seed, calib_dir=a.calib_dir, calibrate_method=a.method
+    )
+    for p in out.values():
+        print(p)
+    if a.guard_scene:
+        from sarloc.artifacts import atomic_write_json
+        from sarloc.evaluation import EvalConfig
+        from sarloc.export.evaluate import int8_accuracy_guard
+        from sarloc.export.layout import model_path, read_model_manifest
+
+        w = int(read_model_manifest(model_path(a.onnx_dir, "sar"))["window_px"])
+        guard = int8_accuracy_guard(a.onnx_dir, a.guard_scene, EvalConfig(window_px=w, queries=a.queries))
+        atomic_write_json(Path(a.onnx_dir) / "int8_guard.json", guard)
+        print(f"INT8 vs FP32 recall@1 on {guard['scene']}: {guard['int8']} vs {guard['fp32']}")
+        if not guard["passed"]:
+            raise SarlocError(
+                f"INT8 loses {100 * guard['drop']:.1f} points of recall@1 against FP32 on {guard['scene']} "
+                f"(limit {100 * guard['max_drop']:.0f}); do not deploy the INT8 models (see int8_guard.json)"
+            )
+    return 0
+
+
+def _cmd_build_engine(a: argparse.Namespace) -> int:
+    from sarloc.export.engine import build_engine
+
+    out = build_engine(
+        a.onnx,
+        a.out,
+        fp16=a.fp16,
+        batch_sizes=tuple(a.batch_sizes),
+        timing_cache_dir=a.timing_cache_dir,
+        device=a.device,
+    )
+    print(out)
     return 0
 
 
@@ -170,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--queries", type=int, default=200)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", help="write the metrics here")
+    e.add_argument("--onnx", metavar="DIR", help="evaluate the exported models of DIR (sarloc export) instead")
+    e.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32", help="with --onnx")
+    e.add_argument("--backend", choices=["ort", "trt", "auto"], default="ort", help="with --onnx: runtime")
     e.set_defaults(fn=_cmd_eval)
 
     f = sub.add_parser("figures", help="retrieval visualisation and 2-D embedding projection")
@@ -185,6 +245,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--steps", type=int, default=None, help="training steps (default: the 'quick' preset)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_cmd_demo)
+
+    x = sub.add_parser("export", help="export the encoders to ONNX (one per modality), verified against PyTorch")
+    x.add_argument("--checkpoint", required=True)
+    x.add_argument("--out", required=True, help="export folder")
+    x.add_argument("--scene", help="scene whose real windows are used for the parity check (default: generated)")
+    x.add_argument("--opset", type=int, default=18)
+    x.add_argument("--exporter", choices=["auto", "dynamo", "legacy"], default="auto")
+    x.add_argument("--tolerance", type=float, default=1e-4, help="max abs diff on unit-norm embeddings")
+    x.set_defaults(fn=_cmd_export)
+
+    c = sub.add_parser("calib", help="calibration set + INT8 Q/DQ models beside the exported FP32 ones")
+    c.add_argument("--scenes", nargs="+", required=True, help="scene folders or folders of scene folders")
+    c.add_argument("--onnx-dir", required=True, help="export folder (sarloc export)")
+    c.add_argument("--n-per-scene", type=int, default=32, help="windows per scene and modality")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--calib-dir", help="calibration set folder (default: ONNX_DIR/calib)")
+    c.add_argument("--method", choices=["minmax", "entropy", "percentile"], default="minmax")
+    c.add_argument("--guard-scene", help="held-out scene: fail when INT8 loses > 1 point of recall@1 vs FP32")
+    c.add_argument("--queries", type=int, default=200, help="queries per kind for --guard-scene")
+    c.set_defaults(fn=_cmd_calib)
+
+    b = sub.add_parser("build-engine", help="build a TensorRT engine from an exported ONNX model (GPU machine)")
+    b.add_argument("--onnx", required=True, help="M.onnx or M.int8.onnx written by sarloc export / calib")
+    b.add_argument("--out", help="engine file (default: M.engine, M.fp16.engine with --fp16)")
+    b.add_argument("--fp16", action="store_true", help="allow FP16 kernels (TensorRT 10.x builder flag)")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8, 32], help="runtime batch sizes")
+    b.add_argument("--timing-cache-dir", help="folder of timing caches (keyed by TensorRT, GPU, ONNX, precision)")
+    b.add_argument("--device", type=int, default=0, help="CUDA device index")
+    b.set_defaults(fn=_cmd_build_engine)
     return p
 
 

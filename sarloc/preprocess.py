@@ -1,8 +1,9 @@
 """Window preprocessing shared by trainer, export and runtime (torch-free: numpy + OpenCV).
 
 Every window (SAR or optical) enters the encoder as a single log/luminance band, standardised per window
-(zero mean, unit variance, clipped), optionally followed by ``n_orient`` unsigned oriented-gradient channels
-(CFOG-like: |gx cos t + gy sin t|, invariant to the intensity reversals common between SAR and optical).
+(zero mean, unit variance, clipped), followed by ``n_orient`` CFOG channels of that window (unsigned oriented
+gradients |gx cos t + gy sin t|, smoothed, normalised per pixel; invariant to the intensity reversals common
+between SAR and optical; see :mod:`sarloc.classical`).
 The same function runs in training, in the exported model's manifest contract and on board.
 """
 
@@ -20,14 +21,16 @@ class PreprocessConfig:
     """How a (H, W) single-band window becomes a (C, H, W) float32 tensor.
 
     Attributes:
-        n_orient: number of oriented-gradient channels appended (0 = intensity only).
+        n_orient: number of CFOG orientation channels appended (0 = intensity only).
         clip_sigma: clip standardised intensity to +-clip_sigma.
-        grad_sigma: Gaussian pre-smoothing (pixels) before gradients; reduces speckle.
+        grad_sigma: CFOG spatial smoothing of each orientation channel (pixels).
+        eps_rel: CFOG softened per-pixel normalisation (see :class:`sarloc.classical.CFOGConfig`).
     """
 
-    n_orient: int = 4
+    n_orient: int = 9
     clip_sigma: float = 4.0
-    grad_sigma: float = 1.0
+    grad_sigma: float = 0.8
+    eps_rel: float = 0.3
 
     @property
     def channels(self) -> int:
@@ -48,19 +51,11 @@ def standardise(win: np.ndarray, clip_sigma: float = 4.0) -> np.ndarray:
     return np.clip(out, -clip_sigma, clip_sigma, out=out)
 
 
-def orientation_channels(std_win: np.ndarray, n_orient: int, grad_sigma: float = 1.0) -> np.ndarray:
-    """(H, W) standardised window -> (n_orient, H, W) unsigned oriented gradients, jointly scaled to unit RMS."""
-    import cv2
+def orientation_channels(std_win: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
+    """(H, W) standardised window -> (n_orient, H, W) CFOG descriptor of the window."""
+    from sarloc.classical import CFOGConfig, cfog
 
-    w = std_win.astype(np.float32)
-    if grad_sigma > 0:
-        w = cv2.GaussianBlur(w, (0, 0), grad_sigma, borderType=cv2.BORDER_REFLECT)
-    gx = cv2.Sobel(w, cv2.CV_32F, 1, 0, ksize=3, borderType=cv2.BORDER_REFLECT)
-    gy = cv2.Sobel(w, cv2.CV_32F, 0, 1, ksize=3, borderType=cv2.BORDER_REFLECT)
-    th = np.arange(n_orient, dtype=np.float32) * (np.pi / n_orient)
-    o = np.abs(np.cos(th)[:, None, None] * gx[None] + np.sin(th)[:, None, None] * gy[None])
-    rms = float(np.sqrt(np.mean(o * o))) + 1e-6
-    return (o / rms).astype(np.float32)
+    return cfog(std_win, CFOGConfig(n_orient=cfg.n_orient, sigma=cfg.grad_sigma, eps_rel=cfg.eps_rel))
 
 
 def prepare_windows(wins: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()) -> np.ndarray:
@@ -92,7 +87,7 @@ def prepare_windows(wins: np.ndarray, cfg: PreprocessConfig = PreprocessConfig()
     out[:, 0] = s
     if cfg.n_orient:
         for i in range(len(s)):
-            out[i, 1:] = orientation_channels(s[i], cfg.n_orient, cfg.grad_sigma)
+            out[i, 1:] = orientation_channels(s[i], cfg)
     return out
 
 

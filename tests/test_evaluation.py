@@ -63,7 +63,7 @@ def test_prepare_windows_handles_nan_and_shapes():
     w = np.random.default_rng(0).random((2, 32, 32)).astype(np.float32)
     w[0, 0, 0] = np.nan
     out = prepare_windows(w, PreprocessConfig())
-    assert out.shape == (2, 5, 32, 32) and np.isfinite(out).all()
+    assert out.shape == (2, 10, 32, 32) and np.isfinite(out).all()
     with pytest.raises(Exception, match="windows must be"):
         prepare_windows(np.zeros((2, 4, 4)))
     img = np.arange(100.0).reshape(10, 10)

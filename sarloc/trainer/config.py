@@ -120,7 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     # <= 30 min on a 2-core CPU on the shared scenes
     "default": {"steps": 1500, "max_minutes": 28.0},
     # leave-one-scene-out runs: <= 10 min each
-    "loso": {"steps": 500, "max_minutes": 9.5},
+    "loso": {"steps": 300, "max_minutes": 9.5},
     # the fresh-machine main job / demo model on a generated scene: about a minute
     "quick": {"steps": 120, "batch_size": 32, "warmup_steps": 10, "align_start": 20, "log_every": 20},
     # tests

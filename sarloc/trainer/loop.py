@@ -173,6 +173,8 @@ def train(
             targets = torch.from_numpy(b.targets).to(device)
             z_sar, z_opt = ddp_model(sar, optical)
             logs: dict[str, float] = {}
+            d = cfg.encoder.embed_dim  # the adversary sees the learned part only (the layout branch is fixed)
+            a_sar, a_opt = z_sar[:, :d], z_opt[:, :d]
             if cfg.metric_loss in ("infonce", "both"):
                 loss = info_nce(z_sar, z_opt, targets, cfg.temperature)
                 logs["nce"] = loss.item()
@@ -190,19 +192,19 @@ def train(
                 logs["triplet"] = trip.item()
             if cfg.align == "wasserstein" and adversary is not None and adv_opt is not None:
                 for _ in range(cfg.critic_steps):
-                    c_loss = critic_loss(ddp_adv, z_opt, z_sar, cfg.gp_weight)
+                    c_loss = critic_loss(ddp_adv, a_opt, a_sar, cfg.gp_weight)
                     adv_opt.zero_grad(set_to_none=True)
                     c_loss.backward()
                     adv_opt.step()
                 logs["critic"] = c_loss.item()
-                w1 = wasserstein_estimate(adversary, z_opt, z_sar)
+                w1 = wasserstein_estimate(adversary, a_opt, a_sar)
                 logs["w1"] = w1.item()
                 if step >= cfg.align_start:
                     loss = loss + cfg.align_weight * w1
                 # the critic's gradients from the encoder loss are discarded at its next zero_grad
             elif cfg.align == "classifier" and adversary is not None and adv_opt is not None:
                 lam = 1.0 if step >= cfg.align_start else 0.0
-                a_loss = modality_adversarial_loss(ddp_adv, z_opt, z_sar, lam)
+                a_loss = modality_adversarial_loss(ddp_adv, a_opt, a_sar, lam)
                 logs["modality_bce"] = a_loss.item()
                 loss = loss + cfg.align_weight * a_loss
                 adv_opt.zero_grad(set_to_none=True)
@@ -254,16 +256,30 @@ def train(
 
 
 def evaluate_checkpoint(
-    ckpt: str | Path, scene_dir: str | Path, eval_cfg, kinds=("aligned", "arbitrary"), overlap_arbitrary: bool = True
+    ckpt: str | Path,
+    scene_dir: str | Path,
+    eval_cfg,
+    kinds=("aligned", "arbitrary"),
+    overlap_arbitrary: bool = True,
+    dense_stride_px: int | None = 8,
+    layout_only: bool = False,
 ) -> dict[str, Any]:
-    """Load a checkpoint and evaluate coarse retrieval on one scene (see :mod:`sarloc.evaluation`)."""
+    """Load a checkpoint and evaluate coarse retrieval on one scene (see :mod:`sarloc.evaluation`).
+
+    Keys of the result: ``aligned`` and ``arbitrary`` (non-overlapping tile gallery, or ``eval_cfg.stride_px``),
+    ``arbitrary_overlap50`` (50%-overlap gallery) and ``arbitrary_dense`` (gallery every ``dense_stride_px``
+    pixels with non-maximum suppression; skipped when None). ``layout_only`` evaluates the parameter-free
+    layout branch alone (the learned part switched off): the ablation that shows what learning adds.
+    """
     from dataclasses import replace
 
-    from sarloc.evaluation import evaluate_embeddings
+    from sarloc.evaluation import evaluate_dense, evaluate_embeddings
     from sarloc.scene import make_queries
     from sarloc.trainer.checkpoint import checkpoint_embed_fns, load_checkpoint
 
     model, cfg, info = load_checkpoint(ckpt)
+    if layout_only:
+        model.cfg = replace(model.cfg, layout_weight=1e4)
     scene = load_scene(scene_dir)
     fs, fo = checkpoint_embed_fns(model)
     out: dict[str, Any] = {"scene": scene.name, "checkpoint": str(ckpt), "trained_on": info.get("scenes")}
@@ -271,10 +287,14 @@ def evaluate_checkpoint(
         for kind in kinds:
             q = make_queries(scene, kind, eval_cfg.window_px, eval_cfg.queries, eval_cfg.seed)
             out[kind] = evaluate_embeddings(scene, q, fs, fo, cfg.preprocess, eval_cfg)
-            if kind == "arbitrary" and overlap_arbitrary and eval_cfg.stride_px in (None, eval_cfg.window_px):
+            if kind != "arbitrary":
+                continue
+            if overlap_arbitrary and eval_cfg.stride_px in (None, eval_cfg.window_px):
                 out["arbitrary_overlap50"] = evaluate_embeddings(
                     scene, q, fs, fo, cfg.preprocess, replace(eval_cfg, stride_px=eval_cfg.window_px // 2)
                 )
+            if dense_stride_px:
+                out["arbitrary_dense"] = evaluate_dense(scene, q, fs, fo, cfg.preprocess, eval_cfg, dense_stride_px)
     return out
 
 

@@ -9,13 +9,14 @@ from sarloc.trainer.models.encoder import CrossModalEncoder, EncoderConfig, Moda
 
 def test_shapes_and_unit_norm():
     m = CrossModalEncoder(EncoderConfig(pretrained=False, last_block=5, shared_from=2, embed_dim=32)).eval()
-    x = torch.randn(3, 5, 64, 64)
+    x = torch.randn(3, 10, 64, 64)
     zs, zo = m(x, x)
-    assert zs.shape == (3, 32) and zo.shape == (3, 32)
+    d = 32 + 9 * 8 * 8  # learned part + layout branch (9 CFOG channels in 8x8 cells)
+    assert m.output_dim(64) == d and zs.shape == (3, d) and zo.shape == (3, d)
     assert torch.allclose(zs.norm(dim=1), torch.ones(3), atol=1e-5)
     assert not torch.allclose(zs, zo)  # separate stems
-    assert ModalityEncoder(m, "sar")(x).shape == (3, 32)
-    with pytest.raises(ConfigError, match=r"\(B, 5, H, W\)"):
+    assert ModalityEncoder(m, "sar")(x).shape == (3, d)
+    with pytest.raises(ConfigError, match=r"\(B, 10, H, W\)"):
         m.embed(torch.randn(3, 1, 64, 64), "sar")
     with pytest.raises(ConfigError, match="modality"):
         m.embed(x, "lidar")
@@ -43,7 +44,8 @@ def test_pretrained_weights_load_from_wheel():
 
 def test_gradients_reach_both_stems():
     m = CrossModalEncoder(EncoderConfig(pretrained=False, last_block=4, shared_from=1, embed_dim=16))
-    zs, zo = m(torch.randn(4, 5, 32, 32), torch.randn(4, 5, 32, 32))
+    # layout branch (fixed) + learned part: the stems still get gradients through the learned part
+    zs, zo = m(torch.randn(4, 10, 32, 32), torch.randn(4, 10, 32, 32))
     (zs * zo).sum().backward()
     assert m.stems["sar"]._conv_stem.weight.grad.abs().sum() > 0
     assert m.stems["optical"]._conv_stem.weight.grad.abs().sum() > 0

@@ -30,7 +30,7 @@ def test_presets_and_config_roundtrip():
     with pytest.raises(ConfigError, match="align"):
         resolve_config("smoke", align="magic")
     with pytest.raises(ConfigError, match="in_channels"):
-        resolve_config("smoke", preprocess={"n_orient": 2})
+        resolve_config("smoke", preprocess={"n_orient": 2})  # 3 channels vs 10
     d = resolve_config("default")
     assert lr_at(0, d) < lr_at(d.warmup_steps, d) and lr_at(d.steps - 1, d) < 0.1 * d.lr
 
@@ -39,7 +39,7 @@ def test_pair_sampler_targets(synth_scene):
     s = load_scene(synth_scene)
     cfg = resolve_config("smoke")
     b = PairSampler([s], 64, 16, cfg.preprocess, cfg.augment, scenes_per_batch=1, seed=0).sample()
-    assert b.sar.shape == (16, 5, 64, 64) and b.optical.shape == (16, 5, 64, 64)
+    assert b.sar.shape == (16, 10, 64, 64) and b.optical.shape == (16, 10, 64, 64)
     assert np.allclose(np.diag(b.targets), 1.0)
     assert ((b.targets > 0) == (b.pos_mask | b.semi_mask)).all()
     assert np.isfinite(b.sar).all()
@@ -84,6 +84,11 @@ def test_tiny_training_lowers_loss_and_checkpoint_roundtrip(synth_scene, tmp_pat
             "ms_per_query",
         ):
             assert key in res[k]
+    from sarloc.trainer.figures import embedding_projection, retrieval_figure
+
+    png = retrieval_figure(ckpt, synth_scene, tmp_path / "fig" / "retrieval.png", n_queries=2)
+    png2 = embedding_projection(ckpt, synth_scene, tmp_path / "fig" / "proj.png", baseline_checkpoint=ckpt)
+    assert png.read_bytes()[:4] == b"\x89PNG" and png2.stat().st_size > 1000
     # a tampered checkpoint is refused
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
     with pytest.raises(ArtifactError, match="does not match its manifest"):

@@ -34,11 +34,17 @@ class EncoderConfig:
         last_block: last EfficientNet-Lite0 block used (10 = end of stage 5, stride 16, 112 channels).
         embed_dim: embedding size.
         head_channels: channels of the 1x1 conv head before pooling.
-        pool: "gem" (generalised mean) or "avg".
+        pool: "gem" (generalised mean), "avg", or "pyramid" (GeM over the whole map and over its 2x2
+            quadrants, concatenated: keeps the coarse spatial layout that north-up windows share).
         gem_p: initial GeM exponent (learned).
+        layout_cell_px: cell size of the parameter-free *layout branch*: the window's CFOG channels (input
+            channels 1..) average-pooled into cells, centred and unit-normalised, concatenated (times
+            ``layout_weight``) with the learned embedding before the final L2 normalisation. The learned part
+            is trained on top of this classical spatial fingerprint. 0 disables it.
+        layout_weight: weight of the layout branch in the concatenation.
     """
 
-    in_channels: int = 5
+    in_channels: int = 10
     pretrained: bool = True
     shared_from: int = 3
     last_block: int = 10
@@ -46,6 +52,8 @@ class EncoderConfig:
     head_channels: int = 256
     pool: str = "gem"
     gem_p: float = 3.0
+    layout_cell_px: int = 8
+    layout_weight: float = 2.0
 
     def __post_init__(self) -> None:
         n = len(lite0_block_specs())
@@ -53,8 +61,8 @@ class EncoderConfig:
             raise ConfigError(
                 f"encoder needs 0 <= shared_from <= last_block < {n}, got {self.shared_from}, {self.last_block}"
             )
-        if self.pool not in ("gem", "avg"):
-            raise ConfigError(f"encoder pool must be 'gem' or 'avg', got {self.pool!r}")
+        if self.pool not in ("gem", "avg", "pyramid"):
+            raise ConfigError(f"encoder pool must be 'gem', 'avg' or 'pyramid', got {self.pool!r}")
         if self.in_channels < 1 or self.embed_dim < 8:
             raise ConfigError("encoder needs in_channels >= 1 and embed_dim >= 8")
 
@@ -74,6 +82,17 @@ class GeM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.p.clamp(1.0, 8.0)
         return x.clamp(min=self.eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
+
+
+class PyramidGeM(GeM):
+    """GeM over the whole map plus GeM over each 2x2 quadrant: (B, C, H, W) -> (B, 5C)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(1.0, 8.0)
+        y = x.clamp(min=self.eps).pow(p)
+        whole = y.mean(dim=(2, 3))
+        quad = F.adaptive_avg_pool2d(y, 2).flatten(1)
+        return torch.cat([whole, quad], dim=1).pow(1.0 / p)
 
 
 class Stem(nn.Module):
@@ -114,8 +133,8 @@ class CrossModalEncoder(nn.Module):
             nn.BatchNorm2d(cfg.head_channels, momentum=BN_MOMENTUM, eps=BN_EPS),
             nn.ReLU6(inplace=True),
         )
-        self.pool = GeM(cfg.gem_p) if cfg.pool == "gem" else None
-        self.proj = nn.Linear(cfg.head_channels, cfg.embed_dim)
+        self.pool = {"gem": GeM, "pyramid": PyramidGeM}[cfg.pool](cfg.gem_p) if cfg.pool != "avg" else None
+        self.proj = nn.Linear(cfg.head_channels * (5 if cfg.pool == "pyramid" else 1), cfg.embed_dim)
         self.reset_parameters()
         if cfg.pretrained:
             self.load_imagenet()
@@ -178,10 +197,27 @@ class CrossModalEncoder(nn.Module):
         f = self.pool(f) if self.pool is not None else f.mean(dim=(2, 3))
         return F.normalize(self.proj(f), dim=1)
 
+    def _combine(self, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.layout_cell_px or x.shape[1] < 2:
+            return z
+        lay = F.avg_pool2d(x[:, 1:], self.cfg.layout_cell_px).flatten(1)
+        lay = F.normalize(lay - lay.mean(dim=1, keepdim=True), dim=1)
+        return F.normalize(torch.cat([z, self.cfg.layout_weight * lay], dim=1), dim=1)
+
+    def output_dim(self, window_px: int) -> int:
+        """Embedding size for square windows of ``window_px`` (learned part + layout branch)."""
+        if not self.cfg.layout_cell_px or self.cfg.in_channels < 2:
+            return self.cfg.embed_dim
+        return self.cfg.embed_dim + (self.cfg.in_channels - 1) * (window_px // self.cfg.layout_cell_px) ** 2
+
     def embed(self, x: torch.Tensor, modality: str) -> torch.Tensor:
-        """(B, C, H, W) prepared windows of one modality -> (B, D) unit-norm embeddings."""
+        """(B, C, H, W) prepared windows of one modality -> (B, D') unit-norm embeddings.
+
+        D' = embed_dim (+ the layout branch, see :meth:`output_dim`); the first ``embed_dim`` components are the
+        learned part (what the modality adversary sees).
+        """
         self._check(x, modality)
-        return self._shared(self.stems[modality](x))
+        return self._combine(self._shared(self.stems[modality](x)), x)
 
     def forward(self, sar: torch.Tensor, optical: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed a SAR batch and an optical batch: ((B1, D), (B2, D)).
@@ -193,9 +229,9 @@ class CrossModalEncoder(nn.Module):
         self._check(optical, "optical")
         fs, fo = self.stems["sar"](sar), self.stems["optical"](optical)
         if fs.shape[1:] != fo.shape[1:]:
-            return self._shared(fs), self._shared(fo)
+            return self._combine(self._shared(fs), sar), self._combine(self._shared(fo), optical)
         z = self._shared(torch.cat([fs, fo]))
-        return z[: len(sar)], z[len(sar) :]
+        return self._combine(z[: len(sar)], sar), self._combine(z[len(sar) :], optical)
 
 
 class ModalityEncoder(nn.Module):

@@ -1,0 +1,138 @@
+"""Leave-one-scene-out benchmark: each held-out scene x {cfog, none, wasserstein, classifier}.
+
+Trains one encoder per (held-out scene, alignment variant) on all other shared scenes with the ``loso`` preset,
+evaluates it on the held-out scene (aligned queries, arbitrary queries, arbitrary against a 50%-overlap gallery)
+and runs the classical CFOG baseline on the same queries. Resumable: finished runs (eval.json present) are
+skipped. Writes one JSON per run and ``summary.json``; ``--table`` prints the markdown table for the docs.
+
+    python benchmarks/loso.py --data ../shared/data --out runs/loso
+    python benchmarks/loso.py --out runs/loso --table > docs/loso_table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+HELD_OUT = ["india_sih1733_1", "india_sih1733_2", "india_sih1733_3", "china_shuguang", "france_s1s2"]
+VARIANTS = ["none", "wasserstein", "classifier"]
+KINDS = ["aligned", "arbitrary", "arbitrary_overlap50", "arbitrary_dense"]
+ORDER = ["cfog", "layout", *VARIANTS]
+METRICS = ["recall@1", "recall@5", "recall@10", "median_error_m", "ms_per_query"]
+
+
+def run(args: argparse.Namespace) -> None:
+    from sarloc.artifacts import atomic_write_json
+    from sarloc.evaluation import EvalConfig, evaluate_cfog
+    from sarloc.log import setup_logging
+    from sarloc.scene import load_scene, make_queries
+    from sarloc.trainer.config import resolve_config
+    from sarloc.trainer.loop import evaluate_checkpoint, train
+
+    setup_logging()
+    out = Path(args.out)
+    ecfg = EvalConfig(window_px=args.window_px, queries=args.queries, seed=0)
+    for held in args.scenes:
+        scene_dir = Path(args.data) / held
+        for variant in args.variants:
+            run_dir = out / held / variant
+            if (run_dir / "eval.json").is_file():
+                continue
+            t0 = time.time()
+            if variant == "layout":  # parameter-free layout branch alone, from the "none" checkpoint
+                ck = out / held / "none" / "checkpoint.pt"
+                if not ck.is_file():
+                    continue
+                res = evaluate_checkpoint(ck, scene_dir, ecfg, layout_only=True)
+                res["variant"] = "layout"
+            elif variant == "cfog":
+                scene = load_scene(scene_dir)
+                res: dict = {"scene": held, "variant": "cfog"}
+                for kind in ("aligned", "arbitrary"):
+                    q = make_queries(scene, kind, ecfg.window_px, ecfg.queries, ecfg.seed)
+                    res[kind] = evaluate_cfog(scene, q, ecfg, max_queries=args.cfog_queries)
+            else:
+                cfg = resolve_config(args.preset, align=variant, steps=args.steps, seed=args.seed, threads=args.threads)
+                ckpt = train([args.data], run_dir, cfg, exclude=[held], progress=False)
+                res = evaluate_checkpoint(ckpt, scene_dir, ecfg)
+                res["variant"] = variant
+                res["train"] = {"preset": args.preset, "steps": cfg.steps}
+            res["wall_s"] = round(time.time() - t0, 1)
+            res["host"] = {
+                "machine": platform.machine(),
+                "python": platform.python_version(),
+                "cpus": __import__("os").cpu_count(),
+            }
+            atomic_write_json(run_dir / "eval.json", res)
+            print(held, variant, {k: round(res[k]["recall@10"], 3) for k in KINDS if k in res}, flush=True)
+
+
+def table(out: Path) -> str:
+    """Markdown table from every eval.json under ``out``."""
+    rows = []
+    for f in sorted(out.glob("*/*/eval.json")):
+        r = json.loads(f.read_text())
+        rows.append(r)
+    lines = []
+    for kind in KINDS:
+        lines.append(
+            f"\n**{kind}** queries"
+            + (" (CFOG: arbitrary queries, whole map)" if kind == "arbitrary_overlap50" else "")
+            + "\n"
+        )
+        lines.append("| held-out scene | method | R@1 | R@5 | R@10 | median err (m) | ms/query |")
+        lines.append("|---|---|---|---|---|---|---|")
+        means: dict[str, list] = {}
+        for r in sorted(rows, key=lambda r: (r["scene"], ORDER.index(r["variant"]))):
+            m = r.get(kind) or (
+                r.get("arbitrary") if r["variant"] == "cfog" and kind == "arbitrary_overlap50" else None
+            )
+            if m is None:
+                continue
+            name = {
+                "cfog": "classical CFOG (whole map)",
+                "none": "encoder, no alignment",
+                "wasserstein": "encoder + Wasserstein",
+                "classifier": "encoder + class adv (GRL)",
+            }[r["variant"]]
+            means.setdefault(name, []).append([m[k] for k in METRICS])
+            lines.append(
+                f"| {r['scene']} | {name} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
+                f"{m['recall@10']:.3f} | {m['median_error_m']:.0f} | {m['ms_per_query']:.1f} |"
+            )
+        for name, vals in means.items():
+            import numpy as np
+
+            v = np.mean(vals, axis=0)
+            lines.append(f"| **mean** | {name} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.3f} | {v[3]:.0f} | {v[4]:.1f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default="../shared/data")
+    p.add_argument("--out", default="runs/loso")
+    p.add_argument("--scenes", nargs="+", default=HELD_OUT)
+    p.add_argument("--variants", nargs="+", default=["cfog", *VARIANTS, "layout"])
+    p.add_argument("--preset", default="loso")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--window-px", type=int, default=64)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--cfog-queries", type=int, default=100, help="CFOG is slow on big maps: cap its queries")
+    p.add_argument("--table", action="store_true", help="print the markdown table of finished runs and exit")
+    a = p.parse_args(argv)
+    if a.table:
+        print(table(Path(a.out)))
+        return 0
+    run(a)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
