@@ -32,6 +32,10 @@ from sarloc.preprocess import PreprocessConfig
 logger = logging.getLogger(__name__)
 
 CALIB_METHODS = ("minmax", "entropy", "percentile")
+QUANT_OPS = ("Conv", "Gemm", "MatMul", "Add")
+"""Ops whose inputs get Q/DQ: the compute-heavy ones plus residual adds (TensorRT's Q/DQ placement guidance).
+Pooling, normalisation and the parameter-free layout branch stay float: quantising them too (ONNX Runtime's
+default) cost the tiny test encoder 0.08 of min cosine to FP32 (0.92 vs 0.9985) for no speed gain."""
 HOLDOUT_EVERY = 8
 """Every 8th calibration row is held out of calibration and used to compare INT8 with FP32."""
 
@@ -216,6 +220,7 @@ def quantize_int8(
             activation_type=QuantType.QInt8,
             weight_type=QuantType.QInt8,
             per_channel=True,
+            op_types_to_quantize=list(QUANT_OPS),
             calibrate_method=methods[calibrate_method],
             extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         )
@@ -260,6 +265,7 @@ def quantize_int8(
             "format": "QDQ",
             "activations": "int8, symmetric (zero point 0), per tensor",
             "weights": "int8, symmetric, per output channel",
+            "op_types": list(QUANT_OPS),
             "calibrate_method": calibrate_method,
             "tool": f"onnxruntime {onnxruntime.__version__} quantize_static",
         },

@@ -280,6 +280,12 @@ def default_engine_path(onnx_path: str | Path, fp16: bool = False) -> Path:
     return p.with_name(p.stem + (".fp16" if fp16 else "") + ".engine")
 
 
+def engine_manifest_path(engine_path: str | Path) -> Path:
+    """``E.engine`` -> ``E.engine.json`` (not ``E.json``: that is the manifest of the ONNX model ``E.onnx``)."""
+    p = Path(engine_path)
+    return p.with_name(p.name + ".json")
+
+
 def _load_timing_cache(path: Path, key: str) -> bytes:
     """Cached timing bytes when the cache and its manifest agree with ``key``; else b"" (warned when stale)."""
     if not path.is_file():
@@ -315,7 +321,7 @@ def build_engine(
 
     Args:
         onnx_path: an ONNX model written by ``sarloc export`` or ``sarloc calib`` (manifest beside it).
-        out_path: engine file (default :func:`default_engine_path`); its manifest goes beside it.
+        out_path: engine file (default :func:`default_engine_path`); its manifest is ``E.engine.json``.
         fp16: allow FP16 kernels (TensorRT 10.x builder flag; refused on 11.x, see :func:`plan_build`).
         batch_sizes: the runtime's batch sizes; one optimisation profile spans min..max, tuned for the middle.
         timing_cache_dir: folder of timing caches keyed by :func:`timing_cache_key` (None = no cache).
@@ -335,8 +341,8 @@ def build_engine(
     out = Path(out_path) if out_path is not None else default_engine_path(onnx_path, fp16)
     trt = import_tensorrt()
     version = str(trt.__version__)
-    gpu = gpu or current_gpu(device)
     plan = plan_build(man["precision"], fp16, trt_capabilities(trt), version)
+    gpu = gpu or current_gpu(device)
     chw = input_chw(man)
     pmin, popt, pmax = profile_shapes(chw, batch_sizes)
     in_name = man["input"]["name"]
@@ -422,7 +428,7 @@ def build_engine(
         **{k: man[k] for k in ("modality", "input", "output", "embed_dim", "window_px", "preprocess")},
         checkpoint_sha256=man.get("checkpoint_sha256"),
     )
-    atomic_write_json(manifest_path(out), engine_man)
+    atomic_write_json(engine_manifest_path(out), engine_man)
     return out
 
 
@@ -431,13 +437,14 @@ def build_engine(
 
 
 def read_engine_manifest(engine_path: str | Path, verify_sha256: bool = True) -> dict[str, Any]:
-    """Read an engine's manifest (``E.json`` beside ``E.engine``) and check the engine's sha256."""
+    """Read an engine's manifest (``E.engine.json`` beside ``E.engine``) and check the engine's sha256."""
     engine_path = Path(engine_path)
     if not engine_path.is_file():
         raise ArtifactError(f"TensorRT engine {engine_path} not found; build it with `sarloc build-engine`")
-    man = read_json(manifest_path(engine_path), "engine manifest")
+    mpath = engine_manifest_path(engine_path)
+    man = read_json(mpath, "engine manifest")
     if man.get("kind") != ENGINE_KIND:
-        raise ArtifactError(f"{manifest_path(engine_path)} is not a sarloc engine manifest (kind {man.get('kind')!r})")
+        raise ArtifactError(f"{mpath} is not a sarloc engine manifest (kind {man.get('kind')!r})")
     if verify_sha256 and sha256_file(engine_path) != man.get("sha256"):
         raise ArtifactError(
             f"engine {engine_path} does not match its manifest sha256 (modified or truncated); rebuild it"

@@ -9,7 +9,7 @@ each model has a JSON manifest beside it (same stem, ``.json``)::
     DIR/sar_encoder.int8.onnx  + .json       INT8 Q/DQ (symmetric, per-channel weights), parent = FP32 hash
     DIR/optical_encoder.int8.onnx + .json
     DIR/calib/                               calibration set (see ``sarloc.calib.dataset``)
-    DIR/*.engine               + .json       TensorRT engines (see ``sarloc.export.engine``)
+    DIR/*.engine  + .engine.json             TensorRT engines (see ``sarloc.export.engine``)
 """
 
 from __future__ import annotations

@@ -14,7 +14,6 @@ turn ``index_add`` into a scatter without add-reduction (silently wrong), so any
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import logging
@@ -168,11 +167,19 @@ def check_parity(
 # export
 
 
+def _have_onnxscript() -> bool:
+    try:
+        import onnxscript  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def resolve_exporter(exporter: str = "auto", opset: int = DEFAULT_OPSET) -> str:
     """``auto`` -> ``dynamo`` when onnxscript is installed and ``opset >= 18``, else ``legacy``."""
     if exporter not in EXPORTERS:
         raise ConfigError(f"exporter must be one of {EXPORTERS}, got {exporter!r}")
-    have_onnxscript = importlib.util.find_spec("onnxscript") is not None
+    have_onnxscript = _have_onnxscript()
     if exporter == "legacy":
         return "legacy"
     if exporter == "dynamo":
@@ -210,8 +217,19 @@ def _quiet_exporter() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export_proto(module, example, exporter: str, opset: int):
+def _export_proto(module, example, exporter: str, opset: int, what: str = "model"):
     """Trace ``module`` on ``example`` -> onnx.ModelProto with input ``windows`` / output ``embeddings``."""
+    try:
+        return _run_exporter(module, example, exporter, opset)
+    except Exception as e:  # the exporters raise many types; one line for the CLI, the chain for debugging
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        other = "legacy" if exporter == "dynamo" else "dynamo"
+        raise ArtifactError(
+            f"{what}: the {exporter} ONNX exporter failed ({type(e).__name__}: {first}); try --exporter {other}"
+        ) from e
+
+
+def _run_exporter(module, example, exporter: str, opset: int):
     import onnx
     import torch
 
@@ -355,7 +373,7 @@ def export_encoder(
         "sarloc.checkpoint_sha256": checkpoint_sha256,
     }
     what = f"{modality} encoder ({out_path.name})"
-    proto = _finalise_proto(_export_proto(module, example, used, opset), chw, dim, meta, what)
+    proto = _finalise_proto(_export_proto(module, example, used, opset, what), chw, dim, meta, what)
     for note in lint_graph(proto):
         logger.warning("%s: %s", what, note)
     data = proto.SerializeToString()
@@ -401,7 +419,7 @@ def export_encoder(
     return man
 
 
-def checkpoint_sha256(checkpoint: str | Path) -> str:
+def read_checkpoint_sha256(checkpoint: str | Path) -> str:
     """The checkpoint's sha256 from its manifest (``checkpoint.json``), or computed when there is none."""
     checkpoint = Path(checkpoint)
     man = checkpoint.with_suffix(".json")
@@ -450,7 +468,8 @@ def export_checkpoint(
         raise ConfigError("parity needs at least 2 windows per modality")
     checkpoint = Path(checkpoint)
     model, cfg, _info = load_checkpoint(checkpoint)
-    ck_sha = checkpoint_sha256(checkpoint)
+    ck_sha = read_checkpoint_sha256(checkpoint)
+    used = resolve_exporter(exporter, opset)  # once, so a fallback warns once
     windows, source = sample_windows(scene_dir, cfg.window_px, cfg.preprocess, parity_windows, seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -470,7 +489,7 @@ def export_checkpoint(
             checkpoint_sha256=ck_sha,
             checkpoint_name=checkpoint.name,
             opset=opset,
-            exporter=exporter,
+            exporter=used,
             tolerance=tolerance,
             source=source,
         )

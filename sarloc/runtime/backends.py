@@ -258,6 +258,18 @@ def _onnx_for(export_dir: Path, modality: str, precision: str) -> Path:
     return p
 
 
+def _check_parent(child: dict[str, Any], child_path: Path, parent_path: Path) -> None:
+    """Refuse a derived artefact (INT8 model, engine) whose parent is no longer the model beside it."""
+    if not parent_path.is_file():
+        return
+    parent = read_model_manifest(parent_path, verify_sha256=False)
+    if child.get("parent_sha256") != parent["sha256"]:
+        raise ArtifactError(
+            f"{child_path.name} was built from another version of {parent_path.name} (re-exported since); "
+            "rebuild it (`sarloc calib` for INT8 models, `sarloc build-engine` for engines)"
+        )
+
+
 def load_encoder(
     export_dir: str | Path,
     modality: str,
@@ -291,12 +303,21 @@ def load_encoder(
     if backend in ("trt", "auto"):
         engine = default_engine_path(onnx, fp16=precision == "fp16")
         try:
-            return TrtEncoder(engine, device=device)
+            enc = TrtEncoder(engine, device=device)
+            try:
+                _check_parent(enc.manifest, engine, onnx)
+            except ArtifactError:
+                enc.close()
+                raise
+            return enc
         except SarlocError as e:
             if backend == "trt":
                 raise
             logger.warning("%s; falling back to ONNX Runtime (%s)", e, onnx.name)
-    return OrtEncoder(onnx, providers=providers, threads=threads)
+    enc_ort = OrtEncoder(onnx, providers=providers, threads=threads)
+    if precision == "int8":
+        _check_parent(enc_ort.manifest, onnx, model_path(export_dir, modality, "fp32"))
+    return enc_ort
 
 
 def load_encoder_pair(

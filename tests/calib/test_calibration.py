@@ -143,6 +143,7 @@ def test_int8_model_runs_in_ort_and_stays_close_to_fp32(export_copy, synth_scene
         fp32_man = read_model_manifest(fp32_path)
         assert man["precision"] == "int8" and man["parent_sha256"] == fp32_man["sha256"]
         assert man["calibration"]["sha256"] == calib["sha256"] and man["quantization"]["format"] == "QDQ"
+        assert set(man["quantization"]["op_types"]) == {"Conv", "Gemm", "MatMul", "Add"}
         assert man["checkpoint_sha256"] == fp32_man["checkpoint_sha256"]
         assert man["input"] == fp32_man["input"] and man["preprocess"] == fp32_man["preprocess"]
         proto = onnx.load(str(int8_path))
@@ -163,7 +164,7 @@ def test_int8_model_runs_in_ort_and_stays_close_to_fp32(export_copy, synth_scene
         a = OrtEncoder(fp32_path, threads=1)(x)
         b = OrtEncoder(int8_path, threads=1)(x)
         cos = np.sum(a * b, axis=1)
-        assert cos.min() > 0.9, cos.min()
+        assert cos.min() > 0.9 and cos.mean() > 0.97, (cos.min(), cos.mean())
         # the INT8 error is small against the spread between different windows
         spread = np.linalg.norm(a[:, None] - a[None], axis=-1)[np.triu_indices(len(a), 1)].mean()
         assert np.linalg.norm(a - b, axis=1).mean() < 0.5 * spread

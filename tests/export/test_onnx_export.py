@@ -56,7 +56,7 @@ VERIFIED_OPS = {
     "Transpose",
     "Unsqueeze",
 }
-EXPORTERS = ["legacy"] + (["dynamo"] if __import__("importlib").util.find_spec("onnxscript") else [])
+EXPORTERS = ["legacy"] + (["dynamo"] if export_onnx._have_onnxscript() else [])
 
 
 @pytest.fixture(scope="module")
@@ -213,11 +213,11 @@ def test_exporter_choice(monkeypatch):
     assert resolve_exporter("legacy", 17) == "legacy"
     with pytest.raises(ConfigError, match="exporter must be"):
         resolve_exporter("torchscript")
-    monkeypatch.setattr(export_onnx.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(export_onnx, "_have_onnxscript", lambda: False)
     assert resolve_exporter("auto", 18) == "legacy"
     with pytest.raises(SarlocError, match="pip install onnxscript"):
         resolve_exporter("dynamo", 18)
-    monkeypatch.setattr(export_onnx.importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(export_onnx, "_have_onnxscript", lambda: True)
     assert resolve_exporter("auto", 18) == "dynamo" and resolve_exporter("auto", 17) == "legacy"
     with pytest.raises(ConfigError, match="opset >= 18"):
         resolve_exporter("dynamo", 17)
@@ -238,3 +238,29 @@ def test_cli_export_and_errors(tiny_checkpoint, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(bad), "--out", str(out)]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "corrupt or truncated" in err[0]
+
+
+def test_lint_flags_scatter_without_reduction():
+    from onnx import TensorProto, helper
+
+    from sarloc.export.onnx import lint_graph
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])
+    i = helper.make_tensor_value_info("i", TensorProto.INT64, [2, 1])
+    u = helper.make_tensor_value_info("u", TensorProto.FLOAT, [2])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])
+    plain = helper.make_node("ScatterND", ["x", "i", "u"], ["y"], name="s")
+    added = helper.make_node("ScatterND", ["x", "i", "u"], ["y"], name="s", reduction="add")
+    notes = lint_graph(helper.make_model(helper.make_graph([plain], "g", [x, i, u], [y])))
+    assert len(notes) == 1 and "index_add" in notes[0]
+    assert lint_graph(helper.make_model(helper.make_graph([added], "g", [x, i, u], [y]))) == []
+
+
+def test_exporter_failure_is_one_line(tiny_checkpoint, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("unsupported op aten::frobnicate\nlong trace...")
+
+    monkeypatch.setattr(export_onnx, "_run_exporter", boom)
+    with pytest.raises(ArtifactError) as e:
+        export_checkpoint(tiny_checkpoint, tmp_path / "x", exporter="legacy", parity_windows=2)
+    assert "\n" not in str(e.value) and "aten::frobnicate" in str(e.value) and "--exporter dynamo" in str(e.value)
