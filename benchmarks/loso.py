@@ -56,7 +56,14 @@ def run(args: argparse.Namespace) -> None:
                     q = make_queries(scene, kind, ecfg.window_px, ecfg.queries, ecfg.seed)
                     res[kind] = evaluate_cfog(scene, q, ecfg, max_queries=args.cfog_queries)
             else:
-                cfg = resolve_config(args.preset, align=variant, steps=args.steps, seed=args.seed, threads=args.threads)
+                cfg = resolve_config(
+                    args.preset,
+                    align=variant,
+                    steps=args.steps,
+                    seed=args.seed,
+                    threads=args.threads,
+                    max_minutes=args.max_minutes,
+                )
                 ckpt = train([args.data], run_dir, cfg, exclude=[held], progress=False)
                 res = evaluate_checkpoint(ckpt, scene_dir, ecfg)
                 res["variant"] = variant
@@ -122,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    p.add_argument("--max-minutes", type=float, default=None, help="override the preset's wall-time cap (0 = none)")
     p.add_argument("--window-px", type=int, default=64)
     p.add_argument("--queries", type=int, default=200)
     p.add_argument("--cfog-queries", type=int, default=100, help="CFOG is slow on big maps: cap its queries")

@@ -85,6 +85,21 @@ def _cmd_eval(a: argparse.Namespace) -> int:
         for kind in ("aligned", "arbitrary"):
             q = make_queries(scene, kind, ecfg.window_px, ecfg.queries, ecfg.seed)
             res[kind] = evaluate_cfog(scene, q, ecfg)
+    elif getattr(a, "pack", None):
+        if not a.onnx:
+            raise SarlocError("sarloc eval --pack PACK needs --onnx EXPORT_DIR (its SAR encoder queries the pack)")
+        from sarloc.mappack.evaluate import evaluate_pack
+
+        res = evaluate_pack(
+            a.pack,
+            a.onnx,
+            a.scene,
+            ecfg,
+            precision=a.precision,
+            backend=a.backend,
+            prior_radius_m=a.prior_radius_m,
+            ann=a.ann,
+        )
     elif a.onnx:
         from sarloc.export.evaluate import evaluate_onnx
 
@@ -183,6 +198,82 @@ def _cmd_build_engine(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_map_build(a: argparse.Namespace) -> int:
+    from sarloc.mappack.build import MapPackConfig, build_map_pack
+
+    cfg = MapPackConfig(
+        tile_m=a.tile_m,
+        stride_m=a.stride_m,
+        stride_px=a.stride_px,
+        min_valid_frac=a.min_valid,
+        batch=a.batch,
+        block_tiles=a.block_tiles,
+        metric_crs=a.metric_crs,
+        ann=a.ann,
+        ann_nlist=a.nlist,
+    )
+    path = build_map_pack(
+        a.basemap, a.encoder, a.out, cfg, progress=not a.no_progress, threads=a.threads, force=a.force
+    )
+    print(path)
+    return 0
+
+
+def _cmd_map_info(a: argparse.Namespace) -> int:
+    from sarloc.mappack.pack import pack_info
+
+    info = pack_info(a.pack)
+    if a.json:
+        print(json.dumps(info, indent=2))
+    else:
+        for k, v in info.items():
+            print(f"{k:22s} {v}")
+    return 0
+
+
+def _cmd_map_verify(a: argparse.Namespace) -> int:
+    from sarloc.mappack.pack import MapPack, verify_map_pack
+
+    man = verify_map_pack(a.pack)
+    if a.encoder:
+        from sarloc.export.layout import model_path, read_model_manifest
+
+        p = Path(a.encoder)
+        MapPack(Path(a.pack), sar_manifest=read_model_manifest(model_path(p, "sar") if p.is_dir() else p))
+    print(f"{a.pack}: OK ({man['tiles']['count']} tiles, {len(man['files'])} files match their sha256)")
+    return 0
+
+
+def _add_map_parser(sub) -> None:
+    m = sub.add_parser("map", help="map packs: build, show and verify reference-embedding packs")
+    msub = m.add_subparsers(dest="map_cmd", required=True)
+    b = msub.add_parser("build", help="tile a basemap (GeoTIFF in any CRS, or a scene folder) and embed every tile")
+    b.add_argument("--basemap", required=True, help="GeoTIFF or scene folder")
+    b.add_argument("--encoder", required=True, help="EXPORT/optical_encoder.onnx (or an export folder)")
+    b.add_argument("--out", required=True, help="pack folder")
+    b.add_argument("--tile-m", type=float, help="tile side on the ground, metres (default: native resolution)")
+    b.add_argument("--stride-m", type=float, help="tile step, metres (default: tile / 8)")
+    b.add_argument("--stride-px", type=int, help="tile step, pixels (default: window / 8)")
+    b.add_argument("--min-valid", type=float, default=0.5, help="skip tiles with less valid (non-nodata) area")
+    b.add_argument("--metric-crs", help="metric CRS of the grid (default: own if projected, else UTM of centre)")
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--block-tiles", type=int, default=32, help="tiles per side of a read block")
+    b.add_argument("--ann", action="store_true", help="also build the approximate (IVF) index")
+    b.add_argument("--nlist", type=int, help="IVF lists (default: about sqrt(tiles))")
+    b.add_argument("--threads", type=int, default=0, help="ONNX Runtime threads (0: default)")
+    b.add_argument("--force", action="store_true", help="replace an existing pack")
+    b.add_argument("--no-progress", action="store_true")
+    b.set_defaults(fn=_cmd_map_build)
+    i = msub.add_parser("info", help="show a pack's manifest summary")
+    i.add_argument("pack")
+    i.add_argument("--json", action="store_true")
+    i.set_defaults(fn=_cmd_map_info)
+    v = msub.add_parser("verify", help="check every file's sha256 (and, with --encoder, the encoder match)")
+    v.add_argument("pack")
+    v.add_argument("--encoder", help="export folder or SAR encoder .onnx that will query the pack")
+    v.set_defaults(fn=_cmd_map_verify)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (exposed for docs and tests)."""
     p = argparse.ArgumentParser(prog="sarloc", description="GNSS-free UAV localisation from SAR imagery.")
@@ -230,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--onnx", metavar="DIR", help="evaluate the exported models of DIR (sarloc export) instead")
     e.add_argument("--precision", choices=["fp32", "int8", "fp16"], default="fp32", help="with --onnx")
     e.add_argument("--backend", choices=["ort", "trt", "auto"], default="ort", help="with --onnx: runtime")
+    e.add_argument("--pack", metavar="PACK", help="with --onnx: search this map pack instead of tiling the scene")
+    e.add_argument("--prior-radius-m", type=float, help="with --pack: simulated position prior of this radius")
+    e.add_argument("--ann", action="store_true", help="with --pack: use the pack's approximate index")
     e.set_defaults(fn=_cmd_eval)
 
     f = sub.add_parser("figures", help="retrieval visualisation and 2-D embedding projection")
@@ -274,6 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--timing-cache-dir", help="folder of timing caches (keyed by TensorRT, GPU, ONNX, precision)")
     b.add_argument("--device", type=int, default=0, help="CUDA device index")
     b.set_defaults(fn=_cmd_build_engine)
+    _add_map_parser(sub)
     return p
 
 

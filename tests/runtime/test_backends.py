@@ -47,6 +47,8 @@ def test_runtime_imports_and_runs_without_torch(tiny_export):
         import sarloc.runtime.backends as b
         import sarloc.export.engine, sarloc.export.layout, sarloc.export.evaluate
         import sarloc.calib.dataset, sarloc.calib.quantize
+        import sarloc.mappack.build, sarloc.mappack.pack, sarloc.mappack.search, sarloc.mappack.ann
+        import sarloc.evaluation, sarloc.classical, sarloc.scene, sarloc.geo, sarloc.preprocess
         sar, opt = b.load_encoder_pair(sys.argv[1], threads=1)
         c, h, w = sar.input_chw
         z = sar(np.zeros((2, c, h, w), np.float32))

@@ -1,0 +1,236 @@
+"""Map pack format, loading and verification (torch-free, numpy only at import).
+
+A map pack is a folder::
+
+    PACK/pack.json          manifest (kind sarloc.map-pack): encoder hashes, tile geometry, CRS, counts,
+                            embedding dim/dtype, sha256 of every file below
+    PACK/embeddings.npy     (N, D) float16 unit-norm tile embeddings, row i = tile i
+    PACK/tiles.npy          (N,) structured tile table, TILE_DTYPE (no pickles)
+    PACK/ivf_*.npy          optional approximate index (see sarloc.mappack.ann)
+
+Both matrices are opened with ``np.load(mmap_mode="r")``: the pack is never copied into memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sarloc.artifacts import read_json, sha256_file, verify_files
+from sarloc.errors import ArtifactError
+
+logger = logging.getLogger(__name__)
+
+PACK_KIND = "sarloc.map-pack"
+PACK_SCHEMA = 1
+MANIFEST_NAME = "pack.json"
+EMBEDDINGS_NAME = "embeddings.npy"
+TILES_NAME = "tiles.npy"
+
+TILE_DTYPE = np.dtype(
+    [
+        ("row", "<i4"),  # tile-grid row
+        ("col", "<i4"),  # tile-grid column
+        ("x_m", "<f8"),  # centre easting in the pack's metric CRS
+        ("y_m", "<f8"),  # centre northing
+        ("lat_deg", "<f8"),  # centre latitude (NaN without geo-reference)
+        ("lon_deg", "<f8"),  # centre longitude
+        ("valid_frac", "<f4"),  # fraction of valid (not nodata) pixels in the tile
+    ]
+)
+
+
+def _load_npy(path: Path, what: str) -> np.ndarray:
+    """``np.load(mmap_mode="r")`` with one-line errors for missing, truncated or pickled files."""
+    if not path.is_file():
+        raise ArtifactError(f"map pack {what}: {path} is missing; rebuild the pack with `sarloc map build`")
+    try:
+        arr = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ArtifactError(
+            f"map pack {what}: {path} is truncated or not a .npy file ({e}); rebuild the pack with `sarloc map build`"
+        ) from None
+    return arr
+
+
+def read_pack_manifest(pack_dir: str | Path) -> dict[str, Any]:
+    """Read and check ``PACK/pack.json`` (kind, schema, required fields).
+
+    Raises:
+        ArtifactError: missing, malformed, of another kind or of a newer schema.
+    """
+    pack_dir = Path(pack_dir)
+    man = read_json(pack_dir / MANIFEST_NAME, "map pack manifest")
+    if man.get("kind") != PACK_KIND:
+        raise ArtifactError(f"{pack_dir / MANIFEST_NAME} is not a sarloc map pack manifest (kind {man.get('kind')!r})")
+    if man.get("pack_schema") != PACK_SCHEMA:
+        raise ArtifactError(
+            f"{pack_dir / MANIFEST_NAME} has pack schema {man.get('pack_schema')}, this sarloc reads {PACK_SCHEMA}; "
+            "rebuild the pack with this version"
+        )
+    for key in ("encoder", "grid", "tiles", "embeddings", "files"):
+        if key not in man:
+            raise ArtifactError(f"{pack_dir / MANIFEST_NAME} lacks field {key!r}; rebuild the pack")
+    return man
+
+
+def verify_map_pack(pack_dir: str | Path) -> dict[str, Any]:
+    """Check every file of a pack against the sha256 in its manifest, and the matrices' shapes.
+
+    Returns:
+        The manifest.
+
+    Raises:
+        ArtifactError: a file missing, modified or truncated (one line naming it).
+    """
+    pack_dir = Path(pack_dir)
+    man = read_pack_manifest(pack_dir)
+    verify_files(pack_dir, man["files"], "map pack")
+    MapPack(pack_dir, verify=False)  # shapes, dtypes, counts
+    return man
+
+
+@dataclass
+class MapPack:
+    """An opened map pack: memory-mapped embeddings and tile table plus the manifest.
+
+    Args:
+        path: the pack folder.
+        verify: check every file's sha256 first (reads every byte; ``sarloc map verify`` does this).
+        sar_manifest: manifest of the SAR encoder that will query the pack (e.g. ``OrtEncoder.manifest``);
+            a pack built with an optical encoder from another export (checkpoint) is refused.
+
+    Raises:
+        ArtifactError: missing/corrupt/truncated files, inconsistent shapes, or an encoder mismatch.
+    """
+
+    path: Path
+    verify: bool = False
+    sar_manifest: dict[str, Any] | None = None
+    manifest: dict[str, Any] = field(init=False)
+    embeddings: np.ndarray = field(init=False, repr=False)
+    tiles: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        self.manifest = verify_map_pack(self.path) if self.verify else read_pack_manifest(self.path)
+        emb = _load_npy(self.path / EMBEDDINGS_NAME, "embeddings")
+        tiles = _load_npy(self.path / TILES_NAME, "tile table")
+        e = self.manifest["embeddings"]
+        n = int(self.manifest["tiles"]["count"])
+        if emb.ndim != 2 or emb.shape != (n, int(e["dim"])) or str(emb.dtype) != e["dtype"]:
+            raise ArtifactError(
+                f"{self.path / EMBEDDINGS_NAME} is {emb.dtype} {emb.shape}, the manifest says {e['dtype']} "
+                f"({n}, {e['dim']}); rebuild the pack"
+            )
+        if tiles.dtype != TILE_DTYPE or tiles.shape != (n,):
+            raise ArtifactError(
+                f"{self.path / TILES_NAME} is {tiles.dtype} {tiles.shape}, expected the tile table of {n} tiles; "
+                "rebuild the pack"
+            )
+        self.embeddings, self.tiles = emb, tiles
+        if self.sar_manifest is not None:
+            check_encoder_match(self.manifest, self.sar_manifest, self.path)
+
+    def __len__(self) -> int:
+        return int(self.embeddings.shape[0])
+
+    @property
+    def dim(self) -> int:
+        """Embedding size D."""
+        return int(self.embeddings.shape[1])
+
+    @property
+    def grid(self) -> dict[str, Any]:
+        """Tile geometry: metric CRS, gsd_m, tile_px/stride_px, tile_m/stride_m, grid origin and size."""
+        return dict(self.manifest["grid"])
+
+    @property
+    def tile_m(self) -> float:
+        """Tile side on the ground, metres."""
+        return float(self.manifest["grid"]["tile_m"])
+
+    @property
+    def metric_crs(self) -> str | None:
+        """The metric CRS of the tile centres (None: local metres of a scene without geo-reference)."""
+        return self.manifest["grid"]["metric_crs"]
+
+    def centres_m(self) -> np.ndarray:
+        """(N, 2) float64 tile centres (easting, northing), metres (a copy, 16 bytes per tile)."""
+        return np.stack([self.tiles["x_m"], self.tiles["y_m"]], axis=1)
+
+    def to_metric(self, lon_deg: float, lat_deg: float) -> tuple[float, float]:
+        """(lon, lat) -> (easting, northing) in the pack's metric CRS."""
+        if self.metric_crs is None:
+            raise ArtifactError(f"map pack {self.path} has no geo-reference: give positions in its metric frame")
+        import pyproj
+
+        tr = pyproj.Transformer.from_crs("EPSG:4326", self.metric_crs, always_xy=True)
+        x, y = tr.transform(lon_deg, lat_deg)
+        return float(x), float(y)
+
+
+def check_encoder_match(pack_manifest: dict[str, Any], sar_manifest: dict[str, Any], pack_path: Path) -> None:
+    """Refuse a pack whose embeddings come from another export than the SAR encoder (one line with the fix).
+
+    Both encoders of one export share the parent checkpoint's sha256 (``checkpoint_sha256``); the preprocessing,
+    window and embedding size must agree too.
+    """
+    enc = pack_manifest["encoder"]
+    want = sar_manifest.get("checkpoint_sha256")
+    have = enc.get("checkpoint_sha256")
+    if not want or want != have:
+        raise ArtifactError(
+            f"map pack {pack_path} was built with the encoder of checkpoint {str(have)[:12]}, the SAR encoder comes "
+            f"from checkpoint {str(want)[:12]}; rebuild the pack with that export's optical encoder "
+            "(`sarloc map build --encoder EXPORT/optical_encoder.onnx ...`)"
+        )
+    for key in ("embed_dim", "window_px", "preprocess"):
+        if sar_manifest.get(key) != enc.get(key):
+            raise ArtifactError(
+                f"map pack {pack_path}: encoder {key} {enc.get(key)} differs from the SAR encoder's "
+                f"{sar_manifest.get(key)}; rebuild the pack with the matching export"
+            )
+
+
+def pack_info(pack_dir: str | Path) -> dict[str, Any]:
+    """A short summary of a pack (manifest fields plus on-disk sizes) without reading the matrices."""
+    pack_dir = Path(pack_dir)
+    man = read_pack_manifest(pack_dir)
+    sizes = {name: (pack_dir / name).stat().st_size for name in man["files"] if (pack_dir / name).is_file()}
+    g, t, enc = man["grid"], man["tiles"], man["encoder"]
+    return {
+        "path": str(pack_dir),
+        "source": man.get("source", {}).get("path"),
+        "metric_crs": g["metric_crs"],
+        "gsd_m": g["gsd_m"],
+        "tile": f"{g['tile_px']} px = {g['tile_m']:g} m, stride {g['stride_px']} px = {g['stride_m']:g} m",
+        "grid": f"{g['n_rows']} x {g['n_cols']} tiles",
+        "tiles": t["count"],
+        "skipped_nodata": t["skipped"],
+        "embedding": f"{man['embeddings']['dim']}-D {man['embeddings']['dtype']}",
+        "encoder_onnx_sha256": enc.get("sha256"),
+        "checkpoint_sha256": enc.get("checkpoint_sha256"),
+        "ann": man.get("ann", {}).get("kind") if man.get("ann") else None,
+        "bytes": int(sum(sizes.values())),
+    }
+
+
+def save_npy(path: str | Path, arr: np.ndarray) -> Path:
+    """Write ``arr`` as .npy atomically (no pickles), whatever the suffix of the temporary file."""
+    from sarloc.artifacts import atomic_save
+
+    def _write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, arr, allow_pickle=False)
+
+    return atomic_save(path, _write)
+
+
+def file_hashes(pack_dir: Path, names: list[str]) -> dict[str, str]:
+    """{name: sha256} of files in a pack."""
+    return {n: sha256_file(pack_dir / n) for n in names}

@@ -1,0 +1,150 @@
+"""Search over map packs: blocks vs one matmul, prior radius vs restricted exact, NMS, grid index, IVF, FAISS."""
+
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from sarloc.errors import SarlocError
+from sarloc.mappack import GridIndex, MapPack, PackSearcher, exact_topk, nms_metres
+from sarloc.mappack.ann import IvfIndex, recall_at_k
+from sarloc.mappack.search import BlockScorer
+from sarloc.mappack.synthetic import synthetic_pack, synthetic_queries
+
+
+@pytest.fixture(scope="module")
+def pack(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synthpack") / "pack"
+    synthetic_pack(d, 2500, dim=48, seed=0, stride_m=80.0, tile_m=640.0)
+    return MapPack(d, verify=True)
+
+
+def _one_matmul_topk(emb, q, k, rows=None):
+    e = np.asarray(emb, np.float32)
+    sims = q @ e.T
+    if rows is not None:
+        mask = np.full(sims.shape[1], -np.inf, np.float32)
+        mask[rows] = 0.0
+        sims = sims + mask
+    order = np.lexsort((np.broadcast_to(np.arange(sims.shape[1]), sims.shape), -sims), axis=1)[:, :k]
+    return np.take_along_axis(sims, order, 1), order
+
+
+@pytest.mark.parametrize("block_rows", [1, 7, 256, 100_000])
+def test_blocks_give_the_same_topk_as_one_matmul(pack, block_rows):
+    q, _ = synthetic_queries(pack.embeddings, 5, noise=0.3, seed=2)
+    s, i = exact_topk(pack.embeddings, q, 20, block_rows=block_rows)
+    s1, i1 = _one_matmul_topk(pack.embeddings, q, 20)
+    np.testing.assert_array_equal(i, i1)
+    np.testing.assert_allclose(s, s1, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("block_rows", [5, 1000])
+def test_onnxruntime_scorer_matches_numpy(pack, block_rows):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    scorer = BlockScorer(pack.dim, "ort", sub_rows=64)
+    assert scorer.backend == "ort"
+    q, _ = synthetic_queries(pack.embeddings, 4, noise=0.3, seed=2)
+    np.testing.assert_allclose(scorer(pack.embeddings[:300], q), q @ np.asarray(pack.embeddings[:300], np.float32).T,
+                               atol=1e-5)  # fmt: skip
+    s, i = exact_topk(pack.embeddings, q, 20, block_rows=block_rows, scorer=scorer)
+    s1, i1 = _one_matmul_topk(pack.embeddings, q, 20)
+    np.testing.assert_allclose(s, s1, atol=1e-5)
+    assert np.mean(i == i1) > 0.95  # float32 summation order may swap near-ties
+    assert BlockScorer(pack.dim, "numpy").backend == "numpy"
+
+
+def test_blocks_over_a_row_subset_and_k_larger_than_n(pack):
+    rows = np.sort(np.random.default_rng(0).choice(len(pack), 30, replace=False))
+    q, _ = synthetic_queries(pack.embeddings, 3, seed=3)
+    _s, i = exact_topk(pack.embeddings, q, 50, block_rows=8, rows=rows)
+    assert i.shape == (3, 30) and set(i[0].tolist()) == set(rows.tolist())
+    _s1, i1 = _one_matmul_topk(pack.embeddings, q, 30, rows=rows)
+    np.testing.assert_array_equal(i, i1)
+
+
+def test_query_shape_is_checked(pack):
+    with pytest.raises(SarlocError, match=r"\(Q, 48\)"):
+        exact_topk(pack.embeddings, np.zeros((2, 5), np.float32), 3)
+
+
+def test_grid_index_matches_brute_force():
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 5000, (3000, 2))
+    gi = GridIndex(xy, cell_m=300.0)
+    for _ in range(20):
+        c, r = rng.uniform(-500, 5500, 2), rng.uniform(0, 1500)
+        want = np.flatnonzero(np.hypot(*(xy - c).T) <= r)
+        np.testing.assert_array_equal(gi.within(c[0], c[1], r), want)
+    assert len(gi.within(-1e6, -1e6, 10.0)) == 0
+
+
+@pytest.mark.parametrize("nms", [0.0, None])
+def test_prior_radius_search_equals_exact_search_restricted_to_the_radius(pack, nms):
+    searcher = PackSearcher(pack, block_rows=64, nms_radius_m=nms)
+    xy = pack.centres_m()
+    q, rows = synthetic_queries(pack.embeddings, 4, noise=0.5, seed=5)
+    for j in range(len(q)):
+        prior = xy[rows[j]] + (150.0, -90.0)
+        radius = 900.0
+        res = searcher.search(q[j], k=10, prior_xy_m=tuple(prior), prior_radius_m=radius)[0]
+        inside = np.flatnonzero(np.hypot(*(xy - prior).T) <= radius)
+        assert res.candidates == len(inside)
+        assert np.all(np.hypot(*(res.xy_m - prior).T) <= radius)
+        # reference: the whole-pack exact scan with every tile outside the disc removed, then the same NMS
+        s1, i1 = _one_matmul_topk(pack.embeddings, q[j : j + 1], searcher._pool(10), rows=inside)
+        keep = nms_metres(s1[0], i1[0], xy, 10, searcher.nms_radius_m)
+        np.testing.assert_array_equal(res.rows, i1[0][keep])
+
+
+def test_nms_keeps_peaks_apart_and_the_best_first(pack):
+    searcher = PackSearcher(pack)  # radius: half a tile = 320 m, stride 80 m
+    q, rows = synthetic_queries(pack.embeddings, 3, noise=0.2, seed=6)
+    for j, res in enumerate(searcher.search(q, k=10)):
+        assert len(res.rows) == 10 and np.all(np.diff(res.scores) <= 0)
+        d = np.abs(res.xy_m[:, None] - res.xy_m[None]).max(-1) + np.eye(10) * 1e9
+        assert d.min() > searcher.nms_radius_m
+        assert res.rows[0] == rows[j]  # a low-noise copy finds its own tile first
+
+
+def test_ivf_recall_and_exhaustive_probe_equals_exact(pack):
+    index = IvfIndex.build(pack.embeddings, nlist=50, nprobe=8)
+    q, _ = synthetic_queries(pack.embeddings, 20, noise=0.5, seed=7)
+    _, ex = exact_topk(pack.embeddings, q, 10)
+    full = [index.search(pack.embeddings, qi, 10, nprobe=50)[1] for qi in q]
+    assert recall_at_k(ex, full, 10) == 1.0
+    approx = [index.search(pack.embeddings, qi, 10)[1] for qi in q]
+    assert recall_at_k(ex, approx, 10) >= 0.9
+    assert index.offsets[-1] == len(pack) and sorted(index.order.tolist()) == list(range(len(pack)))
+
+
+def test_faiss_flat_agrees_with_exact(pack):
+    faiss = pytest.importorskip("faiss")
+    e = np.ascontiguousarray(np.asarray(pack.embeddings, np.float32))
+    index = faiss.IndexFlatIP(e.shape[1])
+    index.add(e)
+    q, _ = synthetic_queries(pack.embeddings, 5, seed=8)
+    fs, fi = index.search(q, 10)
+    s, i = exact_topk(pack.embeddings, q, 10)
+    np.testing.assert_allclose(s, fs, atol=1e-5)
+    assert recall_at_k(i, fi, 10) >= 0.98  # ties may order differently
+
+
+def test_mappack_imports_without_torch():
+    code = textwrap.dedent(
+        """
+        import sys
+        sys.modules["torch"] = None
+        import sarloc.mappack, sarloc.mappack.build, sarloc.mappack.pack, sarloc.mappack.search
+        import sarloc.mappack.ann, sarloc.mappack.basemap, sarloc.mappack.evaluate, sarloc.mappack.synthetic
+        for heavy in ("torch", "rasterio", "onnxruntime", "faiss"):
+            assert sys.modules.get(heavy) is None, heavy
+        print("ok")
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert "ok" in out.stdout
