@@ -78,51 +78,64 @@ def run(args: argparse.Namespace) -> None:
             print(held, variant, {k: round(res[k]["recall@10"], 3) for k in KINDS if k in res}, flush=True)
 
 
-def table(out: Path) -> str:
-    """Markdown table from every eval.json under ``out``."""
+NAMES = {
+    "cfog": "classical CFOG (whole map)",
+    "layout": "layout branch only (no learning)",
+    "none": "(b) encoder, no alignment",
+    "wasserstein": "(c) encoder + Wasserstein",
+    "classifier": "(d) encoder + class adv (GRL)",
+}
+
+
+def _steps_done(eval_json: Path) -> str:
+    man = eval_json.parent / "checkpoint.json"
+    if not man.is_file():
+        return ""
+    return str(json.loads(man.read_text()).get("info", {}).get("steps_done", ""))
+
+
+def table(outs: list[Path]) -> str:
+    """Markdown tables (one per query/gallery kind) from every eval.json under the ``outs`` roots."""
+    import numpy as np
+
     rows = []
-    for f in sorted(out.glob("*/*/eval.json")):
-        r = json.loads(f.read_text())
-        rows.append(r)
+    for out in outs:
+        for f in sorted(out.glob("*/*/eval.json")):
+            r = json.loads(f.read_text())
+            r["_steps"] = _steps_done(f) if r["variant"] != "layout" else "-"
+            rows.append(r)
     lines = []
     for kind in KINDS:
-        lines.append(
-            f"\n**{kind}** queries"
-            + (" (CFOG: arbitrary queries, whole map)" if kind == "arbitrary_overlap50" else "")
-            + "\n"
-        )
-        lines.append("| held-out scene | method | R@1 | R@5 | R@10 | median err (m) | ms/query |")
-        lines.append("|---|---|---|---|---|---|---|")
+        note = " (the CFOG rows repeat its arbitrary-query result: it has no gallery)" if kind != "arbitrary" else ""
+        lines.append(f"\n**{kind}** queries{note if kind.startswith('arbitrary_') else ''}\n")
+        lines.append("| held-out scene | method | steps | R@1 | R@5 | R@10 | median err (m) | ms/query |")
+        lines.append("|---|---|---|---|---|---|---|---|")
         means: dict[str, list] = {}
         for r in sorted(rows, key=lambda r: (r["scene"], ORDER.index(r["variant"]))):
-            m = r.get(kind) or (
-                r.get("arbitrary") if r["variant"] == "cfog" and kind == "arbitrary_overlap50" else None
-            )
+            m = r.get(kind)
+            if m is None and r["variant"] == "cfog" and kind.startswith("arbitrary_"):
+                m = r.get("arbitrary")
             if m is None:
                 continue
-            name = {
-                "cfog": "classical CFOG (whole map)",
-                "none": "encoder, no alignment",
-                "wasserstein": "encoder + Wasserstein",
-                "classifier": "encoder + class adv (GRL)",
-            }[r["variant"]]
+            name = NAMES[r["variant"]]
             means.setdefault(name, []).append([m[k] for k in METRICS])
             lines.append(
-                f"| {r['scene']} | {name} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
+                f"| {r['scene']} | {name} | {r['_steps']} | {m['recall@1']:.3f} | {m['recall@5']:.3f} | "
                 f"{m['recall@10']:.3f} | {m['median_error_m']:.0f} | {m['ms_per_query']:.1f} |"
             )
-        for name, vals in means.items():
-            import numpy as np
-
-            v = np.mean(vals, axis=0)
-            lines.append(f"| **mean** | {name} | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.3f} | {v[3]:.0f} | {v[4]:.1f} |")
+        for name in [NAMES[v] for v in ORDER if NAMES[v] in means]:
+            v = np.mean(means[name], axis=0)
+            n = len(means[name])
+            lines.append(
+                f"| **mean of {n}** | {name} | | {v[0]:.3f} | {v[1]:.3f} | {v[2]:.3f} | {v[3]:.0f} | {v[4]:.1f} |"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default="../shared/data")
-    p.add_argument("--out", default="runs/loso")
+    p.add_argument("--out", default="runs/loso", help="run root (with --table: comma-separated roots)")
     p.add_argument("--scenes", nargs="+", default=HELD_OUT)
     p.add_argument("--variants", nargs="+", default=["cfog", *VARIANTS, "layout"])
     p.add_argument("--preset", default="loso")
@@ -136,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--table", action="store_true", help="print the markdown table of finished runs and exit")
     a = p.parse_args(argv)
     if a.table:
-        print(table(Path(a.out)))
+        print(table([Path(o) for o in a.out.split(",")]))
         return 0
     run(a)
     return 0
