@@ -77,3 +77,21 @@ def write_plain_scene(
     meta.update(meta_extra or {})
     (folder / "scene.json").write_text(json.dumps(meta))
     return folder
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    """A tiny untrained encoder exported to ONNX (one per test module, so modules cannot disturb each other)."""
+    from export.tiny_export import make_tiny_export
+
+    return make_tiny_export(tmp_path_factory)
+
+
+@pytest.fixture
+def export_copy(tiny_export, tmp_path) -> Path:
+    """A writable copy of the tiny export (INT8 models are written beside the FP32 ones)."""
+    import shutil
+
+    d = tmp_path / "export"
+    shutil.copytree(tiny_export, d)
+    return d

@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-from export.tiny_export import make_tiny_export
 
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -24,19 +23,6 @@ from sarloc.export.layout import read_model_manifest  # noqa: E402
 from sarloc.export.onnx import sample_windows  # noqa: E402
 from sarloc.preprocess import PreprocessConfig  # noqa: E402
 from sarloc.runtime.backends import OrtEncoder  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    return make_tiny_export(tmp_path_factory)
-
-
-@pytest.fixture
-def export_copy(tiny_export, tmp_path):
-    """A writable copy of the tiny export (INT8 models are written beside the FP32 ones)."""
-    d = tmp_path / "export"
-    shutil.copytree(tiny_export, d)
-    return d
 
 
 @pytest.fixture

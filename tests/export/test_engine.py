@@ -9,7 +9,6 @@ import types
 
 import numpy as np
 import pytest
-from export.tiny_export import make_tiny_export
 
 from sarloc.artifacts import sha256_file
 from sarloc.cli import main
@@ -33,11 +32,6 @@ from sarloc.export.engine import (
 TRT10 = {"fp16_flag": True, "int8_flag": True, "strongly_typed": True}
 TRT11 = {"fp16_flag": False, "int8_flag": False, "strongly_typed": True}
 ORIN = GpuInfo("Orin", "8.7")
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    return make_tiny_export(tmp_path_factory)
 
 
 def test_profile_from_runtime_batch_sizes():

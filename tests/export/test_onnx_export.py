@@ -4,7 +4,6 @@ import shutil
 import numpy as np
 import pytest
 from conftest import shared_scene
-from export.tiny_export import make_tiny_export
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -57,11 +56,6 @@ VERIFIED_OPS = {
     "Unsqueeze",
 }
 EXPORTERS = ["legacy"] + (["dynamo"] if export_onnx._have_onnxscript() else [])
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    return make_tiny_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

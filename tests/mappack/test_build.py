@@ -6,18 +6,12 @@ import shutil
 import numpy as np
 import pytest
 from conftest import shared_scene
-from export.tiny_export import make_tiny_export
 
 from sarloc.cli import main
 from sarloc.errors import ArtifactError, SarlocError
 from sarloc.mappack import MapPack, MapPackConfig, PackSearcher, build_map_pack, pack_info, verify_map_pack
 
 pytest.importorskip("onnxruntime")
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    return make_tiny_export(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

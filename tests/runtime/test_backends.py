@@ -7,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-from export.tiny_export import make_tiny_export
 
 pytest.importorskip("onnxruntime")
 
@@ -18,18 +17,6 @@ from sarloc.export.engine import ENGINE_KIND
 from sarloc.export.evaluate import evaluate_onnx, int8_accuracy_guard
 from sarloc.export.onnx import sample_windows
 from sarloc.runtime.backends import OrtEncoder, load_encoder, load_encoder_pair
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    return make_tiny_export(tmp_path_factory)
-
-
-@pytest.fixture
-def export_copy(tiny_export, tmp_path):
-    d = tmp_path / "export"
-    shutil.copytree(tiny_export, d)
-    return d
 
 
 @pytest.fixture(scope="module")
