@@ -108,31 +108,8 @@ def to_gray(image: np.ndarray, what: str = "image") -> np.ndarray:
     return arr
 
 
-def cfog(image: np.ndarray, cfg: CFOGConfig = CFOGConfig()) -> np.ndarray:
-    """Dense CFOG descriptor.
-
-    Args:
-        image: ``(H, W)`` float32 single-channel image, already normalised by the caller (SAR: log
-            of intensity; optical: luminance). ``(H, W, C)`` is accepted (channels averaged) and
-            non-finite values are replaced by the finite mean.
-        cfg: Descriptor parameters.
-
-    Returns:
-        ``(C, H, W)`` float32 descriptor with ``C = cfg.n_orient``, L2-normalised across channels
-        at every pixel: the norm is ~1 wherever the local gradient is non-zero when
-        ``cfg.eps_rel == 0``; with ``eps_rel > 0`` it is ``|v| / (|v| + eps_rel * mean|v|)``, in
-        [0, 1), close to 1 on strong edges and small on weak gradients; 0 on flat areas.
-
-    Raises:
-        SarlocError: If the image is empty or has an unsupported shape, or ``cfg`` is invalid.
-    """
-    if cfg.n_orient < 1:
-        raise SarlocError(f"CFOGConfig.n_orient must be >= 1, got {cfg.n_orient}")
-    if cfg.sigma < 0:
-        raise SarlocError(f"CFOGConfig.sigma must be >= 0, got {cfg.sigma}")
-    if cfg.gradient_ksize not in (1, 3, 5) or cfg.eps < 0 or cfg.eps_rel < 0:
-        raise SarlocError(f"CFOGConfig needs gradient_ksize in (1, 3, 5) and eps, eps_rel >= 0, got {cfg}")
-    img = to_gray(image)
+def _raw_cfog(img: np.ndarray, cfg: CFOGConfig) -> np.ndarray:
+    """CFOG channels before the per-pixel normalisation: ``(n_orient, H, W)`` float32."""
     # ksize=1: centred differences [-1, 0, 1] (no cross smoothing); 3 / 5: Sobel.
     ksz = cfg.gradient_ksize
     gx = cv2.Sobel(img, cv2.CV_32F, 1, 0, ksize=ksz, borderType=cv2.BORDER_REPLICATE)
@@ -149,10 +126,58 @@ def cfog(image: np.ndarray, cfg: CFOGConfig = CFOGConfig()) -> np.ndarray:
             cv2.GaussianBlur(ch, (0, 0), cfg.sigma, dst=ch, borderType=cv2.BORDER_REFLECT)
     if cfg.orient_smooth and n >= 3:
         desc = 0.5 * desc + 0.25 * (np.roll(desc, 1, axis=0) + np.roll(desc, -1, axis=0))
+    return desc
+
+
+def cfog(image: np.ndarray, cfg: CFOGConfig = CFOGConfig(), norm_mean: float | None = None) -> np.ndarray:
+    """Dense CFOG descriptor.
+
+    Args:
+        image: ``(H, W)`` float32 single-channel image, already normalised by the caller (SAR: log
+            of intensity; optical: luminance). ``(H, W, C)`` is accepted (channels averaged) and
+            non-finite values are replaced by the finite mean.
+        cfg: Descriptor parameters.
+        norm_mean: the mean raw descriptor norm used by ``eps_rel`` (default: this image's own). Give the whole
+            map's value (:func:`cfog_norm_mean`) when describing crops of a map, so that a crop's descriptor
+            equals the whole map's descriptor over the same pixels (away from the crop border).
+
+    Returns:
+        ``(C, H, W)`` float32 descriptor with ``C = cfg.n_orient``, L2-normalised across channels
+        at every pixel: the norm is ~1 wherever the local gradient is non-zero when
+        ``cfg.eps_rel == 0``; with ``eps_rel > 0`` it is ``|v| / (|v| + eps_rel * mean|v|)``, in
+        [0, 1), close to 1 on strong edges and small on weak gradients; 0 on flat areas.
+
+    Raises:
+        SarlocError: If the image is empty or has an unsupported shape, or ``cfg`` is invalid.
+    """
+    if cfg.n_orient < 1:
+        raise SarlocError(f"CFOGConfig.n_orient must be >= 1, got {cfg.n_orient}")
+    if cfg.sigma < 0:
+        raise SarlocError(f"CFOGConfig.sigma must be >= 0, got {cfg.sigma}")
+    if cfg.gradient_ksize not in (1, 3, 5) or cfg.eps < 0 or cfg.eps_rel < 0:
+        raise SarlocError(f"CFOGConfig needs gradient_ksize in (1, 3, 5) and eps, eps_rel >= 0, got {cfg}")
+    desc = _raw_cfog(to_gray(image), cfg)
     norm = np.sqrt(np.einsum("chw,chw->hw", desc, desc))
-    norm += np.float32(cfg.eps + cfg.eps_rel * float(norm.mean(dtype=np.float64)))
+    mean = float(norm.mean(dtype=np.float64)) if norm_mean is None else float(norm_mean)
+    norm += np.float32(cfg.eps + cfg.eps_rel * mean)
     desc /= norm[None]
     return desc.astype(np.float32, copy=False)
+
+
+def cfog_norm_mean(image: np.ndarray, cfg: CFOGConfig = CFOGConfig(), strip_rows: int = 512) -> float:
+    """Mean raw (pre-normalisation) CFOG descriptor norm of an image, computed in row strips (bounded memory).
+
+    Pass it as ``norm_mean`` to :func:`cfog` when describing crops of the same image.
+    """
+    img = image if image.ndim == 2 else to_gray(image)
+    total, count, m = 0.0, 0, 8  # m rows of context above and below each strip (Sobel + Gaussian support)
+    for y0 in range(0, img.shape[0], strip_rows):
+        a, b = max(0, y0 - m), min(img.shape[0], y0 + strip_rows + m)
+        raw = _raw_cfog(to_gray(np.asarray(img[a:b], dtype=np.float32)), cfg)
+        norm = np.sqrt(np.einsum("chw,chw->hw", raw, raw))[y0 - a : y0 - a + min(strip_rows, img.shape[0] - y0)]
+        total += float(norm.sum(dtype=np.float64))
+        count += norm.size
+    return total / max(1, count)
 
 
 def _dft_matrix(n_out: int, n_in: int) -> np.ndarray:

@@ -69,8 +69,18 @@ def _print_table(res: dict) -> None:
         if isinstance(m, dict) and "recall@1" in m:
             label = f"{res.get('scene', '')} {k} [{m.get('method', '')}]"
             print(
-                f"{label:42s} " + " ".join(f"{m[c]:14.3f}" if isinstance(m[c], float) else f"{m[c]:14d}" for c in cols)
+                f"{label:42s} "
+                + " ".join(f"{m[c]:14.3f}" if isinstance(m.get(c), float) else f"{m.get(c, -1):14d}" for c in cols)
             )
+    rel = [(k, m) for k, m in res.items() if isinstance(m, dict) and m.get("reliability")]
+    for k, m in rel:
+        bins = "  ".join(
+            f"{b['bin']}: {b['predicted']:.2f}->{b['observed']:.2f} (n={b['n']})" for b in m["reliability"]
+        )
+        print(
+            f"confidence {k}: abstain {m['abstain_rate']:.2f}, false fixes {m['false_fix_rate']:.3f}, "
+            f"ECE {m['ece']:.3f} | {bins}"
+        )
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
@@ -100,6 +110,20 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             prior_radius_m=a.prior_radius_m,
             ann=a.ann,
         )
+    elif a.refine or a.rerank:
+        if not a.checkpoint:
+            raise SarlocError("sarloc eval --refine/--rerank needs --checkpoint CKPT")
+        from sarloc.trainer.refiner_train import evaluate_checkpoint_refined
+
+        res = evaluate_checkpoint_refined(
+            a.checkpoint,
+            a.scene,
+            ecfg,
+            refiner=a.refiner,
+            verifier=a.verifier,
+            rerank_name=a.rerank,
+            threshold=a.threshold,
+        )
     elif a.onnx:
         from sarloc.export.evaluate import evaluate_onnx
 
@@ -114,6 +138,19 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     if a.json:
         atomic_write_json(a.json, res)
         print(f"wrote {a.json}")
+    return 0
+
+
+def _cmd_train_refiner(a: argparse.Namespace) -> int:
+    from sarloc.scene import find_scenes
+    from sarloc.trainer.refiner_train import refine_checkpoint
+
+    scenes = find_scenes(a.data)
+    if not scenes:
+        raise SarlocError(f"no scene folders (with scene.json) under {' '.join(a.data)}")
+    out = refine_checkpoint(a.checkpoint, scenes, a.out, steps=a.steps, queries=a.queries)
+    for p in out.values():
+        print(p)
     return 0
 
 
@@ -137,11 +174,23 @@ def _cmd_figures(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from sarloc.demo import run_demo
+    if a.make_model:
+        from sarloc.demo_flight import make_demo_model
 
-    res = run_demo(a.out, steps=a.steps, seed=a.seed)
-    _print_table(res)
-    print(f"results in {Path(a.out) / 'eval.json'}")
+        print(make_demo_model(steps=a.steps or 400))
+        return 0
+    if a.train:
+        from sarloc.demo import run_demo
+
+        res = run_demo(a.out, steps=a.steps, seed=a.seed)
+        _print_table(res)
+        print(f"results in {Path(a.out) / 'eval.json'}")
+        return 0
+    from sarloc.demo_flight import run_flight_demo
+
+    rep = run_flight_demo(a.out, mavlink_url=None if a.no_mavlink else a.mavlink)
+    print(f"report in {Path(a.out) / 'report.json'}" + (f", track plot {rep['plot']}" if rep.get("plot") else ""))
+    print(f"demo took {rep['timings']['total_s']:.0f} s")
     return 0
 
 
@@ -324,7 +373,28 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pack", metavar="PACK", help="with --onnx: search this map pack instead of tiling the scene")
     e.add_argument("--prior-radius-m", type=float, help="with --pack: simulated position prior of this radius")
     e.add_argument("--ann", action="store_true", help="with --pack: use the pack's approximate index")
+    e.add_argument(
+        "--refine",
+        action="store_true",
+        help="full path: re-rankers, graph refiner and metric refinement (dense gallery, top-10)",
+    )
+    e.add_argument(
+        "--rerank",
+        choices=["none", "qe", "kreciprocal", "spatial", "gnn"],
+        help="evaluate only this re-ranker (alone and with metric verification)",
+    )
+    e.add_argument("--refiner", help="refiner ONNX (default: refiner.onnx beside the checkpoint)")
+    e.add_argument("--verifier", help="verifier JSON (default: verifier.json beside the checkpoint)")
+    e.add_argument("--threshold", type=float, default=0.5, help="confidence below which a query abstains")
     e.set_defaults(fn=_cmd_eval)
+
+    r = sub.add_parser("train-refiner", help="train the graph refiner and the verifier for a trained encoder")
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--data", nargs="+", required=True, help="scene folders (prefer scenes the encoder did not see)")
+    r.add_argument("--out", help="output folder (default: beside the checkpoint)")
+    r.add_argument("--steps", type=int, default=600)
+    r.add_argument("--queries", type=int, default=400, help="arbitrary queries per scene")
+    r.set_defaults(fn=_cmd_train_refiner)
 
     f = sub.add_parser("figures", help="retrieval visualisation and 2-D embedding projection")
     f.add_argument("--checkpoint", required=True)
@@ -334,9 +404,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--window-px", type=int, default=64)
     f.add_argument("--seed", type=int, default=0)
     f.set_defaults(fn=_cmd_figures)
-    d = sub.add_parser("demo", help="fresh-machine main job: synth scenes, short training, evaluation")
+    d = sub.add_parser("demo", help="fresh-machine main job: a simulated flight localised by the daemon (CPU)")
     d.add_argument("--out", default="runs/demo")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: the 'quick' preset)")
+    d.add_argument("--mavlink", default="udpout:127.0.0.1:14550", help="where the daemon sends MAVLink")
+    d.add_argument("--no-mavlink", action="store_true")
+    d.add_argument("--make-model", action="store_true", help="re-train the shipped demo model (needs sarloc[train])")
+    d.add_argument("--train", action="store_true", help="the training demo instead: synth scenes, train, evaluate")
+    d.add_argument("--steps", type=int, default=None, help="training steps (--train, --make-model)")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_cmd_demo)
 
@@ -369,7 +443,137 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", type=int, default=0, help="CUDA device index")
     b.set_defaults(fn=_cmd_build_engine)
     _add_map_parser(sub)
+    _add_runtime_parsers(sub)
     return p
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from sarloc.runtime.daemon import load_run_config, run
+
+    over = {
+        "source": a.source,
+        "export": a.export,
+        "pack": a.pack,
+        "out": a.out,
+        "backend": a.backend,
+        "precision": a.precision,
+        "stride_px": a.stride_px,
+        "prior_radius_m": a.prior_radius_m,
+        "max_strips": a.max_strips,
+        "follow": False if a.no_follow else None,
+        "resume": True if a.resume else None,
+        "mavlink": True if a.mavlink else None,
+        "mavlink.url": a.mavlink,
+        "mavlink.signing_key_file": a.signing_key,
+        "localizer.threshold": a.threshold,
+    }
+    cfg = load_run_config(a.config, **over)
+    stats = run(cfg)
+    print(json.dumps({k: v for k, v in stats.items() if not isinstance(v, dict)}))
+    print(f"records in {Path(cfg.out) / 'records.jsonl'}")
+    return 0
+
+
+def _cmd_replay(a: argparse.Namespace) -> int:
+    from sarloc.runtime.replay import replay
+
+    res = replay(a.records, a.out, compare=not a.no_compare)
+    print(json.dumps(res))
+    return 0 if res.get("identical", True) else 2
+
+
+def _cmd_simulate(a: argparse.Namespace) -> int:
+    from sarloc.runtime.simulate import simulate_flight
+
+    out = simulate_flight(
+        a.scene,
+        a.out,
+        track=a.track,
+        heading_deg=a.heading_deg,
+        strip_width_px=a.strip_width_px,
+        strip_rows=a.strip_rows,
+        n_strips=a.n_strips,
+        gsd_m=a.gsd_m,
+        speed_mps=a.speed_mps,
+        seed=a.seed,
+        speckle_looks=a.speckle_looks,
+        prior_sigma_m=a.prior_sigma_m,
+        force=a.force,
+    )
+    print(out)
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from sarloc.artifacts import atomic_write_json
+    from sarloc.runtime.report import format_report, load_fixes, load_truth, plot_track, score_fixes
+
+    truth = load_truth(a.truth)
+    fixes, _ = load_fixes(a.fixes)
+    stats = score_fixes(fixes, truth, false_radius_m=a.false_radius_m)
+    print(format_report(stats))
+    if a.json:
+        atomic_write_json(a.json, stats)
+    if a.plot:
+        basemap, frame = None, None
+        if a.scene:
+            from sarloc.scene import load_scene
+
+            sc = load_scene(a.scene)
+            basemap, frame = sc.optical_gray, sc.frame
+        print(plot_track(fixes, truth, basemap, frame, a.plot))
+    return 0
+
+
+def _add_runtime_parsers(sub) -> None:
+    r = sub.add_parser("run", help="the onboard daemon: strips in, fixes out (JSONL + MAVLink)")
+    r.add_argument("--config", help="onboard.toml (flags override it)")
+    r.add_argument("--source", help="dir://FOLDER, a strip file, udp://HOST:PORT or tcp://HOST:PORT")
+    r.add_argument("--export", help="export folder (SAR encoder, refiner.onnx, verifier.json)")
+    r.add_argument("--pack", help="map pack folder")
+    r.add_argument("--out", help="output folder (records.jsonl)")
+    r.add_argument("--backend", choices=["auto", "ort", "trt"])
+    r.add_argument("--precision", choices=["fp32", "int8", "fp16"])
+    r.add_argument("--stride-px", type=float, help="window spacing, map pixels")
+    r.add_argument("--prior-radius-m", type=float, help="search around the track / INS prior (default: whole map)")
+    r.add_argument("--threshold", type=float, help="window confidence threshold")
+    r.add_argument("--max-strips", type=int)
+    r.add_argument("--no-follow", action="store_true", help="dir:// source: stop when the folder is processed")
+    r.add_argument("--resume", action="store_true", help="skip strips already fixed in OUT/records.jsonl")
+    r.add_argument("--mavlink", metavar="URL", help="send MAVLink here (e.g. udpout:127.0.0.1:14550)")
+    r.add_argument("--signing-key", help="MAVLink2 signing key file (32 bytes or 64 hex; mode 600)")
+    r.set_defaults(fn=_cmd_run)
+
+    p = sub.add_parser("replay", help="re-run a recorded session deterministically and compare the fixes")
+    p.add_argument("--records", required=True, help="records.jsonl of the session")
+    p.add_argument("--out", required=True, help="output folder of the replay")
+    p.add_argument("--no-compare", action="store_true")
+    p.set_defaults(fn=_cmd_replay)
+
+    s = sub.add_parser("simulate", help="cut SAR strips along a flight path over a scene (with truth)")
+    s.add_argument("--scene", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--track", choices=["straight", "lawnmower", "curve"], default="straight")
+    s.add_argument("--heading-deg", type=float)
+    s.add_argument("--strip-width-px", type=int, default=160)
+    s.add_argument("--strip-rows", type=int, default=256)
+    s.add_argument("--n-strips", type=int)
+    s.add_argument("--gsd-m", type=float, help="strip metres per pixel (default: the scene's)")
+    s.add_argument("--speed-mps", type=float, default=30.0)
+    s.add_argument("--speckle-looks", type=float, help="add multiplicative speckle with this many looks")
+    s.add_argument("--prior-sigma-m", type=float, help="write a noisy INS prior of this sigma into the sidecars")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="overwrite a non-empty output folder")
+    s.set_defaults(fn=_cmd_simulate)
+
+    t = sub.add_parser("report", help="score fixes against a simulated flight's truth; plot the track")
+    t.add_argument("--fixes", required=True, help="records.jsonl (fix records)")
+    t.add_argument("--truth", required=True, help="truth.json of sarloc simulate")
+    t.add_argument("--plot", help="track plot PNG")
+    t.add_argument("--scene", help="scene folder: draw its optical image under the track")
+    t.add_argument("--false-radius-m", type=float, default=200.0, help="a trusted fix farther than this is false")
+    t.add_argument("--json", help="write the statistics here")
+    t.set_defaults(fn=_cmd_report)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -69,3 +69,21 @@ def test_prepare_windows_handles_nan_and_shapes():
     img = np.arange(100.0).reshape(10, 10)
     c = crop_windows(img, np.array([[2, 3]]), 4)
     assert c[0, 0, 0] == 32 and c.shape == (1, 4, 4)
+
+
+def test_grid_peaks_hand_made_and_gallery_grid():
+    from sarloc.evaluation import GalleryGrid, grid_peaks
+
+    g = np.full((6, 8), -np.inf, np.float32)
+    g[1, 1], g[1, 2], g[4, 6], g[5, 0] = 0.9, 0.8, 0.7, 0.95
+    peaks = grid_peaks(g, 10, radius_cells=1)
+    assert peaks.tolist() == [5 * 8 + 0, 1 * 8 + 1, 4 * 8 + 6]  # (1, 2) is suppressed by (1, 1)
+    assert grid_peaks(g, 2, 0).tolist() == [40, 9]
+    # a gallery on a regular grid with one position missing
+    xs, ys = np.meshgrid(np.arange(4) * 8 + 32.0, np.arange(3) * 8 + 32.0)
+    centres = np.stack([xs.ravel(), ys.ravel()], 1)[1:]
+    gg = GalleryGrid(centres)
+    assert gg.shape == (3, 4) and gg.step_px == 8.0
+    s = np.zeros(len(centres), np.float32)
+    s[5] = 1.0
+    assert gg.peaks(s, 1, 32.0).tolist() == [5]

@@ -22,6 +22,7 @@ from sarloc.artifacts import atomic_path, atomic_write_json, make_manifest, sha2
 from sarloc.errors import ConfigError, SarlocError
 from sarloc.mappack.basemap import open_basemap
 from sarloc.mappack.pack import (
+    BASEMAP_NAME,
     EMBEDDINGS_NAME,
     MANIFEST_NAME,
     PACK_KIND,
@@ -233,8 +234,9 @@ def _build(bm, enc, out_dir: Path, cfg: MapPackConfig, window: int, dim: int, pr
         bar.close()
         raw.unlink(missing_ok=True)
     save_npy(out_dir / TILES_NAME, tiles)
+    _write_basemap_image(bm, out_dir / BASEMAP_NAME)
     build_s = time.perf_counter() - t0
-    names = [EMBEDDINGS_NAME, TILES_NAME]
+    names = [EMBEDDINGS_NAME, TILES_NAME, BASEMAP_NAME]
     ann_entry = None
     if cfg.ann:
         ann_entry = _build_ann(out_dir, cfg, n_kept)
@@ -284,6 +286,24 @@ def _build(bm, enc, out_dir: Path, cfg: MapPackConfig, window: int, dim: int, pr
     path = atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     skipped = n_rows * n_cols - n_kept
     logger.info("map pack %s: %d tiles (%d skipped), %d-D, %.1f s", out_dir, n_kept, skipped, dim, build_s)
+    return path
+
+
+def _write_basemap_image(bm, path: Path, strip_rows: int = 1024) -> Path:
+    """The basemap's luminance on the pack grid as a float16 ``.npy`` (NaN = no data), written in row strips.
+
+    The runtime's metric refinement registers SAR windows against it (:class:`sarloc.metric.LocalRegistrar`);
+    it is read through a memory map, so only the crops around candidates are paged in.
+    """
+    g = bm.grid
+    with atomic_path(path) as tmp:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=(g.height_px, g.width_px))
+        for y0 in range(0, g.height_px, strip_rows):
+            h = min(strip_rows, g.height_px - y0)
+            lum, valid = bm.read(0, y0, g.width_px, h)
+            arr[y0 : y0 + h] = np.where(valid, lum, np.nan).astype(np.float16)
+        arr.flush()
+        del arr
     return path
 
 

@@ -30,6 +30,7 @@ PACK_SCHEMA = 1
 MANIFEST_NAME = "pack.json"
 EMBEDDINGS_NAME = "embeddings.npy"
 TILES_NAME = "tiles.npy"
+BASEMAP_NAME = "basemap.npy"  # float16 luminance on the pack grid (metric refinement); packs before 0.2 lack it
 
 TILE_DTYPE = np.dtype(
     [
@@ -162,6 +163,31 @@ class MapPack:
     def centres_m(self) -> np.ndarray:
         """(N, 2) float64 tile centres (easting, northing), metres (a copy, 16 bytes per tile)."""
         return np.stack([self.tiles["x_m"], self.tiles["y_m"]], axis=1)
+
+    def metric_grid(self):
+        """The pack's pixel grid (:class:`~sarloc.mappack.basemap.MetricGrid`): pixel <-> metric."""
+        from sarloc.mappack.basemap import MetricGrid
+
+        g = self.manifest["grid"]
+        return MetricGrid(g["metric_crs"], g["x0_m"], g["y0_m"], g["gsd_m"], g["width_px"], g["height_px"])
+
+    def tile_centres_px(self, rows: np.ndarray) -> np.ndarray:
+        """(N, 2) pixel centres (col, row) on the pack grid of the given tile rows."""
+        g = self.manifest["grid"]
+        t = self.tiles[np.asarray(rows)]
+        half = g["tile_px"] / 2.0
+        return np.stack([t["col"] * g["stride_px"] + half, t["row"] * g["stride_px"] + half], axis=1).astype(float)
+
+    def basemap(self) -> np.ndarray | None:
+        """The basemap luminance on the pack grid (memory-mapped float16), or None for a pack without it."""
+        p = self.path / BASEMAP_NAME
+        if not p.is_file():
+            return None
+        arr = _load_npy(p, "basemap image")
+        g = self.manifest["grid"]
+        if arr.shape != (g["height_px"], g["width_px"]):
+            raise ArtifactError(f"{p} is {arr.shape}, the pack grid is {g['height_px']}x{g['width_px']}; rebuild")
+        return arr
 
     def to_metric(self, lon_deg: float, lat_deg: float) -> tuple[float, float]:
         """(lon, lat) -> (easting, northing) in the pack's metric CRS."""

@@ -148,3 +148,22 @@ def test_mappack_imports_without_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert "ok" in out.stdout
+
+
+def test_grid_peaks_search_matches_nms_search_and_respects_the_prior(tmp_path):
+    """PackSearcher.peaks (grid local maxima) agrees with the exact top-K + NMS search on a real pack layout."""
+    synthetic_pack(tmp_path / "p", 2000, dim=32, seed=3, stride_m=80.0, tile_m=640.0)
+    pack = MapPack(tmp_path / "p")
+    s = PackSearcher(pack)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        q = np.asarray(pack.embeddings[rng.integers(len(pack))], np.float32) + rng.normal(0, 0.05, pack.dim)
+        q = (q / np.linalg.norm(q)).astype(np.float32)
+        a = s.search(q, 5)[0]
+        b = s.peaks(q, 5)
+        assert b.rows[0] == a.rows[0]
+        assert len(set(a.rows.tolist()) & set(b.rows.tolist())) >= 4
+        xy = pack.centres_m()[a.rows[0]]
+        c = s.peaks(q, 5, prior_xy_m=tuple(xy), prior_radius_m=3 * pack.tile_m)
+        assert c.rows[0] == a.rows[0]
+        assert np.all(np.hypot(*(pack.centres_m()[c.rows] - xy).T) <= 3 * pack.tile_m + 1e-6)

@@ -1,0 +1,406 @@
+"""From a ranked candidate list to a position with a confidence (torch-free; shared by eval and the runtime).
+
+Stages, per query window:
+
+1. **Candidates**: the top-K places of coarse retrieval (dense gallery + NMS, or a map pack search): their
+   embeddings, similarities and positions (:class:`Candidates`).
+2. **Re-ranking** (:func:`rerank`): ``none`` (coarse order), ``qe`` (alpha query expansion over the candidates),
+   ``kreciprocal`` (k-reciprocal Jaccard re-ranking within the candidate set), ``spatial`` (a vote: each candidate
+   is supported by the others near it on the ground, weighted by their similarity), ``gnn`` (the learned graph
+   refiner, :mod:`sarloc.trainer.models.refiner`, run through ONNX Runtime: :class:`OnnxRefiner`).
+3. **Metric refinement** (:class:`sarloc.metric.LocalRegistrar`): each candidate is registered locally (CFOG
+   correlation within +-12 px), giving a sub-pixel position and peak scores.
+4. **Verification and confidence** (:class:`Verifier`): a logistic model over per-candidate features (re-ranker
+   log-probability, registration score, its sharpness and its margin over the other candidates) gives, for each
+   candidate, the probability that its registered position is within ``radius_px`` of the truth. The best
+   candidate is the fix; its probability is the fix's confidence; below the threshold the query abstains.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from sarloc.artifacts import atomic_write_json, make_manifest, sha256_file
+from sarloc.errors import ArtifactError, SarlocError
+
+logger = logging.getLogger(__name__)
+
+RERANKERS = ("none", "qe", "kreciprocal", "spatial", "gnn")
+VERIFIER_KIND = "sarloc.verifier"
+REFINER_KIND = "sarloc.refiner"
+
+
+@dataclass
+class Candidates:
+    """Top-K candidates of Q queries (coarse order: similarity, best first).
+
+    Attributes:
+        query: (Q, D) unit-norm query embeddings.
+        emb: (Q, K, D) candidate embeddings.
+        sims: (Q, K) cosine similarities.
+        xy: (Q, K, 2) candidate centres (east, north) in units of the tile side (any origin).
+        valid: (Q, K) False for padding when fewer than K candidates exist.
+    """
+
+    query: np.ndarray
+    emb: np.ndarray
+    sims: np.ndarray
+    xy: np.ndarray
+    valid: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.sims.shape[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.sims.shape[1])
+
+    def offsets(self) -> np.ndarray:
+        """(Q, K, 2) offsets from each query's top-1 candidate, tile units (the refiner's position input)."""
+        return (self.xy - self.xy[:, :1]).astype(np.float32)
+
+    def subset(self, idx: np.ndarray) -> Candidates:
+        return Candidates(self.query[idx], self.emb[idx], self.sims[idx], self.xy[idx], self.valid[idx])
+
+
+def dense_candidates(
+    gallery: np.ndarray, centres_px: np.ndarray, qemb: np.ndarray, k: int, window_px: int
+) -> tuple[Candidates, np.ndarray]:
+    """Top-K NMS peaks of each query over a dense gallery (see :func:`sarloc.evaluation.nms_peaks`).
+
+    Args:
+        gallery: (N, D) gallery embeddings; centres_px: (N, 2) their centres (col, row), map pixels.
+        qemb: (Q, D) query embeddings. k: candidates. window_px: tile side (NMS radius = half of it).
+
+    Returns:
+        (candidates with xy in tile units east/north, (Q, K, 2) candidate centres in map pixels).
+    """
+    from sarloc.evaluation import GalleryGrid
+
+    gg = GalleryGrid(centres_px)
+    q, d = qemb.shape
+    emb = np.zeros((q, k, d), np.float32)
+    sims = np.full((q, k), -1.0, np.float32)
+    px = np.zeros((q, k, 2))
+    valid = np.zeros((q, k), bool)
+    for i in range(q):
+        s = gallery @ qemb[i]
+        pk = gg.peaks(s, k, window_px / 2.0)
+        n = len(pk)
+        emb[i, :n], sims[i, :n], px[i, :n], valid[i, :n] = gallery[pk], s[pk], centres_px[pk], True
+        if n < k:  # pad with the last peak (masked out by ``valid``)
+            emb[i, n:], px[i, n:] = emb[i, n - 1], px[i, n - 1]
+    xy = np.stack([px[..., 0], -px[..., 1]], -1) / float(window_px)
+    return Candidates(qemb.astype(np.float32), emb, sims, xy, valid), px
+
+
+# ---------------------------------------------------------------------------------------------- re-rankers
+def _qe_scores(c: Candidates, n: int = 3, alpha: float = 3.0) -> np.ndarray:
+    """Alpha query expansion: q' = normalise(q + sum_i max(s_i, 0)^alpha c_i over the top-n), re-scored."""
+    w = np.clip(c.sims[:, :n], 0, None) ** alpha * c.valid[:, :n]
+    q2 = c.query + np.einsum("qk,qkd->qd", w, c.emb[:, :n])
+    q2 /= np.linalg.norm(q2, axis=1, keepdims=True) + 1e-12
+    return np.einsum("qd,qkd->qk", q2, c.emb)
+
+
+def _kreciprocal_scores(c: Candidates, k1: int = 4, lam: float = 0.5) -> np.ndarray:
+    """k-reciprocal re-ranking (Zhong et al. 2017) restricted to the query and its candidates.
+
+    Within the set {query} + candidates, R(i) = the elements that are in i's k1 nearest and have i among theirs;
+    the Jaccard distance between the query's and each candidate's reciprocal sets (soft, similarity-weighted)
+    is mixed with the original distance: d* = (1 - lam) * Jaccard + lam * (1 - s).
+    """
+    q, k, _ = c.emb.shape
+    out = np.empty((q, k), np.float32)
+    for i in range(q):
+        x = np.concatenate([c.query[i : i + 1], c.emb[i]], 0)
+        s = x @ x.T
+        s[1:, 1:][~c.valid[i]] = -1.0
+        nn = np.argsort(-s, axis=1)[:, : k1 + 1]
+        member = np.zeros_like(s, bool)
+        np.put_along_axis(member, nn, True, axis=1)
+        recip = member & member.T
+        v = np.where(recip, np.exp(s), 0.0)
+        v /= v.sum(1, keepdims=True)
+        jac = 1.0 - np.minimum(v[0], v[1:]).sum(1) / np.maximum(v[0], v[1:]).sum(1)
+        out[i] = -((1 - lam) * jac + lam * (1.0 - s[0, 1:]))
+    return out
+
+
+def _spatial_scores(c: Candidates, sigma_tiles: float = 1.0, beta: float = 0.5) -> np.ndarray:
+    """Spatial-consistency vote: s_i + beta * sum_{j != i} max(s_j, 0) * exp(-d_ij^2 / 2 sigma^2)."""
+    d2 = ((c.xy[:, :, None] - c.xy[:, None]) ** 2).sum(-1)
+    w = np.exp(-d2 / (2 * sigma_tiles**2))
+    w[:, np.arange(c.k), np.arange(c.k)] = 0.0
+    s = np.clip(c.sims, 0, None) * c.valid
+    return c.sims + beta * np.einsum("qij,qj->qi", w, s)
+
+
+def rerank(c: Candidates, method: str, refiner: OnnxRefiner | None = None) -> np.ndarray:
+    """(Q, K) scores of the candidates by ``method`` (higher = better); invalid candidates get -inf."""
+    if method == "none":
+        s = c.sims.astype(np.float64)
+    elif method == "given":  # keep the list's own order (e.g. a shortlist already sorted by its model)
+        s = np.broadcast_to(-np.arange(c.k, dtype=np.float64), c.sims.shape).copy()
+    elif method == "qe":
+        s = _qe_scores(c)
+    elif method == "kreciprocal":
+        s = _kreciprocal_scores(c)
+    elif method == "spatial":
+        s = _spatial_scores(c)
+    elif method == "gnn":
+        if refiner is None:
+            raise SarlocError("re-ranker 'gnn' needs a trained refiner (--refiner REFINER.onnx)")
+        s = refiner(c)
+    else:
+        raise SarlocError(f"unknown re-ranker {method!r}; choose one of {', '.join(RERANKERS)}")
+    return np.where(c.valid, s, -np.inf)
+
+
+class OnnxRefiner:
+    """The exported graph refiner, run with ONNX Runtime (CPU). Reads ``refiner.onnx`` + ``refiner.json``.
+
+    Args:
+        path: the .onnx file (its manifest beside it, same stem, .json).
+        extra_fn: none for a refiner without extra features.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 1) -> None:
+        import onnxruntime as ort
+
+        self.path = Path(path)
+        man = self.path.with_suffix(".json")
+        if not self.path.is_file() or not man.is_file():
+            raise ArtifactError(
+                f"refiner {self.path} or its manifest {man.name} is missing; run `sarloc train-refiner`"
+            )
+        self.manifest = json.loads(man.read_text())
+        if self.manifest.get("kind") != REFINER_KIND:
+            raise ArtifactError(f"{man} is not a refiner manifest (kind {self.manifest.get('kind')!r})")
+        if self.manifest.get("sha256") != sha256_file(self.path):
+            raise ArtifactError(f"{self.path} does not match the sha256 in {man.name}; re-export the refiner")
+        self.cfg = self.manifest["config"]
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        self.sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+
+    @property
+    def k(self) -> int:
+        return int(self.cfg["k"])
+
+    @property
+    def encoder_sha256(self) -> str | None:
+        return self.manifest.get("parent_sha256")
+
+    def __call__(self, c: Candidates) -> np.ndarray:
+        if c.k != self.k or c.emb.shape[2] != int(self.cfg["embed_dim"]):
+            raise SarlocError(
+                f"refiner {self.path.name} takes K={self.k} candidates of dim {self.cfg['embed_dim']}, "
+                f"got K={c.k}, dim {c.emb.shape[2]}"
+            )
+        feeds = {"query": c.query.astype(np.float32), "cands": c.emb.astype(np.float32), "offsets": c.offsets()}
+        return self.sess.run(["logits"], feeds)[0].astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------- verification
+FEATURES = ("rank_logprob", "reg_score", "reg_sharpness", "reg_margin", "reg_at_border", "coarse_gap")
+
+
+def candidate_features(
+    rank_scores: np.ndarray,
+    sims: np.ndarray,
+    reg_score: np.ndarray,
+    reg_second: np.ndarray,
+    reg_border: np.ndarray,
+    valid: np.ndarray,
+) -> np.ndarray:
+    """(Q, K, F) features of each candidate for the :class:`Verifier` (names in :data:`FEATURES`).
+
+    rank_logprob: log-softmax of the re-ranker's scores over the candidates (temperature 1 for the GNN's
+    logits; coarse similarities are scaled by 20, like the GNN's initial scale); reg_score: local registration
+    peak; reg_sharpness: peak minus the best score away from it; reg_margin: peak minus the best peak of the
+    other candidates; reg_at_border: peak on the search border; coarse_gap: similarity minus the best.
+    """
+    rs = np.where(valid, rank_scores, -1e9)
+    if np.allclose(rank_scores[valid], sims[valid]):
+        rs = np.where(valid, 20.0 * sims, -1e9)
+    lp = rs - rs.max(1, keepdims=True)
+    lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
+    reg = np.where(valid, reg_score, -1.0)
+    k = reg.shape[1]
+    other = np.empty_like(reg)
+    for j in range(k):
+        other[:, j] = np.delete(reg, j, axis=1).max(1) if k > 1 else -1.0
+    f = np.stack(
+        [
+            np.maximum(lp, -20.0),
+            reg,
+            reg - np.where(reg_second > -1, reg_second, reg),
+            reg - other,
+            reg_border.astype(np.float64),
+            np.where(valid, sims - sims.max(1, keepdims=True), -1.0),
+        ],
+        -1,
+    )
+    return f.astype(np.float64)
+
+
+class Verifier:
+    """Logistic model P(candidate within ``radius_px`` of the truth | features); picks the fix and its confidence.
+
+    Fitted by Newton's method with a small L2 penalty (:meth:`fit`); saved as JSON with its parent's hash.
+    """
+
+    FEATURES = FEATURES
+    KIND = VERIFIER_KIND
+
+    def __init__(
+        self,
+        weights: np.ndarray,
+        mean: np.ndarray,
+        std: np.ndarray,
+        radius_px: float,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        self.w = np.asarray(weights, np.float64)
+        self.mean = np.asarray(mean, np.float64)
+        self.std = np.asarray(std, np.float64)
+        self.radius_px = float(radius_px)
+        self.meta = meta or {}
+        if self.w.shape != (len(self.FEATURES) + 1,) or self.mean.shape != (len(self.FEATURES),):
+            raise ArtifactError(f"{self.KIND} weights must have {len(self.FEATURES) + 1} entries, got {self.w.shape}")
+
+    def prob(self, feats: np.ndarray) -> np.ndarray:
+        """(…, F) features -> (…) probabilities."""
+        z = (feats - self.mean) / self.std
+        return 1.0 / (1.0 + np.exp(-(z @ self.w[1:] + self.w[0])))
+
+    @classmethod
+    def fit(
+        cls,
+        feats: np.ndarray,
+        correct: np.ndarray,
+        radius_px: float,
+        l2: float = 1e-2,
+        meta: dict[str, Any] | None = None,
+    ) -> Verifier:
+        """Fit on (N, F) features and (N,) bool labels (every candidate of every training query)."""
+        x = feats.reshape(-1, feats.shape[-1])
+        y = correct.reshape(-1).astype(np.float64)
+        mean, std = x.mean(0), x.std(0) + 1e-6
+        z = np.concatenate([np.ones((len(x), 1)), (x - mean) / std], 1)
+        w = np.zeros(z.shape[1])
+        for _ in range(50):
+            p = 1.0 / (1.0 + np.exp(-(z @ w)))
+            g = z.T @ (p - y) + l2 * np.r_[0.0, w[1:]]
+            h = (z * (p * (1 - p))[:, None]).T @ z + l2 * np.diag(np.r_[0.0, np.ones(len(w) - 1)])
+            step = np.linalg.solve(h + 1e-9 * np.eye(len(w)), g)
+            w -= step
+            if np.abs(step).max() < 1e-8:
+                break
+        return cls(w, mean, std, radius_px, meta)
+
+    def save(self, path: str | Path, parent_sha256: str | None = None) -> Path:
+        man = make_manifest(
+            self.KIND,
+            parent_sha256=parent_sha256,
+            features=list(self.FEATURES),
+            weights=self.w.tolist(),
+            mean=self.mean.tolist(),
+            std=self.std.tolist(),
+            radius_px=self.radius_px,
+            meta=self.meta,
+        )
+        return atomic_write_json(Path(path), man)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Verifier:
+        path = Path(path)
+        try:
+            m = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ArtifactError(f"cannot read {cls.KIND} {path}: {e}; re-run `sarloc train-refiner`") from None
+        if m.get("kind") != cls.KIND or m.get("features") != list(cls.FEATURES):
+            raise ArtifactError(
+                f"{path} is not a {cls.KIND} for features {cls.FEATURES}; re-run `sarloc train-refiner`"
+            )
+        return cls(np.array(m["weights"]), np.array(m["mean"]), np.array(m["std"]), m["radius_px"], m.get("meta"))
+
+
+SHORTLIST_FEATURES = ("low_score", "sim", "low_gap", "sim_gap")
+SHORTLIST_KIND = "sarloc.shortlister"
+
+
+class Shortlister(Verifier):
+    """Logistic model that orders a large pool of coarse candidates before full-resolution registration.
+
+    Features per candidate (:func:`shortlist_features`): the low-resolution registration score
+    (:class:`sarloc.metric.ShortlistRegistrar`), the retrieval similarity, and both relative to the pool's best.
+    Label when fitting: the candidate is a hit (the truth lies in the window-sized box around it).
+    """
+
+    FEATURES = SHORTLIST_FEATURES
+    KIND = SHORTLIST_KIND
+
+
+def shortlist_features(low: np.ndarray, sims: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """(Q, P, 4) shortlist features from (Q, P) low-resolution scores and similarities."""
+    lo = np.where(valid, low, -1.0)
+    si = np.where(valid, sims, -1.0)
+    return np.stack([lo, si, lo - lo.max(1, keepdims=True), si - si.max(1, keepdims=True)], -1).astype(np.float64)
+
+
+def reliability(prob: np.ndarray, correct: np.ndarray, bins: int = 5) -> list[dict[str, float]]:
+    """Predicted vs observed hit rate in equal-width probability bins (empty bins left out)."""
+    edges = np.linspace(0, 1, bins + 1)
+    out = []
+    for a, b in itertools.pairwise(edges):
+        m = (prob >= a) & ((prob < b) if b < 1 else (prob <= b))
+        if m.any():
+            out.append(
+                {
+                    "bin": f"{a:.1f}-{b:.1f}",
+                    "n": int(m.sum()),
+                    "predicted": float(prob[m].mean()),
+                    "observed": float(np.mean(correct[m])),
+                }
+            )
+    return out
+
+
+def expected_calibration_error(prob: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """Sample-weighted mean |predicted - observed| over equal-width bins."""
+    rows = reliability(prob, correct, bins)
+    n = sum(r["n"] for r in rows)
+    return float(sum(r["n"] * abs(r["predicted"] - r["observed"]) for r in rows) / max(1, n))
+
+
+def softmax_rows(s: np.ndarray) -> np.ndarray:
+    z = s - np.max(np.where(np.isfinite(s), s, -np.inf), axis=1, keepdims=True)
+    e = np.where(np.isfinite(z), np.exp(z), 0.0)
+    return e / e.sum(1, keepdims=True)
+
+
+__all__ = [
+    "FEATURES",
+    "RERANKERS",
+    "SHORTLIST_FEATURES",
+    "Candidates",
+    "OnnxRefiner",
+    "Shortlister",
+    "Verifier",
+    "candidate_features",
+    "dense_candidates",
+    "expected_calibration_error",
+    "reliability",
+    "rerank",
+    "shortlist_features",
+    "softmax_rows",
+]

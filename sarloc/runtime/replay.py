@@ -1,0 +1,94 @@
+"""``sarloc replay``: re-run a recorded session from its ``start`` record and compare the fixes (torch-free).
+
+The replay reads the same source (a ``dir://`` folder or a strip file; network sources must have been recorded to
+a folder first), with the same artifacts (their hashes are checked against the record) and configuration, without
+MAVLink, and writes a new records file. Processing is deterministic (single-threaded ONNX Runtime, the strips' own
+time stamps), so the fixes must match the recording; :func:`compare_fixes` says where they do not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sarloc.errors import ArtifactError, SarlocError
+
+FIX_KEYS = ("strip_id", "t_s", "xy_m", "trusted", "confidence", "n_inliers", "n_windows", "accepted")
+
+
+def read_records(path: str | Path) -> list[dict[str, Any]]:
+    """All complete JSON records of a records file (a truncated last line is skipped)."""
+    out = []
+    p = Path(path)
+    if not p.is_file():
+        raise SarlocError(f"records file {p} not found")
+    for line in p.read_bytes().splitlines():
+        try:
+            r = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(r, dict):
+            out.append(r)
+    return out
+
+
+def compare_fixes(a: list[dict], b: list[dict], tol: float = 1e-6) -> list[str]:
+    """Differences between two lists of fix records (empty when they agree)."""
+    fa = [r for r in a if r.get("type") == "fix"]
+    fb = [r for r in b if r.get("type") == "fix"]
+    diffs = []
+    if len(fa) != len(fb):
+        diffs.append(f"{len(fa)} fixes recorded, {len(fb)} replayed")
+    for x, y in zip(fa, fb, strict=False):
+        for k in FIX_KEYS:
+            u, v = x.get(k), y.get(k)
+            if isinstance(u, list) and isinstance(v, list):
+                same = len(u) == len(v) and all(
+                    math.isclose(p, q, rel_tol=tol, abs_tol=tol) for p, q in zip(u, v, strict=True)
+                )
+            elif isinstance(u, float) and isinstance(v, float):
+                same = math.isclose(u, v, rel_tol=tol, abs_tol=tol)
+            else:
+                same = u == v
+            if not same:
+                diffs.append(f"strip {x.get('strip_id')}: {k} {u!r} != {v!r}")
+    return diffs
+
+
+def replay(records: str | Path, out: str | Path, compare: bool = True) -> dict[str, Any]:
+    """Re-run the session of ``records`` into ``out``; returns counters, and with ``compare`` the differences."""
+    from sarloc.runtime.daemon import RunConfig, load_run_config, run
+
+    recs = read_records(records)
+    start = next((r for r in recs if r.get("type") == "start"), None)
+    if start is None:
+        raise SarlocError(f"{records} has no start record; it is not a sarloc run record")
+    c = dict(start["config"])
+    if c["source"].startswith(("udp://", "tcp://")):
+        raise SarlocError("a network source cannot be replayed directly; record its strips to a folder (dir://)")
+    c.update(out=str(out), follow=False, resume=False, mavlink=False, max_strips=None)
+    sub = {k: c.pop(k) for k in ("localizer", "fusion")}
+    c.pop("mavlink_opts", None)
+    if (Path(out) / "records.jsonl").exists():
+        raise SarlocError(f"{Path(out) / 'records.jsonl'} exists; replay into an empty folder")
+    cfg = load_run_config(None, **c, **{f"{t}.{k}": v for t, d in sub.items() for k, v in d.items()})
+    assert isinstance(cfg, RunConfig)
+    stats = run(dataclasses.replace(cfg), install_signals=False)
+    new = read_records(Path(out) / "records.jsonl")
+    new_start = next(r for r in new if r.get("type") == "start")
+    if new_start["artifacts"] != start["artifacts"]:
+        raise ArtifactError(
+            f"the artifacts changed since the recording ({start['artifacts']} -> {new_start['artifacts']}); "
+            "replay needs the same export and pack"
+        )
+    res: dict[str, Any] = {"strips": stats["strips"], "fixes": stats["fixes"]}
+    if compare:
+        diffs = compare_fixes(recs, new)
+        res.update(identical=not diffs, differences=diffs[:20])
+    return res
+
+
+__all__ = ["compare_fixes", "read_records", "replay"]
