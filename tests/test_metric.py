@@ -73,7 +73,7 @@ def test_shortlist_registrar_ranks_the_true_candidate_first(scene):
     x0, y0 = 96, 110
     win = scene.sar_gray[y0 : y0 + 64, x0 : x0 + 64]
     truth = np.array([x0 + 32.0, y0 + 32.0])
-    cands = np.array([[60.0, 60.0], [200.0, 190.0], truth + (14, -20), [190.0, 60.0]])
+    cands = np.array([[60.0, 60.0], [200.0, 190.0], [truth[0] + 14, truth[1] - 20], [190.0, 60.0]])
     sr = ShortlistRegistrar(scene.optical_gray.astype(np.float16), scale=2, search_px=32)
     score, xy = sr.scores(win, cands)
     assert int(np.argmax(score)) == 2

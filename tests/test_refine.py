@@ -118,10 +118,10 @@ def test_verifier_confidence_is_monotone_in_the_margin(tmp_path):
     m = json.loads(path.read_text())
     m["features"] = ["x"]
     path.write_text(json.dumps(m))
-    with pytest.raises(ArtifactError, match="not a sarloc.verifier"):
+    with pytest.raises(ArtifactError, match=r"not a sarloc\.verifier"):
         Verifier.load(path)
     (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ArtifactError, match="cannot read sarloc.verifier"):
+    with pytest.raises(ArtifactError, match=r"cannot read sarloc\.verifier"):
         Verifier.load(tmp_path / "bad.json")
 
 
