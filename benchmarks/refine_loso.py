@@ -295,7 +295,7 @@ def table(out: Path, loso: Path) -> str:
                 f"{mean('ms_per_query'):.1f} |"
             )
     lines += [
-        "\n**confidence** (GNN + metric verification, arbitrary queries; P(registered centre within 16 px))\n",
+        "\n**confidence** (full path, arbitrary queries; P(registered centre within 16 px)); threshold 0.5\n",
         "| held-out scene | abstain | false fixes among trusted | ECE | reliability bins (predicted/observed, n) |",
         "|---|---|---|---|---|",
     ]
@@ -303,7 +303,8 @@ def table(out: Path, loso: Path) -> str:
         p = out / s / "refine_eval.json"
         if not p.is_file():
             continue
-        m = json.loads(p.read_text())["arbitrary"]["gnn+metric"]
+        a = json.loads(p.read_text())["arbitrary"]
+        m = a.get("shortlist+gnn+metric", a["gnn+metric"])
         bins = "; ".join(f"{b['predicted']:.2f}/{b['observed']:.2f} ({b['n']})" for b in m["reliability"])
         lines.append(f"| {s} | {m['abstain_rate']:.2f} | {m['false_fix_rate']:.3f} | {m['ece']:.3f} | {bins} |")
     return "\n".join(lines)
