@@ -90,8 +90,8 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
         raise ArtifactError(f"{what}: {path} not found")
     try:
         obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ArtifactError(f"{what}: {path} is not valid JSON ({e}); regenerate it") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, an int of > 4300 digits
+        raise ArtifactError(f"{what}: {path} is not valid JSON ({str(e)[:200]}); regenerate it") from None
     if not isinstance(obj, dict):
         raise ArtifactError(f"{what}: {path} must hold a JSON object")
     return obj
@@ -100,10 +100,21 @@ def read_json(path: str | Path, what: str) -> dict[str, Any]:
 def verify_files(root: str | Path, sha256_by_name: dict[str, str], what: str) -> None:
     """Check that each file under ``root`` has the recorded sha256; raise ArtifactError naming the first mismatch."""
     root = Path(root)
+    if not isinstance(sha256_by_name, dict):
+        raise ArtifactError(
+            f"{what}: the manifest's file list under {root} is not a {{name: sha256}} object; rebuild it"
+        )
     for name, expected in sha256_by_name.items():
+        if not (isinstance(name, str) and name and isinstance(expected, str)):
+            raise ArtifactError(f"{what}: manifest entry {name!r:.60}: {expected!r:.20} is not a file name and sha256")
         p = root / name
-        if not p.is_file():
-            raise ArtifactError(f"{what}: {p} is missing; rebuild the {what}")
+        try:
+            found = p.is_file()
+        except OSError:  # e.g. a name too long for the file system
+            found = False
+        if not found:
+            shown = str(p) if str(p).isprintable() else repr(str(p))  # one line
+            raise ArtifactError(f"{what}: {shown[:300]} is missing; rebuild the {what}")
         got = sha256_file(p)
         if got != expected:
             raise ArtifactError(

@@ -67,6 +67,13 @@ class GeoFrame:
             crs = pyproj.CRS.from_user_input(self.crs)
         except pyproj.exceptions.CRSError as e:
             raise SceneError(f"unknown crs {self.crs!r} ({e}); use an EPSG code such as EPSG:32631") from None
+        try:
+            self._init_transforms(pyproj, crs)
+        except pyproj.exceptions.ProjError as e:
+            msg = " ".join(str(e).split())
+            raise SceneError(f"crs {self.crs!r} cannot be transformed to lon/lat ({msg}); use an Earth CRS") from None
+
+    def _init_transforms(self, pyproj, crs) -> None:
         self._is_geographic = crs.is_geographic
         if crs.is_geographic:
             lon, lat = self._apply_gt(self.width_px / 2.0, self.height_px / 2.0)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,10 @@ def rerank(c: Candidates, method: str, refiner: OnnxRefiner | None = None) -> np
     return np.where(c.valid, s, -np.inf)
 
 
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
 class OnnxRefiner:
     """The exported graph refiner, run with ONNX Runtime (CPU). Reads ``refiner.onnx`` + ``refiner.json``.
 
@@ -181,15 +186,26 @@ class OnnxRefiner:
             raise ArtifactError(
                 f"refiner {self.path} or its manifest {man.name} is missing; run `sarloc train-refiner`"
             )
-        self.manifest = json.loads(man.read_text())
-        if self.manifest.get("kind") != REFINER_KIND:
-            raise ArtifactError(f"{man} is not a refiner manifest (kind {self.manifest.get('kind')!r})")
+        try:
+            self.manifest = json.loads(man.read_text())
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, an int of > 4300 digits
+            raise ArtifactError(f"refiner manifest {man}: unreadable or malformed JSON ({str(e)[:200]})") from None
+        kind = self.manifest.get("kind") if isinstance(self.manifest, dict) else None
+        if kind != REFINER_KIND:
+            raise ArtifactError(f"{man} is not a refiner manifest (kind {kind!r:.60})")
         if self.manifest.get("sha256") != sha256_file(self.path):
             raise ArtifactError(f"{self.path} does not match the sha256 in {man.name}; re-export the refiner")
-        self.cfg = self.manifest["config"]
+        cfg = self.manifest.get("config")
+        if not (isinstance(cfg, dict) and all(_pos_int(cfg.get(k)) for k in ("k", "embed_dim"))):
+            raise ArtifactError(f"{man}: field 'config' must hold positive integers 'k' and 'embed_dim'; re-export it")
+        self.cfg = cfg
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        self.sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        try:
+            self.sess = ort.InferenceSession(str(self.path), so, providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime raises several types for corrupt files
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ArtifactError(f"refiner {self.path} could not be loaded ({first}); re-export the refiner") from None
 
     @property
     def k(self) -> int:
@@ -274,8 +290,11 @@ class Verifier:
         self.std = np.asarray(std, np.float64)
         self.radius_px = float(radius_px)
         self.meta = meta or {}
-        if self.w.shape != (len(self.FEATURES) + 1,) or self.mean.shape != (len(self.FEATURES),):
-            raise ArtifactError(f"{self.KIND} weights must have {len(self.FEATURES) + 1} entries, got {self.w.shape}")
+        if self.w.shape != (len(self.FEATURES) + 1,) or not self.mean.shape == self.std.shape == (len(self.FEATURES),):
+            raise ArtifactError(
+                f"{self.KIND} weights must have {len(self.FEATURES) + 1} entries and mean/std {len(self.FEATURES)}, "
+                f"got {self.w.shape}, {self.mean.shape}, {self.std.shape}"
+            )
 
     def prob(self, feats: np.ndarray) -> np.ndarray:
         """(…, F) features -> (…) probabilities."""
@@ -325,13 +344,28 @@ class Verifier:
         path = Path(path)
         try:
             m = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ArtifactError(f"cannot read {cls.KIND} {path}: {e}; re-run `sarloc train-refiner`") from None
-        if m.get("kind") != cls.KIND or m.get("features") != list(cls.FEATURES):
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, an int of > 4300 digits
+            raise ArtifactError(
+                f"cannot read {cls.KIND} {path}: {str(e)[:200]}; re-run `sarloc train-refiner`"
+            ) from None
+        if not isinstance(m, dict) or m.get("kind") != cls.KIND or m.get("features") != list(cls.FEATURES):
             raise ArtifactError(
                 f"{path} is not a {cls.KIND} for features {cls.FEATURES}; re-run `sarloc train-refiner`"
             )
-        return cls(np.array(m["weights"]), np.array(m["mean"]), np.array(m["std"]), m["radius_px"], m.get("meta"))
+        try:
+            w, mean, std = (np.array(m[k], dtype=np.float64) for k in ("weights", "mean", "std"))
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
+            raise ArtifactError(f"{path}: weights, mean or std missing or not numbers ({type(e).__name__})") from None
+        radius, meta = m.get("radius_px"), m.get("meta")
+        if not all(np.isfinite(a).all() for a in (w, mean, std)) or not (std > 0).all():
+            raise ArtifactError(
+                f"{path}: weights, mean and std must be finite (std > 0); re-run `sarloc train-refiner`"
+            )
+        if isinstance(radius, bool) or not isinstance(radius, (int, float)) or not 0 < radius < math.inf:
+            raise ArtifactError(f"{path}: radius_px must be a positive number, got {radius!r:.40}")
+        if meta is not None and not isinstance(meta, dict):
+            raise ArtifactError(f"{path}: meta must be an object or null")
+        return cls(w, mean, std, radius, meta)
 
 
 SHORTLIST_FEATURES = ("low_score", "sim", "low_gap", "sim_gap")

@@ -296,6 +296,7 @@ def _metrics(scene: Scene, d: CandidateData, order: np.ndarray, pred: np.ndarray
         within_tile=float(np.mean(err_px <= w)),
         ms_per_query=float(ms),
         queries=len(err),
+        errors_m=[round(float(e), 2) for e in err],
     )
     return out
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,18 @@ def read_image(path: str | Path, what: str = "image") -> np.ndarray:
         SceneError: one line naming the file when it is missing, truncated, corrupt or empty.
     """
     path = Path(path)
-    if not path.is_file():
-        raise SceneError(f"{what}: {path} not found")
+    shown = str(path) if str(path).isprintable() else repr(str(path))  # messages stay on one line
+    try:
+        found = path.is_file()
+    except OSError as e:  # e.g. a name too long for the file system
+        raise SceneError(f"{what}: {shown[:200]} cannot be opened ({e.strerror})") from None
+    if not found:
+        raise SceneError(f"{what}: {shown} not found")
     if path.stat().st_size == 0:
-        raise SceneError(f"{what}: {path} is empty (0 bytes); re-copy the file")
+        raise SceneError(f"{what}: {shown} is empty (0 bytes); re-copy the file")
     ext = path.suffix.lower()
     if ext not in IMAGE_EXTS:
-        raise SceneError(f"{what}: {path} has unsupported extension {ext!r}; use one of {', '.join(IMAGE_EXTS)}")
+        raise SceneError(f"{what}: {shown} has unsupported extension {ext!r}; use one of {', '.join(IMAGE_EXTS)}")
     try:
         if ext in (".tif", ".tiff"):
             import tifffile
@@ -47,7 +53,7 @@ def read_image(path: str | Path, what: str = "image") -> np.ndarray:
             with tifffile.TiffFile(path) as tf:
                 page = tf.pages[0]
                 if int(np.prod(page.shape)) > MAX_PIXELS * 4:
-                    raise SceneError(f"{what}: {path} is too large to load ({page.shape}); tile it first")
+                    raise SceneError(f"{what}: {shown} is too large to load ({page.shape}); tile it first")
                 arr = tf.asarray()
             if arr.ndim == 3 and arr.shape[0] <= 4 < arr.shape[2]:  # planar (C, H, W)
                 arr = np.moveaxis(arr, 0, -1)
@@ -56,17 +62,20 @@ def read_image(path: str | Path, what: str = "image") -> np.ndarray:
 
             arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
             if arr is None:
-                raise SceneError(f"{what}: {path} could not be decoded (corrupt or truncated); re-copy the file")
+                raise SceneError(f"{what}: {shown} could not be decoded (corrupt or truncated); re-copy the file")
             if arr.ndim == 3 and arr.shape[2] >= 3:
                 arr = arr[..., [2, 1, 0]] if arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]]
     except SceneError:
         raise
     except Exception as e:  # decoder errors of every kind -> one line
-        raise SceneError(f"{what}: {path} could not be decoded ({type(e).__name__}: {e}); re-copy the file") from None
+        detail = " ".join(str(e).split())[:200]  # decoder messages may span lines
+        raise SceneError(
+            f"{what}: {shown} could not be decoded ({type(e).__name__}: {detail}); re-copy the file"
+        ) from None
     if arr.ndim not in (2, 3) or arr.size == 0 or min(arr.shape[:2]) == 0:
-        raise SceneError(f"{what}: {path} has unusable shape {arr.shape}; expected H x W or H x W x C")
+        raise SceneError(f"{what}: {shown} has unusable shape {arr.shape}; expected H x W or H x W x C")
     if arr.dtype.kind not in "uif":
-        raise SceneError(f"{what}: {path} has unsupported dtype {arr.dtype}; expected uint8, uint16 or float32")
+        raise SceneError(f"{what}: {shown} has unsupported dtype {arr.dtype}; expected uint8, uint16 or float32")
     return np.ascontiguousarray(arr)
 
 
@@ -165,6 +174,16 @@ class Scene:
         return self.frame.mean_gsd_m
 
 
+def _finite_number(v: Any) -> bool:
+    """A JSON number (not a bool) that is finite as a float."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:  # an int beyond the float range
+        return False
+
+
 def _field(meta: dict[str, Any], key: str, typ: type | tuple[type, ...], path: Path, optional: bool = False):
     if key not in meta or meta[key] is None:
         if optional:
@@ -213,8 +232,8 @@ def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
         raise SceneError(f"{meta_json} not found: a scene folder needs scene.json (see docs/scenes.md)")
     try:
         meta = json.loads(meta_json.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SceneError(f"{meta_json}: malformed JSON ({e}); fix or regenerate it") from None
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an int of > 4300 digits, too deeply nested
+        raise SceneError(f"{meta_json}: malformed JSON ({str(e)[:200]}); fix or regenerate it") from None
     if not isinstance(meta, dict):
         raise SceneError(f"{meta_json}: must hold a JSON object")
 
@@ -266,13 +285,19 @@ def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
         gsd = [est, est] if est is not None else [1.0, 1.0]
     if isinstance(gsd, (int, float)):
         gsd = [gsd, gsd]
-    if not (isinstance(gsd, list) and len(gsd) == 2 and all(isinstance(v, (int, float)) and v > 0 for v in gsd)):
-        raise SceneError(f"{meta_json}: field 'gsd_m' must be [x, y] positive metres per pixel, got {gsd!r}")
+    if not (isinstance(gsd, list) and len(gsd) == 2 and all(_finite_number(v) and v > 0 for v in gsd)):
+        raise SceneError(f"{meta_json}: field 'gsd_m' must be [x, y] positive metres per pixel, got {gsd!r:.80}")
     if crs is not None and not isinstance(crs, str):
         raise SceneError(f"{meta_json}: field 'crs' must be a string such as 'EPSG:32631'")
-    if gt is not None and not (isinstance(gt, list) and len(gt) == 6):
-        raise SceneError(f"{meta_json}: field 'geotransform' must be a list of 6 numbers (GDAL order)")
+    if gt is not None and not (isinstance(gt, list) and len(gt) == 6 and all(map(_finite_number, gt))):
+        raise SceneError(f"{meta_json}: field 'geotransform' must be a list of 6 finite numbers (GDAL order)")
+    if gt is not None:
+        x0, dx, rx, y0, ry, dy = (float(v) for v in gt)
+        if not (math.isfinite(x0 + dx * w + rx * h) and math.isfinite(y0 + ry * w + dy * h)):  # far corner
+            raise SceneError(f"{meta_json}: field 'geotransform' maps the image beyond finite coordinates; fix it")
     frame = GeoFrame(w, h, crs=crs, geotransform=tuple(gt) if gt else None, gsd_m=(float(gsd[0]), float(gsd[1])))
+    if not all(math.isfinite(g) and g > 0 for g in frame.gsd_m):
+        raise SceneError(f"{meta_json}: the geotransform gives a pixel size of {frame.gsd_m} m; fix 'geotransform'")
     name = meta.get("name") or folder.name
     return Scene(
         name=str(name),

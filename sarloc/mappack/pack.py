@@ -51,11 +51,52 @@ def _load_npy(path: Path, what: str) -> np.ndarray:
         raise ArtifactError(f"map pack {what}: {path} is missing; rebuild the pack with `sarloc map build`")
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:  # truncated, a corrupt header (numpy raises ValueError, SyntaxError, ...), pickled
+        detail = " ".join(str(e).split())[:200]
         raise ArtifactError(
-            f"map pack {what}: {path} is truncated or not a .npy file ({e}); rebuild the pack with `sarloc map build`"
+            f"map pack {what}: {path} is truncated or not a .npy file ({type(e).__name__}: {detail}); "
+            "rebuild the pack with `sarloc map build`"
         ) from None
     return arr
+
+
+_GRID_INTS = ("tile_px", "stride_px", "n_rows", "n_cols")
+_GRID_FLOATS = ("gsd_m", "tile_m", "stride_m")
+
+
+def _is_int(v: Any, lo: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+
+def _is_pos(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")
+
+
+def _check_manifest_fields(man: dict[str, Any], where: Path) -> None:
+    """Types of the manifest fields the loader and the runtime read (one ArtifactError naming the first bad one)."""
+
+    def bad(field: str, want: str) -> ArtifactError:
+        return ArtifactError(f"{where}: field {field!r} must be {want}; rebuild the pack with `sarloc map build`")
+
+    for key in ("encoder", "grid", "tiles", "embeddings", "files"):
+        if not isinstance(man[key], dict):
+            raise bad(key, "an object")
+    g, t, e = man["grid"], man["tiles"], man["embeddings"]
+    for key in _GRID_INTS:
+        if not _is_int(g.get(key), 1):
+            raise bad(f"grid.{key}", "a positive integer")
+    for key in _GRID_FLOATS:
+        if not _is_pos(g.get(key)):
+            raise bad(f"grid.{key}", "a positive number")
+    if "metric_crs" not in g or not isinstance(g["metric_crs"], (str, type(None))):
+        raise bad("grid.metric_crs", "a CRS string or null")
+    if not _is_int(t.get("count"), 0):
+        raise bad("tiles.count", "a non-negative integer")
+    if not _is_int(e.get("dim"), 1) or not isinstance(e.get("dtype"), str):
+        raise bad("embeddings", "{dim: positive integer, dtype: string}")
+    for name, sha in man["files"].items():
+        if not (isinstance(name, str) and name.isprintable() and Path(name).name == name and isinstance(sha, str)):
+            raise bad("files", "{file name in the pack folder: sha256 string}")
 
 
 def read_pack_manifest(pack_dir: str | Path) -> dict[str, Any]:
@@ -76,6 +117,7 @@ def read_pack_manifest(pack_dir: str | Path) -> dict[str, Any]:
     for key in ("encoder", "grid", "tiles", "embeddings", "files"):
         if key not in man:
             raise ArtifactError(f"{pack_dir / MANIFEST_NAME} lacks field {key!r}; rebuild the pack")
+    _check_manifest_fields(man, pack_dir / MANIFEST_NAME)
     return man
 
 
@@ -229,19 +271,20 @@ def pack_info(pack_dir: str | Path) -> dict[str, Any]:
     man = read_pack_manifest(pack_dir)
     sizes = {name: (pack_dir / name).stat().st_size for name in man["files"] if (pack_dir / name).is_file()}
     g, t, enc = man["grid"], man["tiles"], man["encoder"]
+    src, ann = man.get("source"), man.get("ann")
     return {
         "path": str(pack_dir),
-        "source": man.get("source", {}).get("path"),
+        "source": src.get("path") if isinstance(src, dict) else None,
         "metric_crs": g["metric_crs"],
         "gsd_m": g["gsd_m"],
         "tile": f"{g['tile_px']} px = {g['tile_m']:g} m, stride {g['stride_px']} px = {g['stride_m']:g} m",
         "grid": f"{g['n_rows']} x {g['n_cols']} tiles",
         "tiles": t["count"],
-        "skipped_nodata": t["skipped"],
+        "skipped_nodata": t.get("skipped"),
         "embedding": f"{man['embeddings']['dim']}-D {man['embeddings']['dtype']}",
         "encoder_onnx_sha256": enc.get("sha256"),
         "checkpoint_sha256": enc.get("checkpoint_sha256"),
-        "ann": man.get("ann", {}).get("kind") if man.get("ann") else None,
+        "ann": ann.get("kind") if isinstance(ann, dict) else None,
         "bytes": int(sum(sizes.values())),
     }
 

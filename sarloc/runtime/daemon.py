@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -61,6 +62,9 @@ class RunConfig:
         mavlink: enable the MAVLink sender (TOML: ``enabled`` in the ``[mavlink]`` table, whose other keys are
             :class:`~sarloc.runtime.mavlink.MavlinkConfig` fields, kept in ``mavlink_opts``).
         record_windows: write one ``window`` record per window (else only fixes).
+        queue_blocks: network sources: blocks buffered while processing is behind; beyond, the oldest are dropped
+            (counted: ``blocks_dropped``).
+        source_idle_timeout_s: network and ``dir://`` sources: stop after this long without data (None: never).
         verify_pack: check the pack's sha256 at start (reads every byte once).
     """
 
@@ -77,6 +81,8 @@ class RunConfig:
     max_strips: int | None = None
     mavlink: bool = False
     record_windows: bool = True
+    queue_blocks: int = 256
+    source_idle_timeout_s: float | None = None
     verify_pack: bool = True
     localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
@@ -89,15 +95,47 @@ class RunConfig:
 _SUB = {"localizer": LocalizerConfig, "fusion": FusionConfig}
 
 
+def _type_ok(value: Any, hint: Any) -> bool:
+    """Is ``value`` (from TOML or a flag) acceptable for a dataclass field annotated ``hint``?"""
+    import types
+    import typing
+
+    if hint is Any:
+        return True
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return any(_type_ok(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    origin = typing.get_origin(hint) or hint
+    if origin in (dict, tuple, list):
+        return isinstance(value, origin)
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
 def _build(cls, values: dict[str, Any], where: str):
+    import typing
+
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(names))}")
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        if not _type_ok(value, hints.get(key, Any)):
+            want = getattr(hints.get(key), "__name__", str(hints.get(key)))
+            raise ConfigError(f"{where}: {key} = {value!r:.40} has the wrong type (expected {want})")
     try:
         return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
 
 
 def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
@@ -113,10 +151,14 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
             raw = tomllib.loads(p.read_text())
         except FileNotFoundError:
             raise ConfigError(f"config {p} not found") from None
-        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise ConfigError(f"config {p} is not valid TOML ({e}); fix the file") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # TOMLDecodeError is a ValueError
+            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            raise ConfigError(f"config {p} is not valid TOML ({msg}); fix the file") from None
     raw = {k: v for k, v in raw.items()}
-    tables = {k: raw.pop(k) for k in ("localizer", "fusion", "mavlink") if isinstance(raw.get(k), dict)}
+    for k in ("localizer", "fusion", "mavlink"):
+        if k in raw and not isinstance(raw[k], dict):
+            raise ConfigError(f"{path or 'flags'}: '{k}' must be a table ([{k}]), got {type(raw[k]).__name__}")
+    tables = {k: raw.pop(k) for k in ("localizer", "fusion", "mavlink") if k in raw}
     for k, v in overrides.items():
         if v is None:
             continue
@@ -142,6 +184,15 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         raise ConfigError(f"{where}: backend must be auto, ort or trt, got {cfg.backend!r}")
     if cfg.stride_px <= 0 or (cfg.prior_radius_m is not None and cfg.prior_radius_m <= 0):
         raise ConfigError(f"{where}: stride_px and prior_radius_m must be > 0")
+    if cfg.queue_blocks < 1 or (cfg.max_strips is not None and cfg.max_strips < 1):
+        raise ConfigError(f"{where}: queue_blocks and max_strips must be >= 1")
+    if cfg.precision not in ("fp32", "int8", "fp16"):
+        raise ConfigError(f"{where}: precision must be fp32, int8 or fp16, got {cfg.precision!r}")
+    lc, fc = cfg.localizer, cfg.fusion
+    if lc.k < 1 or lc.pool < 0 or lc.batch < 1 or lc.search_px < 1 or not 0.0 <= lc.threshold <= 1.0:
+        raise ConfigError(f"{where} [localizer]: k, batch, search_px >= 1, pool >= 0, 0 <= threshold <= 1")
+    if fc.gate_m <= 0 or fc.min_inliers < 1 or fc.stale_after_s <= 0 or fc.max_sigma_m <= 0:
+        raise ConfigError(f"{where} [fusion]: gate_m, stale_after_s, max_sigma_m > 0 and min_inliers >= 1")
     return cfg
 
 
@@ -202,6 +253,70 @@ def done_strips(path: Path) -> set[str]:
             if isinstance(r, dict) and r.get("type") == "fix" and r.get("strip_id"):
                 out.add(str(r["strip_id"]))
     return out
+
+
+class Prefetcher:
+    """Reads a network source on its own thread into a bounded queue; when full, the oldest blocks are dropped.
+
+    Network strips are ephemeral: if processing falls behind a burst, the kernel would drop datagrams silently.
+    Here the newest data wins (the autopilot wants the current position), drops are counted and logged, and the
+    window stream skips the windows that needed the missing rows.
+    """
+
+    def __init__(self, source, max_blocks: int = 256) -> None:
+        import collections
+
+        self.source = source
+        self.q: collections.deque = collections.deque()
+        self.max_blocks = int(max_blocks)
+        self.dropped = 0
+        self.done = threading.Event()
+        self.cv = threading.Condition()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="sarloc-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for block in self.source:
+                with self.cv:
+                    self.q.append(block)
+                    while len(self.q) > self.max_blocks:
+                        self.q.popleft()
+                        self.dropped += 1
+                        if self.dropped in (1, 10, 100) or self.dropped % 1000 == 0:
+                            logger.warning(
+                                "processing behind the stream: %d blocks dropped (oldest first)", self.dropped
+                            )
+                    self.cv.notify()
+        except BaseException as e:
+            self.error = e
+        finally:
+            self.done.set()
+            with self.cv:
+                self.cv.notify()
+
+    def __iter__(self):
+        while True:
+            with self.cv:
+                while not self.q and not self.done.is_set():
+                    self.cv.wait(0.2)
+                if self.q:
+                    block = self.q.popleft()
+                elif self.error is not None:
+                    raise self.error
+                else:
+                    return
+            yield block
+
+    def close(self) -> None:
+        stop = getattr(self.source, "stop", None)
+        if stop:
+            stop()
+        close = getattr(self.source, "close", None)
+        if close:
+            close()
+        self.thread.join(timeout=5.0)
 
 
 class Daemon:
@@ -375,13 +490,23 @@ class Daemon:
         return fix
 
     # ------------------------------------------------------------------------------------------ loop
-    def run(self) -> dict[str, Any]:
+    def run(self, source: Any = None) -> dict[str, Any]:
+        """Process the configured source (or ``source``: any iterable of strip blocks) until it ends or a stop."""
         from sarloc.runtime.sources import open_source
 
+        if source is not None:
+            return self._loop(source)
         opts: dict[str, Any] = {}
         if self.cfg.source.startswith("dir://"):
             opts["follow"] = self.cfg.follow
+        if self.cfg.source_idle_timeout_s is not None and self.cfg.source.startswith(("dir://", "udp://", "tcp://")):
+            opts["idle_timeout_s"] = self.cfg.source_idle_timeout_s
         source = open_source(self.cfg.source, **opts)
+        if self.cfg.source.startswith(("udp://", "tcp://")):
+            source = Prefetcher(source, self.cfg.queue_blocks)
+        return self._loop(source)
+
+    def _loop(self, source: Any) -> dict[str, Any]:
         hashes = {
             "encoder": self.loc.encoder.manifest.get("sha256"),
             "pack": self.loc.pack.manifest.get("parent_sha256"),
@@ -443,6 +568,12 @@ class Daemon:
                 self.stats["mavlink"] = dict(self.link.stats)
                 self.link.close()
             self.stats["filter"] = dict(self.filter.stats)
+            self.stats["localizer"] = dict(self.loc.stats)
+            if isinstance(source, Prefetcher):
+                self.stats["blocks_dropped"] = source.dropped
+            src_stats = getattr(getattr(source, "source", source), "stats", None)
+            if src_stats is not None:
+                self.stats["source"] = src_stats.as_dict() if hasattr(src_stats, "as_dict") else dict(src_stats)
             self.stats["record_errors"] = self.rec.errors
             self.rec.write({"type": "stop", "stats": self.stats, "wall_s": time.time()})
             self.rec.close()

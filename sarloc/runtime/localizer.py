@@ -124,6 +124,8 @@ class Localizer:
         if verifier is None:
             logger.warning("no verifier loaded: every window is untrusted (no position will be sent)")
         self.prep = encoder.preprocess
+        self.fallback_onnx: Path | None = None  # FP32 ONNX to fall back to when the backend fails at run time
+        self.stats = {"backend_errors": 0, "backend_fallbacks": 0}
 
     @classmethod
     def from_paths(
@@ -154,7 +156,10 @@ class Localizer:
             sp_parent = read_json(sp, "shortlister").get("parent_sha256")
             if sp_parent not in (None, enc.manifest.get("checkpoint_sha256")):
                 raise ArtifactError(f"{sp} was fitted for another encoder; use the one exported with this model")
-        return cls(enc, pack, refiner, verifier, cfg, verifier_parent=parent, shortlister=shortlister)
+        loc = cls(enc, pack, refiner, verifier, cfg, verifier_parent=parent, shortlister=shortlister)
+        fp32 = export_dir / "sar_encoder.onnx"
+        loc.fallback_onnx = fp32 if fp32.is_file() else None
+        return loc
 
     def _candidates(self, q: np.ndarray, res) -> tuple[Candidates, np.ndarray, np.ndarray]:
         k = self.cfg.k
@@ -174,6 +179,36 @@ class Localizer:
             if n < k:
                 emb[0, n:], xy[0, n:], rows[n:] = emb[0, n - 1], xy[0, n - 1], rows[n - 1]
         return Candidates(q[None].astype(np.float32), emb, sims, xy, valid), rows, valid[0]
+
+    def _encode(self, x: np.ndarray) -> np.ndarray:
+        """Embed prepared windows; a failing backend is replaced by ONNX Runtime on the CPU (once, logged)."""
+        try:
+            emb = np.asarray(self.encoder(x), np.float32)
+        except Exception as e:
+            self.stats["backend_errors"] += 1
+            if self.fallback_onnx is None or self.stats["backend_fallbacks"]:
+                raise SarlocError(f"SAR encoder failed at run time ({type(e).__name__}: {e}); no fallback left") from e
+            from sarloc.runtime.backends import OrtEncoder
+
+            logger.error(
+                "SAR encoder %r failed (%s: %s); falling back to ONNX Runtime on the CPU (%s)",
+                self.encoder,
+                type(e).__name__,
+                e,
+                self.fallback_onnx,
+            )
+            fb = OrtEncoder(self.fallback_onnx, providers=["CPUExecutionProvider"])
+            if fb.manifest.get("sha256") != self.encoder.manifest.get("sha256") and fb.manifest.get(
+                "checkpoint_sha256"
+            ) != self.encoder.manifest.get("checkpoint_sha256"):
+                raise SarlocError(f"fallback model {self.fallback_onnx} is not the same model; no fallback") from e
+            self.encoder = fb
+            self.stats["backend_fallbacks"] += 1
+            emb = np.asarray(self.encoder(x), np.float32)
+        if emb.ndim != 2 or emb.shape[0] != len(x) or not np.all(np.isfinite(emb)):
+            raise SarlocError(f"SAR encoder returned {emb.shape} with non-finite values; window batch dropped")
+        emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return emb
 
     def localize(
         self, windows: np.ndarray, prior_xy_m: tuple[float, float] | None = None, prior_radius_m: float | None = None
@@ -195,8 +230,7 @@ class Localizer:
             t0 = time.perf_counter()
             x = prepare_windows(chunk, self.prep)
             t1 = time.perf_counter()
-            emb = np.asarray(self.encoder(x), np.float32)
-            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            emb = self._encode(x)
             t2 = time.perf_counter()
             per = len(chunk)
             pre_ms, enc_ms = (t1 - t0) * 1e3 / per, (t2 - t1) * 1e3 / per

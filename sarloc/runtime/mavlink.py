@@ -435,6 +435,12 @@ def load_signing_key(path: str | os.PathLike[str]) -> bytes:
 # ------------------------------------------------------------------------------------------------------ internals
 
 
+def _wrap_deg(deg: float) -> float:
+    """``deg`` wrapped into [0, 360) (``-1e-20 % 360.0`` rounds to 360.0 in floating point)."""
+    h = deg % 360.0
+    return 0.0 if h >= 360.0 else h
+
+
 class _RateLimitedLog:
     """Logs a warning per key at most every ``interval_s``; counts what it held back."""
 
@@ -879,9 +885,9 @@ class MavlinkLink:
         try:
             if name == "ATTITUDE":
                 if math.isfinite(m.yaw):
-                    self._attitude = (now, math.degrees(m.yaw) % 360.0)
+                    self._attitude = (now, _wrap_deg(math.degrees(m.yaw)))
             elif name == "VFR_HUD":
-                self._vfr_hud = (now, float(m.heading) % 360.0)
+                self._vfr_hud = (now, _wrap_deg(float(m.heading)))
             elif name == "GLOBAL_POSITION_INT":
                 if m.lat == 0 and m.lon == 0:
                     return "accepted"  # no position yet (ArduPilot sends zeros before its EKF has an origin)
@@ -893,7 +899,7 @@ class MavlinkLink:
                     alt_m=m.alt * 1e-3,
                     relative_alt_m=m.relative_alt * 1e-3,
                     vel_ned_mps=(m.vx * 0.01, m.vy * 0.01, m.vz * 0.01),
-                    heading_deg=None if m.hdg == UINT16_UNKNOWN else (m.hdg * 0.01) % 360.0,
+                    heading_deg=None if m.hdg == UINT16_UNKNOWN else _wrap_deg(m.hdg * 0.01),
                 )
         except (AttributeError, TypeError, ValueError) as e:
             self._stats["parse_errors"] += 1

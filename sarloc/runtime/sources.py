@@ -208,8 +208,8 @@ def read_sidecar(path: str | Path, default_strip_id: str | None = None) -> Strip
         if path.stat().st_size > MAX_SIDECAR_BYTES:
             raise SarlocError(f"strip sidecar {path} is larger than {MAX_SIDECAR_BYTES} bytes; it is not a sidecar")
         obj = json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise SarlocError(f"strip sidecar {path}: unreadable or malformed JSON ({e}); rewrite it") from None
+    except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, an int of > 4300 digits
+        raise SarlocError(f"strip sidecar {path}: unreadable or malformed JSON ({str(e)[:200]}); rewrite it") from None
     return meta_from_dict(obj, f"strip sidecar {path}", default_strip_id or path.stem)
 
 
@@ -613,7 +613,9 @@ class FrameDecoder:
         if not isinstance(hdr, dict):
             return False
         rows, cols, dt = hdr.get("rows"), hdr.get("cols"), hdr.get("dtype")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rows, cols)) or dt not in FRAME_DTYPES:
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rows, cols)):
+            return False
+        if not isinstance(dt, str) or dt not in FRAME_DTYPES:  # a list or dict here is unhashable
             return False
         return (
             1 <= rows <= self.max_rows

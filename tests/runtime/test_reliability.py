@@ -1,0 +1,194 @@
+"""Faults: backend failure at run time, SIGKILL mid-flight, disk full, tampered pack, bursts on a network source."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sarloc.demo_flight import MODEL_DIR
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def flight(tmp_path_factory):
+    from sarloc.mappack.build import MapPackConfig, build_map_pack
+    from sarloc.runtime.simulate import simulate_flight
+    from sarloc.synth import SynthConfig, write_scene
+
+    root = tmp_path_factory.mktemp("rel")
+    scene = write_scene(root / "scene", SynthConfig(width_px=512, height_px=512, seed=13))
+    build_map_pack(scene, MODEL_DIR / "optical_encoder.onnx", root / "pack", MapPackConfig(), progress=False)
+    simulate_flight(
+        scene,
+        root / "strips",
+        track="straight",
+        heading_deg=60.0,
+        n_strips=3,
+        strip_width_px=160,
+        strip_rows=160,
+        seed=3,
+    )
+    return root
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+
+
+def _cfg(flight, out, **kw):
+    from sarloc.runtime.daemon import load_run_config
+
+    return load_run_config(
+        None,
+        source=kw.pop("source", f"dir://{flight / 'strips'}"),
+        export=str(MODEL_DIR),
+        pack=str(flight / "pack"),
+        out=str(out),
+        follow=False,
+        **kw,
+    )
+
+
+class _Broken:
+    """An encoder backend that dies at run time (e.g. a CUDA error): same model manifest, raises on call."""
+
+    def __init__(self, inner):
+        self.manifest, self.preprocess = inner.manifest, inner.preprocess
+
+    def __call__(self, x):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_backend_failure_falls_back_to_onnx_runtime_cpu(flight, caplog):
+    from sarloc.runtime.localizer import Localizer
+
+    loc = Localizer.from_paths(MODEL_DIR, flight / "pack", verify_pack=False)
+    ok = loc.localize(np.zeros((2, 64, 64), np.float32) + np.random.default_rng(0).random((2, 64, 64)))
+    loc.encoder = _Broken(loc.encoder)
+    with caplog.at_level("ERROR"):
+        res = loc.localize(np.random.default_rng(0).random((2, 64, 64)).astype(np.float32))
+    assert len(res) == 2 and loc.stats == {"backend_errors": 1, "backend_fallbacks": 1}
+    assert "falling back to ONNX Runtime" in caplog.text
+    assert [r.score for r in res] == pytest.approx([r.score for r in ok], abs=1e-4)
+
+
+def test_sigkill_mid_flight_loses_no_record_and_resume_finishes(flight, tmp_path):
+    out = tmp_path / "run"
+    args = [
+        "run",
+        "--source",
+        f"dir://{flight / 'strips'}",
+        "--export",
+        str(MODEL_DIR),
+        "--pack",
+        str(flight / "pack"),
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sarloc.cli", *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    rec = out / "records.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (rec.is_file() and rec.read_text().count('"type":"window"') >= 3):
+        time.sleep(0.02)
+    os.kill(proc.pid, signal.SIGKILL)  # no chance to clean up
+    proc.wait(timeout=30)
+    lines = rec.read_bytes().splitlines()
+    parsed = [json.loads(x) for x in lines]  # every line whole: one write() per record
+    assert parsed[0]["type"] == "start" and parsed[-1]["type"] != "stop"
+    r = subprocess.run(
+        [sys.executable, "-m", "sarloc.cli", *args, "--resume", "--no-follow"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    fixes = [json.loads(x) for x in rec.read_bytes().splitlines() if b'"type":"fix"' in x]
+    assert sorted(f["strip_id"] for f in fixes) == ["strip_0000", "strip_0001", "strip_0002"]
+
+
+def test_disk_full_for_the_log_degrades_and_keeps_going(flight, tmp_path):
+    from sarloc.runtime.daemon import run
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("/dev/full not available on this system")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "records.jsonl").symlink_to("/dev/full")  # every write fails with ENOSPC
+    stats = run(_cfg(flight, out), install_signals=False)
+    assert stats["strips"] == 3 and stats["fixes"] == 3
+    assert stats["record_errors"] > 0
+    assert stats["trusted_fixes"] >= 2  # localisation went on
+
+
+def test_tampered_pack_is_refused_at_start(flight, tmp_path):
+    import shutil
+
+    from sarloc.cli import main
+
+    pack = tmp_path / "pack"
+    shutil.copytree(flight / "pack", pack)
+    emb = pack / "embeddings.npy"
+    data = bytearray(emb.read_bytes())
+    data[-100] ^= 0x40
+    emb.write_bytes(bytes(data))
+    rc = main(
+        [
+            "run",
+            "--source",
+            f"dir://{flight / 'strips'}",
+            "--export",
+            str(MODEL_DIR),
+            "--pack",
+            str(pack),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-follow",
+        ]
+    )
+    assert rc == 1
+    assert (
+        not (tmp_path / "run" / "records.jsonl").exists()
+        or "fix" not in (tmp_path / "run" / "records.jsonl").read_text()
+    )
+
+
+def test_burst_on_a_network_source_drops_oldest_and_survives(flight, tmp_path):
+    from sarloc.runtime.daemon import run
+    from sarloc.runtime.sources import StripFile, send_strip_udp
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = _cfg(flight, tmp_path / "run", source=f"udp://127.0.0.1:{port}", queue_blocks=3, source_idle_timeout_s=3.0)
+    result = {}
+    t = threading.Thread(target=lambda: result.update(run(cfg, install_signals=False)), daemon=True)
+    t.start()
+    time.sleep(1.5)  # the daemon binds the port while loading the model and pack
+    strips = [StripFile(p).read() for p in sorted((flight / "strips").glob("strip_*.npy"))]
+    burst = []
+    for k in range(4):  # 12 strips at once, far faster than real time
+        for st in strips:
+            burst.append(
+                type(st)(
+                    type(st.meta)(**{**st.meta.to_dict(), "strip_id": f"{st.meta.strip_id}_{k}"}), st.pixels, 0, True
+                )
+            )
+    send_strip_udp(burst, "127.0.0.1", port, pace_s=0.0005)
+    t.join(timeout=180)
+    assert not t.is_alive()
+    assert result["blocks_dropped"] > 0  # bounded queue: drops counted, oldest first
+    assert result["strips"] >= 1 and result["errors"] == 0
