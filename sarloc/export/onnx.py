@@ -498,7 +498,7 @@ def export_checkpoint(
     index = make_manifest(
         EXPORT_KIND,
         parent_sha256=ck_sha,
-        checkpoint=str(checkpoint.resolve()),
+        checkpoint=checkpoint.name,  # its identity is parent_sha256; a path would tie the index to one machine
         models=models,
         window_px=cfg.window_px,
         preprocess=cfg.preprocess.to_dict(),
