@@ -134,8 +134,8 @@ def _sha(p: Path) -> str:
 def phase2(scene_name: str, data: Path, out: Path, k: int, steps: int, threshold: float, radius_px: float):
     import torch
 
-    from sarloc.refine import OnnxRefiner, Verifier, rerank
-    from sarloc.refine_eval import CandidateData, evaluate_refined
+    from sarloc.refine import OnnxRefiner
+    from sarloc.refine_eval import CandidateData, evaluate_refined, fit_verifier
     from sarloc.scene import load_scene
     from sarloc.trainer.models.refiner import RefinerConfig
     from sarloc.trainer.refiner_train import export_refiner, train_refiner
@@ -159,10 +159,7 @@ def phase2(scene_name: str, data: Path, out: Path, k: int, steps: int, threshold
     # verifier: fitted per re-ranker feature source on the same training lists
     verifiers = {}
     for rr in ("none", "gnn"):
-        feats = np.concatenate([t.features(rerank(t.cands, rr, refiner)) for t in train])
-        lab = np.concatenate([t.reg_correct(radius_px) for t in train])
-        val = np.concatenate([t.cands.valid for t in train])
-        verifiers[rr] = Verifier.fit(feats[val], lab[val], radius_px, meta={"trained_on": others, "reranker": rr})
+        verifiers[rr] = fit_verifier(train, rr, refiner, radius_px, meta={"trained_on": others})
         verifiers[rr].save(d / f"verifier_{rr}.json", parent_sha256=enc["sha256"])
     scene = load_scene(data / scene_name)
     result = {"scene": scene_name, "trained_on": others, "refiner_train_s": train_s}
@@ -191,8 +188,8 @@ def phase2(scene_name: str, data: Path, out: Path, k: int, steps: int, threshold
 def _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, result, parent) -> None:
     """The full path: pool of P -> shortlister -> top-K -> GNN -> full-resolution registration -> verifier."""
     from sarloc.metric import LocalRegistrar
-    from sarloc.refine import OnnxRefiner, Shortlister, Verifier, rerank, shortlist_features
-    from sarloc.refine_eval import PoolData, evaluate_refined, finish_pool
+    from sarloc.refine import OnnxRefiner, Shortlister, shortlist_features
+    from sarloc.refine_eval import PoolData, evaluate_refined, finish_pool, fit_verifier
     from sarloc.scene import load_scene, make_queries
     from sarloc.trainer.models.refiner import RefinerConfig
     from sarloc.trainer.refiner_train import export_refiner, train_refiner
@@ -224,10 +221,7 @@ def _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, 
     refiner = OnnxRefiner(rpath)
     verifiers = {}
     for rr in ("none", "gnn"):
-        feats = np.concatenate([t.features(rerank(t.cands, rr, refiner)) for t in train])
-        lab = np.concatenate([t.reg_correct(radius_px) for t in train])
-        val = np.concatenate([t.cands.valid for t in train])
-        verifiers[rr] = Verifier.fit(feats[val], lab[val], radius_px, meta={"trained_on": others, "lists": "pool"})
+        verifiers[rr] = fit_verifier(train, rr, refiner, radius_px, meta={"trained_on": others, "lists": "pool"})
         verifiers[rr].save(d / f"verifier_pool_{rr}.json", parent_sha256=parent)
     result["pool_train_s"] = time.time() - t0
     for name, kind in (("eval_arbitrary", "arbitrary"), ("eval_aligned", "aligned")):

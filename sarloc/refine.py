@@ -290,6 +290,7 @@ class Verifier:
         self.std = np.asarray(std, np.float64)
         self.radius_px = float(radius_px)
         self.meta = meta or {}
+        self.parent_sha256: str | None = None  # set by :meth:`load` from the file's manifest
         if self.w.shape != (len(self.FEATURES) + 1,) or not self.mean.shape == self.std.shape == (len(self.FEATURES),):
             raise ArtifactError(
                 f"{self.KIND} weights must have {len(self.FEATURES) + 1} entries and mean/std {len(self.FEATURES)}, "
@@ -365,7 +366,10 @@ class Verifier:
             raise ArtifactError(f"{path}: radius_px must be a positive number, got {radius!r:.40}")
         if meta is not None and not isinstance(meta, dict):
             raise ArtifactError(f"{path}: meta must be an object or null")
-        return cls(w, mean, std, radius, meta)
+        out = cls(w, mean, std, radius, meta)
+        parent = m.get("parent_sha256")
+        out.parent_sha256 = parent if isinstance(parent, str) else None
+        return out
 
 
 SHORTLIST_FEATURES = ("low_score", "sim", "low_gap", "sim_gap")

@@ -128,6 +128,16 @@ class CandidateData:
         )
 
 
+def _register_all(registrar: LocalRegistrar, qwins: np.ndarray, px: np.ndarray):
+    """Register window i around its candidates ``px[i]`` (Q, K, 2) -> (xy, score, second, at_border) arrays."""
+    q, k = px.shape[:2]
+    reg_xy, rs, r2, rb = np.zeros((q, k, 2)), np.full((q, k), -1.0), np.full((q, k), -1.0), np.zeros((q, k), bool)
+    for i in range(q):
+        r = registrar.register(qwins[i], px[i])
+        reg_xy[i], rs[i], r2[i], rb[i] = r.xy_px, r.score, r.second, r.at_border
+    return reg_xy, rs, r2, rb
+
+
 def dense_gallery(
     scene: Scene, embed_opt: EmbedFn, prep: PreprocessConfig, window_px: int, stride_px: int = 8, batch: int = 128
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -157,11 +167,7 @@ def gather(
     cands, px = dense_candidates(gal, centres, qemb, k, w)
     t2 = time.perf_counter()
     reg = registrar or LocalRegistrar(scene.optical_gray)
-    q = len(qwins)
-    reg_xy, rs, r2, rb = np.zeros((q, k, 2)), np.full((q, k), -1.0), np.full((q, k), -1.0), np.zeros((q, k), bool)
-    for i in range(q):
-        r = reg.register(qwins[i], px[i])
-        reg_xy[i], rs[i], r2[i], rb[i] = r.xy_px, r.score, r.second, r.at_border
+    reg_xy, rs, r2, rb = _register_all(reg, qwins, px)
     t3 = time.perf_counter()
     ms = {"embed": (t1 - t0) * 1e3 / n, "search": (t2 - t1) * 1e3 / n, "register": (t3 - t2) * 1e3 / n}
     return CandidateData(cands, px, queries.centres.copy(), reg_xy, rs, r2, rb, w, ms)
@@ -267,14 +273,26 @@ def finish_pool(
     cands = Candidates(pool.query, emb.astype(np.float32), sims.astype(np.float32), xy, valid)
     qwins = crop_windows(scene.sar_gray, queries.origins, pool.window_px)
     q = len(qwins)
-    reg_xy, rs, r2, rb = np.zeros((q, k, 2)), np.full((q, k), -1.0), np.full((q, k), -1.0), np.zeros((q, k), bool)
     t0 = time.perf_counter()
-    for i in range(q):
-        r = registrar.register(qwins[i], px[i])
-        reg_xy[i], rs[i], r2[i], rb[i] = r.xy_px, r.score, r.second, r.at_border
+    reg_xy, rs, r2, rb = _register_all(registrar, qwins, px)
     reg_ms = (time.perf_counter() - t0) * 1e3 / max(1, q)
     ms = {"embed": pool.ms["embed"], "search": pool.ms["search"] + pool.ms["shortlist"], "register": reg_ms}
     return CandidateData(cands, px, pool.truth, reg_xy, rs, r2, rb, pool.window_px, ms)
+
+
+def fit_verifier(
+    lists: list[CandidateData],
+    rerank_name: str,
+    refiner: OnnxRefiner | None,
+    radius_px: float,
+    meta: dict | None = None,
+) -> Verifier:
+    """A :class:`Verifier` fitted on every valid candidate of ``lists``, with ``rerank_name``'s scores as its
+    ranking feature; label: registered centre within ``radius_px`` of the truth."""
+    feats = np.concatenate([d.features(rerank(d.cands, rerank_name, refiner)) for d in lists])
+    lab = np.concatenate([d.reg_correct(radius_px) for d in lists])
+    val = np.concatenate([d.cands.valid for d in lists])
+    return Verifier.fit(feats[val], lab[val], radius_px, meta={"reranker": rerank_name, **(meta or {})})
 
 
 def _errors(scene: Scene, pred: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -354,4 +372,13 @@ def evaluate_refined(
     return out
 
 
-__all__ = ["CandidateData", "PoolData", "dense_gallery", "evaluate_refined", "finish_pool", "gather", "gather_pool"]
+__all__ = [
+    "CandidateData",
+    "PoolData",
+    "dense_gallery",
+    "evaluate_refined",
+    "finish_pool",
+    "fit_verifier",
+    "gather",
+    "gather_pool",
+]

@@ -95,3 +95,35 @@ def export_copy(tiny_export, tmp_path) -> Path:
     d = tmp_path / "export"
     shutil.copytree(tiny_export, d)
     return d
+
+
+def demo_flight(root: Path, scene_seed: int, heading_deg: float, flight_seed: int, n_strips: int = 3) -> Path:
+    """A generated 512 x 512 scene, its map pack (shipped demo model) and a straight simulated flight under
+    ``root`` (``scene/``, ``pack/``, ``strips/``); returns ``root``."""
+    from sarloc.demo_flight import MODEL_DIR, MODEL_FILES
+    from sarloc.mappack.build import MapPackConfig, build_map_pack
+    from sarloc.runtime.simulate import simulate_flight
+    from sarloc.synth import SynthConfig, write_scene
+
+    missing = [f for f in MODEL_FILES if not (MODEL_DIR / f).is_file()]
+    assert not missing, f"the shipped demo model lacks {missing}; run `sarloc demo --make-model`"
+    scene = write_scene(root / "scene", SynthConfig(width_px=512, height_px=512, seed=scene_seed))
+    build_map_pack(scene, MODEL_DIR / "optical_encoder.onnx", root / "pack", MapPackConfig(), progress=False)
+    simulate_flight(
+        scene,
+        root / "strips",
+        track="straight",
+        heading_deg=heading_deg,
+        n_strips=n_strips,
+        strip_width_px=160,
+        strip_rows=160,
+        seed=flight_seed,
+    )
+    return root
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for running `python -m sarloc.cli` in a child process from the repository."""
+    import os
+
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}

@@ -20,7 +20,15 @@ import numpy as np
 from sarloc.errors import ArtifactError, SarlocError
 from sarloc.metric import LocalRegistrar, RegistrationConfig, ShortlistRegistrar
 from sarloc.preprocess import prepare_windows
-from sarloc.refine import Candidates, OnnxRefiner, Shortlister, Verifier, rerank, shortlist_features
+from sarloc.refine import (
+    Candidates,
+    OnnxRefiner,
+    Shortlister,
+    Verifier,
+    candidate_features,
+    rerank,
+    shortlist_features,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +86,6 @@ class Localizer:
         refiner: OnnxRefiner | None = None,
         verifier: Verifier | None = None,
         cfg: LocalizerConfig = LocalizerConfig(),
-        verifier_parent: str | None = None,
         shortlister: Shortlister | None = None,
     ) -> None:
         from sarloc.mappack.pack import check_encoder_match
@@ -94,10 +101,10 @@ class Localizer:
                 f"refiner {refiner.path} was trained for encoder checkpoint {str(refiner.encoder_sha256)[:12]}, "
                 f"the SAR encoder comes from {str(ckpt)[:12]}; use the refiner exported with this model"
             )
-        if verifier is not None and verifier_parent not in (None, ckpt):
+        if verifier is not None and verifier.parent_sha256 not in (None, ckpt):
             raise ArtifactError(
-                f"the verifier was fitted for encoder checkpoint {str(verifier_parent)[:12]}, the SAR encoder comes "
-                f"from {str(ckpt)[:12]}; use the verifier shipped with this model"
+                f"the verifier was fitted for encoder checkpoint {str(verifier.parent_sha256)[:12]}, the SAR encoder "
+                f"comes from {str(ckpt)[:12]}; use the verifier shipped with this model"
             )
         self.encoder, self.pack, self.refiner, self.verifier, self.cfg = encoder, pack, refiner, verifier, cfg
         self.rerank_name = cfg.rerank or ("gnn" if refiner is not None else "none")
@@ -138,7 +145,6 @@ class Localizer:
         verify_pack: bool = True,
     ) -> Localizer:
         """Load the SAR encoder of an export folder, the pack, and the refiner/verifier found in the export."""
-        from sarloc.artifacts import read_json
         from sarloc.mappack.pack import MapPack
         from sarloc.runtime.backends import load_encoder
 
@@ -148,15 +154,11 @@ class Localizer:
         rp, vp = export_dir / "refiner.onnx", export_dir / "verifier.json"
         refiner = OnnxRefiner(rp) if rp.is_file() else None
         verifier = Verifier.load(vp) if vp.is_file() else None
-        parent = read_json(vp, "verifier").get("parent_sha256") if verifier else None
         sp = export_dir / "shortlister.json"
-        shortlister = None
-        if sp.is_file():
-            shortlister = Shortlister.load(sp)
-            sp_parent = read_json(sp, "shortlister").get("parent_sha256")
-            if sp_parent not in (None, enc.manifest.get("checkpoint_sha256")):
-                raise ArtifactError(f"{sp} was fitted for another encoder; use the one exported with this model")
-        loc = cls(enc, pack, refiner, verifier, cfg, verifier_parent=parent, shortlister=shortlister)
+        shortlister = Shortlister.load(sp) if sp.is_file() else None
+        if shortlister is not None and shortlister.parent_sha256 not in (None, enc.manifest.get("checkpoint_sha256")):
+            raise ArtifactError(f"{sp} was fitted for another encoder; use the one exported with this model")
+        loc = cls(enc, pack, refiner, verifier, cfg, shortlister=shortlister)
         fp32 = export_dir / "sar_encoder.onnx"
         loc.fallback_onnx = fp32 if fp32.is_file() else None
         return loc
@@ -269,8 +271,6 @@ class Localizer:
             reg_xy, rs, r2, rb = centres, np.full(len(rows), -1.0), np.full(len(rows), -1.0), np.zeros(len(rows), bool)
         t3 = time.perf_counter()
         if self.verifier is not None:
-            from sarloc.refine import candidate_features
-
             f = candidate_features(scores, c.sims, rs[None], r2[None], rb[None], c.valid)
             p = np.where(valid, self.verifier.prob(f)[0], -1.0)
             pick = int(np.argmax(p))

@@ -7,7 +7,6 @@ listwise softmax cross-entropy (:func:`~sarloc.trainer.models.refiner.listwise_l
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -209,7 +208,7 @@ def refine_checkpoint(
     """
     from tqdm import tqdm
 
-    from sarloc.refine import OnnxRefiner, Verifier, rerank
+    from sarloc.refine import OnnxRefiner
     from sarloc.trainer.checkpoint import load_checkpoint
 
     checkpoint = Path(checkpoint)
@@ -218,7 +217,7 @@ def refine_checkpoint(
     parent = sha256_file(checkpoint)
     from sarloc.metric import LocalRegistrar
     from sarloc.refine import Shortlister, shortlist_features
-    from sarloc.refine_eval import finish_pool
+    from sarloc.refine_eval import finish_pool, fit_verifier
 
     pools = []
     for sd in tqdm(scene_dirs, desc="candidate pools", unit="scene"):
@@ -234,10 +233,7 @@ def refine_checkpoint(
     ref_model = train_refiner([(d.cands, d.positives()) for d in lists], RefinerConfig(k=k, embed_dim=dim), steps)
     onnx_path = export_refiner(ref_model, out / "refiner.onnx", parent, info={"trained_on": names})
     refiner = OnnxRefiner(onnx_path)
-    feats = np.concatenate([d.features(rerank(d.cands, "gnn", refiner)) for d in lists])
-    lab = np.concatenate([d.reg_correct(radius_px) for d in lists])
-    val = np.concatenate([d.cands.valid for d in lists])
-    ver = Verifier.fit(feats[val], lab[val], radius_px, meta={"trained_on": names, "reranker": "gnn"})
+    ver = fit_verifier(lists, "gnn", refiner, radius_px, meta={"trained_on": names})
     vpath = ver.save(out / "verifier.json", parent_sha256=parent)
     return {"refiner": onnx_path, "verifier": vpath, "shortlister": spath}
 
@@ -271,7 +267,7 @@ def evaluate_checkpoint_refined(
     ver = Verifier.load(vpath) if vpath.is_file() else None
     if ref is not None and ref.encoder_sha256 != parent:
         raise ArtifactError(f"refiner {rpath} was trained for another encoder; run `sarloc train-refiner` for this one")
-    if ver is not None and json.loads(vpath.read_text()).get("parent_sha256") != parent:
+    if ver is not None and ver.parent_sha256 != parent:
         raise ArtifactError(f"verifier {vpath} was fitted for another encoder; run `sarloc train-refiner`")
     if ref is None or ver is None:
         logger.warning(
@@ -291,9 +287,9 @@ def evaluate_checkpoint_refined(
     if spath.is_file() and ref is not None and ver is not None and rerank_name in (None, "gnn"):
         from sarloc.refine import Shortlister
 
-        if json.loads(spath.read_text()).get("parent_sha256") != parent:
-            raise ArtifactError(f"shortlister {spath} was fitted for another encoder; run `sarloc train-refiner`")
         sl = Shortlister.load(spath)
+        if sl.parent_sha256 != parent:
+            raise ArtifactError(f"shortlister {spath} was fitted for another encoder; run `sarloc train-refiner`")
         for kind in ("aligned", "arbitrary"):
             scene, d, _ = _gather_scene(
                 model,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import socket
 import subprocess
@@ -14,36 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import demo_flight, subprocess_env
 
-from sarloc.demo_flight import MODEL_DIR, MODEL_FILES
+from sarloc.demo_flight import MODEL_DIR
 from sarloc.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def flight(tmp_path_factory):
-    """A generated scene (not one the demo model saw), its map pack and a 4-strip simulated flight."""
-    missing = [f for f in MODEL_FILES if not (MODEL_DIR / f).is_file()]
-    assert not missing, f"the shipped demo model lacks {missing}; run `sarloc demo --make-model`"
-    from sarloc.mappack.build import MapPackConfig, build_map_pack
-    from sarloc.runtime.simulate import simulate_flight
-    from sarloc.synth import SynthConfig, write_scene
-
-    root = tmp_path_factory.mktemp("flight")
-    scene = write_scene(root / "scene", SynthConfig(width_px=512, height_px=512, seed=11))
-    build_map_pack(scene, MODEL_DIR / "optical_encoder.onnx", root / "pack", MapPackConfig(), progress=False)
-    simulate_flight(
-        scene,
-        root / "strips",
-        track="straight",
-        heading_deg=30.0,
-        n_strips=3,
-        strip_width_px=160,
-        strip_rows=160,
-        seed=1,
-    )
-    return root
+    """A generated scene (not one the demo model saw), its map pack and a 3-strip simulated flight."""
+    return demo_flight(tmp_path_factory.mktemp("flight"), scene_seed=11, heading_deg=30.0, flight_seed=1)
 
 
 def _free_udp_port() -> int:
@@ -54,10 +33,6 @@ def _free_udp_port() -> int:
 
 def _records(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 
 
 NO_TORCH_RUN = textwrap.dedent(
@@ -97,7 +72,7 @@ def test_run_without_torch_sends_mavlink_and_replays_identically(flight, tmp_pat
     ]
     proc = subprocess.Popen(
         [sys.executable, "-c", NO_TORCH_RUN, *args],
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -199,7 +174,7 @@ def test_sigterm_mid_flight_loses_no_record_and_resume_finishes(flight, tmp_path
     ]  # follow: runs until stopped
     proc = subprocess.Popen(
         [sys.executable, "-m", "sarloc.cli", *args],
-        env=_env(),
+        env=subprocess_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -220,7 +195,7 @@ def test_sigterm_mid_flight_loses_no_record_and_resume_finishes(flight, tmp_path
     # restart with resume: the remaining strips only
     r = subprocess.run(
         [sys.executable, "-m", "sarloc.cli", *args, "--resume", "--no-follow"],
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=240,

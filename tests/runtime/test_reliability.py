@@ -10,40 +10,17 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import demo_flight, subprocess_env
 
 from sarloc.demo_flight import MODEL_DIR
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def flight(tmp_path_factory):
-    from sarloc.mappack.build import MapPackConfig, build_map_pack
-    from sarloc.runtime.simulate import simulate_flight
-    from sarloc.synth import SynthConfig, write_scene
-
-    root = tmp_path_factory.mktemp("rel")
-    scene = write_scene(root / "scene", SynthConfig(width_px=512, height_px=512, seed=13))
-    build_map_pack(scene, MODEL_DIR / "optical_encoder.onnx", root / "pack", MapPackConfig(), progress=False)
-    simulate_flight(
-        scene,
-        root / "strips",
-        track="straight",
-        heading_deg=60.0,
-        n_strips=3,
-        strip_width_px=160,
-        strip_rows=160,
-        seed=3,
-    )
-    return root
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return demo_flight(tmp_path_factory.mktemp("rel"), scene_seed=13, heading_deg=60.0, flight_seed=3)
 
 
 def _cfg(flight, out, **kw):
@@ -97,7 +74,10 @@ def test_sigkill_mid_flight_loses_no_record_and_resume_finishes(flight, tmp_path
         str(out),
     ]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "sarloc.cli", *args], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        [sys.executable, "-m", "sarloc.cli", *args],
+        env=subprocess_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     rec = out / "records.jsonl"
     deadline = time.time() + 120
@@ -110,7 +90,7 @@ def test_sigkill_mid_flight_loses_no_record_and_resume_finishes(flight, tmp_path
     assert parsed[0]["type"] == "start" and parsed[-1]["type"] != "stop"
     r = subprocess.run(
         [sys.executable, "-m", "sarloc.cli", *args, "--resume", "--no-follow"],
-        env=_env(),
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=240,
