@@ -87,7 +87,8 @@ def bench_one(pack_dir: Path, n: int, dim: int, a: argparse.Namespace) -> list[d
     raw = PackSearcher(pack, nms_radius_m=0.0, scorer=a.scorer, threads=a.threads, block_rows=a.block_rows)
     nms = PackSearcher(pack, scorer=a.scorer, threads=a.threads, block_rows=a.block_rows)
     rows: list[dict] = []
-    base = {"n_tiles": n, "dim": dim, "queries": nq, "pack_gen_s": round(gen_s, 1), "scorer": raw.scorer.backend}
+    base = {"n_tiles": n, "dim": dim, "queries": nq, "pack_gen_s": round(gen_s, 1), "scorer": raw.scorer.backend,
+            "kernel": raw.scorer.kernel}  # fmt: skip
 
     def add(method, lat, recall, cand, extra=None):
         rows.append(
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="threads for the scorer and FAISS")
     p.add_argument("--batch", type=int, default=8, help="also time batches of this many queries (per query)")
     p.add_argument("--block-rows", type=int, default=32768)
-    p.add_argument("--scorer", choices=["auto", "ort", "numpy"], default="auto")
+    p.add_argument("--scorer", choices=["auto", "native", "ort", "numpy"], default="auto")
     p.add_argument("--kmeans-iters", type=int, default=6)
     p.add_argument("--kmeans-sample", type=int, default=32768)
     p.add_argument("--workdir", default="runs/bench_search/packs", help="synthetic packs (reused across runs)")
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         vals = [r.get(c) for c in cols]
         print("| " + " | ".join(f"{v:.2f}" if isinstance(v, float) else str(v) for v in vals) + " |")
-    print(f"\n{meta['hardware']['cpu']}, {a.threads} thread(s), scorer {results[0]['scorer'] if results else '-'}")
+    print(f"\n{meta['hardware']['cpu']}, {a.threads} thread(s), scorer {results[0]['kernel'] if results else '-'}")
     out = Path(a.out) / "results.json"
     atomic_write_json(out, {**meta, "results": results})
     print(f"wrote {out} ({meta['total_s']} s)")

@@ -40,6 +40,7 @@ import numpy as np
 SEARCH_TARGET_TILES = 1_000_000
 SEARCH_TARGET_MS = 10.0
 SEARCH_TARGET_RECALL = 0.99
+SEARCH_MIN_TILES = 10_000  # the exact-vs-FAISS target covers the issue's scale sizes (10k, 100k, 1M)
 CLASSICAL_TARGET_RATIO = 0.01  # encoder + search + refine per window vs the classical per-query time
 INT8_TARGET_POINTS = 1.0  # INT8 R@1 may lose at most this many points against FP32
 
@@ -533,7 +534,8 @@ def section_search(rep: Report, path: Path, command: str) -> None:
             "",
             f"{_g(cfg.get('queries'))} queries per pack (half at 1M tiles), query noise {_g(cfg.get('query_noise'))}, "
             f"prior radius {_g(cfg.get('prior_radius_m'))} m, {_g(cfg.get('threads'))} thread(s), "
-            f"scorer `{cfg.get('scorer', DASH)}`. Recall@10 is against the exact search (see the notes).",
+            f"scorer `{cfg.get('scorer', DASH)}` (kernel `{results[0].get('kernel', DASH)}`). Recall@10 is against "
+            "the exact search (see the notes).",
         ]
     dims = sorted({r.get("dim") for r in results if r.get("dim") is not None}, reverse=True) or [None]
     methods = list(dict.fromkeys(str(r.get("method")) for r in results))
@@ -600,7 +602,52 @@ def section_search(rep: Report, path: Path, command: str) -> None:
         if met and all("prior" in str(r.get("method")) for r in met):
             status = "met with a prior only"
         rep.targets.append((f"{target} (D={dim_plot})", measured, status))
+    _exact_vs_faiss(rep, results, out)
     rep.sections.append(out)
+
+
+def _exact_vs_faiss(rep: Report, results: list[dict], out: list[str]) -> None:
+    """Target: the exact float16 scan at least as fast as ``faiss.IndexFlatIP`` (float32) at every size and D."""
+    target = "exact search at least as fast as FAISS flat on the same data (10k-1M tiles, one query)"
+    pairs = []
+    for r in results:
+        if r.get("method") != "exact":
+            continue
+        peer = next(
+            (f for f in results if f.get("method") == "faiss-flat" and f.get("n_tiles") == r.get("n_tiles")
+             and f.get("dim") == r.get("dim")),
+            None,
+        )  # fmt: skip
+        if peer is not None and _num(r.get("p50_ms")) and _num(peer.get("p50_ms")):
+            pairs.append((r["n_tiles"], r["dim"], r["p50_ms"], peer["p50_ms"]))
+    if not pairs:
+        rep.targets.append((target, "FAISS not installed in the run", "not measured"))
+        return
+    ratio = [f / e for _, _, e, f in pairs]
+    small = [(p, q) for p, q in zip(pairs, ratio, strict=True) if p[0] < SEARCH_MIN_TILES]
+    pairs = [p for p in pairs if p[0] >= SEARCH_MIN_TILES] or pairs
+    ratio = [f / e for _, _, e, f in pairs]
+    worst = min(range(len(pairs)), key=lambda i: ratio[i])
+    n, dim, e, f = pairs[worst]
+    big = [(p, q) for p, q in zip(pairs, ratio, strict=True) if p[0] == max(x[0] for x in pairs)]
+    measured = (
+        "speed-up over FAISS flat "
+        + ", ".join(f"{q:.2f}x ({p[0]:,} x {p[1]})" for p, q in big)
+        + f"; slowest case {n:,} x {dim}: {e:.3g} vs {f:.3g} ms ({ratio[worst]:.2f}x)"
+    )
+    rep.targets.append((target, measured, "met" if min(ratio) >= 1.0 else "missed"))
+    out += [
+        "",
+        "Exact scan against FAISS flat, p50 per query (interleaved, same queries): "
+        + ", ".join(f"{p[0]:,} x {p[1]} {q:.2f}x" for p, q in zip(pairs, ratio, strict=True))
+        + " (>1: the float16 scan is faster)."
+        + (
+            f" Below {SEARCH_MIN_TILES:,} tiles (not part of the target; the whole search takes microseconds and "
+            "per-call overhead decides): " + ", ".join(f"{p[0]:,} x {p[1]} {q:.2f}x" for p, q in small) + "."
+            if small
+            else ""
+        ),
+    ]
 
 
 def _plot_search(rep: Report, rows: list[dict], methods: list[str], dim: Any) -> Path:
@@ -1321,6 +1368,7 @@ def section_gpu(rep: Report, paths: Sequence[Path], command: str) -> None:
                     "met" if ok else "missed",
                 )
             )
+    out += _gpu_training(Path(found).parent / "gpu_train")
     errors = d.get("errors") or {}
     if errors:
         out += ["", "Errors:", ""] + [
@@ -1335,6 +1383,40 @@ def section_gpu(rep: Report, paths: Sequence[Path], command: str) -> None:
         out += ["", *_table(["quantity", "value"], [[f"`{k}`", _g(v)] for k, v in scalars])]
     rep.headlines.append(("GPU", f"checked on {_gpu_machine(d).split(';')[0]}", title))
     rep.sections.append(out)
+
+
+def _gpu_training(folder: Path) -> list[str]:
+    """Rows of ``benchmarks/gpu_train_check.sh`` (its $OUT/train_*/checkpoint.json), when it ran."""
+    rows = []
+    for run in ("single", "ddp"):
+        d, _ = _load(folder / f"train_{run}" / "checkpoint.json")
+        if not d:
+            continue
+        info, cfg = d.get("train_info") or d.get("info") or d, d.get("config") or {}
+        steps, secs = _num(info.get("steps_done")), _num(info.get("train_seconds"))
+        bs = _num(cfg.get("batch_size"))
+        rows.append(
+            [
+                "python -m sarloc.cli train" if run == "single" else "torchrun (DDP, NCCL)",
+                _g(info.get("world_size")),
+                str(info.get("device", DASH)),
+                _g(steps),
+                _g(secs),
+                _f(steps / secs, 1) if steps and secs else DASH,
+                _g(round(steps * bs * _num(info.get("world_size") or 1) / secs)) if steps and secs and bs else DASH,
+            ]
+        )
+    if not rows:
+        return []
+    return [
+        "",
+        "### Training on the device",
+        "",
+        "`bash benchmarks/gpu_train_check.sh SCENES 400` on generated scenes (preset `quick`, from scratch); the "
+        "time includes pair sampling on the CPU.",
+        "",
+        *_table(_cols("run|processes|device|steps|seconds|steps/s|pairs/s"), rows),
+    ]
 
 
 # ------------------------------------------------------------------------------------------------ document
@@ -1418,7 +1500,12 @@ def build_report(a: argparse.Namespace) -> tuple[str, list[Path]]:
     section_demo(
         rep, Path(a.demo), Path(a.demo_track) if a.demo_track else None, f"sarloc demo --out {Path(a.demo).parent}"
     )
-    gpu = [Path(a.gpu)] if a.gpu else [runs / "gpu_check.json", Path("runs/gpu/gpu_check.json")]
+    # the last: the committed copy of the run on the GPU lent to an earlier task (docs/data/gpu_h200/README.md)
+    gpu = (
+        [Path(a.gpu)]
+        if a.gpu
+        else [runs / "gpu_check.json", Path("runs/gpu/gpu_check.json"), Path("docs/data/gpu_h200/gpu_check.json")]
+    )
     section_gpu(rep, gpu, "bash benchmarks/gpu_check.sh")
     return render(rep), rep.figures
 

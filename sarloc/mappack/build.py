@@ -310,7 +310,7 @@ def _write_basemap_image(bm, path: Path, strip_rows: int = 1024) -> Path:
 def _build_ann(out_dir: Path, cfg: MapPackConfig, n: int) -> dict[str, Any]:
     """Build the IVF index over the written embeddings and record its recall against exact search."""
     from sarloc.mappack.ann import IvfIndex, recall_at_k
-    from sarloc.mappack.search import exact_topk
+    from sarloc.mappack.search import BlockScorer, exact_topk
 
     emb = np.load(out_dir / EMBEDDINGS_NAME, mmap_mode="r")
     index = IvfIndex.build(emb, nlist=min(cfg.ann_nlist or 0, n) or None)
@@ -319,8 +319,9 @@ def _build_ann(out_dir: Path, cfg: MapPackConfig, n: int) -> dict[str, Any]:
     q = np.asarray(emb[np.sort(rng.choice(n, min(n, 64), replace=False))], np.float32)
     q = q + rng.normal(0, 0.02, q.shape).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    _, ex = exact_topk(emb, q, 10)
-    ap = [index.search(emb, qi, 10)[1] for qi in q]
+    scorer = BlockScorer(emb.shape[1])
+    _, ex = exact_topk(emb, q, 10, scorer=scorer)
+    ap = [index.search(emb, qi, 10, scorer=scorer)[1] for qi in q]
     entry["recall@10_vs_exact"] = recall_at_k(ex, ap, 10)
     entry["recall_queries"] = "64 pack rows + N(0, 0.02) noise, renormalised"
     return entry

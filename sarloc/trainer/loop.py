@@ -242,13 +242,15 @@ def train(
             "steps_done": step + 1,
             "train_seconds": round(time.time() - t_start, 1),
             "world_size": world,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "torch": torch.__version__,
             "scenes": [s.name for s in scenes],
             "scenes_sha256": scenes_digest(scenes),
             "final_losses": {k: round(v, 5) for k, v in ema.items()},
         }
         save_checkpoint(ckpt, model, cfg, info)
         log_f.close()
-        logger.info("wrote %s (%d steps in %.0f s)", ckpt, step + 1, info["train_seconds"])
+        logger.info("wrote %s (%d steps in %.0f s on %s)", ckpt, step + 1, info["train_seconds"], info["device"])
     if distributed:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()

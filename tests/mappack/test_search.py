@@ -167,3 +167,140 @@ def test_grid_peaks_search_matches_nms_search_and_respects_the_prior(tmp_path):
         c = s.peaks(q, 5, prior_xy_m=tuple(xy), prior_radius_m=3 * pack.tile_m)
         assert c.rows[0] == a.rows[0]
         assert np.all(np.hypot(*(pack.centres_m()[c.rows] - xy).T) <= 3 * pack.tile_m + 1e-6)
+
+
+def _native():
+    """The compiled kernel; its absence fails the test where a C compiler exists (the install should have built it)."""
+    import shutil
+
+    try:
+        from sarloc import _scan
+    except ImportError:
+        if shutil.which("cc") or shutil.which("gcc"):
+            pytest.fail("sarloc._scan was not built although a C compiler exists: reinstall with pip install -e .")
+        pytest.skip("sarloc._scan not built (no C compiler at install time)")
+    return _scan
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])  # portable C, AVX2, AVX-512 (capped at what this CPU has)
+@pytest.mark.parametrize("d", [1, 7, 8, 31, 48, 64, 100, 704])
+@pytest.mark.parametrize("nq", [1, 2, 5])
+def test_native_kernel_matches_a_float64_reference(d, nq, level):
+    scan = _native()
+    rng = np.random.default_rng(d * 10 + nq)
+    e = rng.standard_normal((37, d)).astype(np.float16)
+    q = rng.standard_normal((nq, d)).astype(np.float32)
+    out = np.full((nq, 37), np.nan, np.float32)
+    scan.dot_f16(e, q, out, 37, d, nq, level)
+    ref = q.astype(np.float64) @ e.astype(np.float64).T
+    np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5 * np.sqrt(d) * 4)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_native_kernel_converts_every_half_exactly(level):
+    """All 65,536 half bit patterns (subnormals, zeros, inf, NaN) through a one-hot query equal numpy's cast."""
+    scan = _native()
+    bits = np.arange(65536, dtype=np.uint32).astype(np.uint16)
+    e = np.zeros((65536, 8), np.uint16)
+    e[:, 3] = bits
+    e = e.view(np.float16)
+    q = np.zeros((1, 8), np.float32)
+    q[0, 3] = 1.0
+    out = np.empty((1, 65536), np.float32)
+    scan.dot_f16(e, q, out, 65536, 8, 1, level)
+    want = bits.view(np.float16).astype(np.float32)
+    finite = np.isfinite(want)
+    np.testing.assert_array_equal(out[0, finite], want[finite])
+    np.testing.assert_array_equal(np.isnan(out[0]), np.isnan(want))
+    np.testing.assert_array_equal(np.isposinf(out[0]), np.isposinf(want))
+    np.testing.assert_array_equal(np.isneginf(out[0]), np.isneginf(want))
+
+
+def test_native_topk_is_one_pass_best_first_with_ties_by_lower_index():
+    scan = _native()
+    rng = np.random.default_rng(0)
+    for n, k in ((1, 1), (5, 10), (1000, 10), (1000, 1000), (4096, 37)):
+        s = rng.integers(0, 50, n).astype(np.float32)  # many ties
+        out = np.empty(k, np.int64)
+        m = scan.topk(s, n, k, out)
+        assert m == min(k, n)
+        np.testing.assert_array_equal(out[:m], np.lexsort((np.arange(n), -s))[:m])
+    s = np.array([1, np.nan, 3, 3, -np.inf], np.float32)
+    out = np.empty(5, np.int64)
+    assert scan.topk(s, 5, 5, out) == 5
+    assert list(out[:3]) == [2, 3, 0]  # NaN ranks with -inf, after every finite score
+    with pytest.raises(ValueError, match="too small"):
+        scan.topk(s, 6, 2, out)
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+@pytest.mark.parametrize(("n", "d", "k"), [(1, 8, 10), (9000, 48, 10), (5000, 100, 1000), (4097, 704, 7)])
+def test_native_fused_search_equals_the_sorted_scores(n, d, k, level):
+    scan = _native()
+    rng = np.random.default_rng(n + d)
+    e = rng.standard_normal((n, d)).astype(np.float16)
+    e[n // 2] = e[n // 3]  # an exact tie: the lower row first
+    q = rng.standard_normal(d).astype(np.float32)
+    s, i = np.empty(k, np.float32), np.empty(k, np.int64)
+    m = scan.search_f16(e, q, n, d, k, s, i, level)
+    ref = e.astype(np.float32) @ q
+    want = np.lexsort((np.arange(n), -ref))[: min(k, n)]
+    assert m == min(k, n)
+    np.testing.assert_allclose(s[:m], ref[i[:m]], atol=2e-5)
+    assert np.mean(i[:m] == want) > 0.98  # float32 summation order may swap near-ties
+    assert list(i[:m]) == sorted(i[:m], key=lambda r: (-s[list(i[:m]).index(r)], r))
+
+
+def test_exact_topk_one_query_fused_path_equals_the_block_path(pack):
+    _native()
+    q, _ = synthetic_queries(pack.embeddings, 1, noise=0.3, seed=5)
+    s, i = exact_topk(pack.embeddings, q, 25)  # one query, whole memmap: the fused C search
+    s2, i2 = exact_topk(pack.embeddings, q, 25, block_rows=100, scorer=BlockScorer(pack.dim, "native", threads=2))
+    np.testing.assert_array_equal(i, i2)
+    np.testing.assert_allclose(s, s2, atol=1e-6)
+    s1, i1 = _one_matmul_topk(pack.embeddings, q, 25)
+    np.testing.assert_allclose(s, s1, atol=1e-5)
+
+
+def test_native_kernel_refuses_short_buffers():
+    scan = _native()
+    e = np.zeros((4, 8), np.float16)
+    q = np.zeros((1, 8), np.float32)
+    with pytest.raises(ValueError, match="too small"):
+        scan.dot_f16(e, q, np.empty((1, 3), np.float32), 4, 8, 1)
+    with pytest.raises(ValueError, match="too small"):
+        scan.dot_f16(e, q, np.empty((1, 4), np.float32), 5, 8, 1)
+    with pytest.raises(TypeError):
+        scan.dot_f16(e, q, np.empty((1, 4), np.float32).tobytes(), 4, 8, 1)  # read-only output
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("block_rows", [7, 100_000])
+def test_native_scorer_gives_the_topk_of_one_matmul(pack, threads, block_rows):
+    _native()
+    scorer = BlockScorer(pack.dim, "native", threads=threads)
+    scorer.thread_min_rows = 16  # split even small blocks over the threads
+    assert scorer.backend == "native" and scorer.kernel.startswith("native:")
+    assert BlockScorer(pack.dim).backend == "native"  # auto prefers it
+    for nq in (1, 4):
+        q, _ = synthetic_queries(pack.embeddings, nq, noise=0.3, seed=nq)
+        sims = scorer(pack.embeddings[:], q)
+        np.testing.assert_allclose(sims, q @ np.asarray(pack.embeddings, np.float32).T, atol=1e-5)
+        s, i = exact_topk(pack.embeddings, q, 20, block_rows=block_rows, scorer=scorer)
+        s1, i1 = _one_matmul_topk(pack.embeddings, q, 20)
+        np.testing.assert_allclose(s, s1, atol=1e-5)
+        assert np.mean(i == i1) > 0.95  # float32 summation order may swap near-ties
+        rows = np.arange(3, len(pack), 5)
+        s, i = exact_topk(pack.embeddings, q, 20, block_rows=block_rows, rows=rows, scorer=scorer)
+        s1, i1 = _one_matmul_topk(pack.embeddings, q, 20, rows=rows)
+        np.testing.assert_allclose(s, s1, atol=1e-5)
+        assert set(i.ravel()) <= set(rows)
+
+
+def test_native_scorer_missing_is_a_clear_error(monkeypatch):
+    import sarloc.mappack.search as search
+
+    monkeypatch.setattr(search, "_native_scan", lambda: None)
+    with pytest.raises(SarlocError, match="native scorer was not built"):
+        BlockScorer(16, "native")
+    assert BlockScorer(16, "auto").backend in ("ort", "numpy")
