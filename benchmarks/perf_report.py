@@ -1500,12 +1500,9 @@ def build_report(a: argparse.Namespace) -> tuple[str, list[Path]]:
     section_demo(
         rep, Path(a.demo), Path(a.demo_track) if a.demo_track else None, f"sarloc demo --out {Path(a.demo).parent}"
     )
-    # the last: the committed copy of the run on the GPU lent to an earlier task (docs/data/gpu_h200/README.md)
-    gpu = (
-        [Path(a.gpu)]
-        if a.gpu
-        else [runs / "gpu_check.json", Path("runs/gpu/gpu_check.json"), Path("docs/data/gpu_h200/gpu_check.json")]
-    )
+    gpu = [Path(a.gpu)] if a.gpu else [runs / "gpu_check.json", Path("runs/gpu/gpu_check.json")]
+    if a.gpu_archive:  # last: the committed copy of a run on a GPU lent to an earlier task
+        gpu.append(Path(a.gpu_archive))
     section_gpu(rep, gpu, "bash benchmarks/gpu_check.sh")
     return render(rep), rep.figures
 
@@ -1529,6 +1526,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--demo", default="runs/demo/report.json", help="sarloc demo report")
     p.add_argument("--demo-track", default="runs/demo/track.png", help="the demo's track plot (generated scene)")
     p.add_argument("--gpu", default=None, help="gpu_check.json (default: RUNS/gpu_check.json, else runs/gpu/)")
+    p.add_argument(
+        "--gpu-archive",
+        default="docs/data/gpu_h200/gpu_check.json",
+        help="used when no fresh gpu_check.json is found ('' for none); its gpu_train/ folder too",
+    )
     p.add_argument("--out", default="docs/performance.md")
     p.add_argument("--figures", default="docs/figures", help="where the perf_*.png plots go")
     a = p.parse_args(argv)
