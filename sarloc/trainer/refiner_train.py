@@ -68,7 +68,7 @@ def train_refiner(
         opt.step()
         sched.step()
     model.eval()
-    logger.info("refiner trained: %d lists, %d steps, last loss %.3f", n, steps, float(loss))
+    logger.info("refiner trained: %d lists, %d steps, last loss %.3f", n, steps, float(loss.detach()))
     return model
 
 
