@@ -8,7 +8,7 @@ OUT ?= runs/bench
 
 bench:
 	$(PY) benchmarks/bench_latency.py --out $(OUT) --work $(OUT)/work
-	$(PY) benchmarks/bench_search.py --sizes 1000 10000 100000 1000000 --dims 704 --out runs/bench_search
+	$(PY) benchmarks/bench_search.py --sizes 1000 10000 100000 1000000 --dims 704 128 --out runs/bench_search
 	$(PY) benchmarks/bench_signing.py --out $(OUT)/signing.json
 	$(PY) benchmarks/bench_limits.py --latency-json $(OUT)/latency.json --search-json runs/bench_search/results.json --out $(OUT)/limits.json
 	$(MAKE) report

@@ -1481,7 +1481,7 @@ def build_report(a: argparse.Namespace) -> tuple[str, list[Path]]:
     section_search(
         rep,
         search,
-        f"python benchmarks/bench_search.py --sizes 1000 10000 100000 1000000 --dims 704 --out {search.parent}",
+        f"python benchmarks/bench_search.py --sizes 1000 10000 100000 1000000 --dims 704 128 --out {search.parent}",
     )
     section_export(
         rep,
