@@ -131,7 +131,9 @@ def _sha(p: Path) -> str:
     return sha256_file(p)
 
 
-def phase2(scene_name: str, data: Path, out: Path, k: int, steps: int, threshold: float, radius_px: float):
+def phase2(
+    scene_name: str, data: Path, out: Path, k: int, steps: int, threshold: float, radius_px: float, rescore: int = 0
+):
     import torch
 
     from sarloc.refine import OnnxRefiner
@@ -180,14 +182,18 @@ def phase2(scene_name: str, data: Path, out: Path, k: int, steps: int, threshold
             ]
         result[name.replace("eval_", "")] = r
     if all((out / s / "pool_train.npz").is_file() for s in [*others, scene_name]):
-        _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, result, enc["sha256"])
+        _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, result, enc["sha256"], rescore)
     res_path.write_text(json.dumps(result, indent=1))
     return result
 
 
-def _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, result, parent) -> None:
-    """The full path: pool of P -> shortlister -> top-K -> GNN -> full-resolution registration -> verifier."""
-    from sarloc.metric import LocalRegistrar
+def _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, result, parent, rescore=0) -> None:
+    """The full path: pool of P -> shortlister -> top-K -> GNN -> full-resolution registration -> verifier.
+
+    With ``rescore`` > K, the K are chosen with a narrow full-resolution look at the shortlister's top ``rescore``
+    (:func:`sarloc.refine_eval.rescored_order`), for the training lists too.
+    """
+    from sarloc.metric import LocalRegistrar, ShortlistRegistrar
     from sarloc.refine import OnnxRefiner, Shortlister, shortlist_features
     from sarloc.refine_eval import PoolData, evaluate_refined, finish_pool, fit_verifier
     from sarloc.scene import load_scene, make_queries
@@ -206,7 +212,8 @@ def _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, 
         gal = np.load(out / name / "gallery.npz")["emb"]
         n = len(pool.truth)
         q = make_queries(scene, kind, pool.window_px, n if kind == "arbitrary" else 200, seed)
-        return scene, finish_pool(scene, q, pool, gal, sl, k, LocalRegistrar(scene.optical_gray))
+        low = ShortlistRegistrar(scene.optical_gray) if rescore > k else None
+        return scene, finish_pool(scene, q, pool, gal, sl, k, LocalRegistrar(scene.optical_gray), rescore, low)
 
     t0 = time.time()
     train = [lists(s, pools[s], "arbitrary", 1)[1] for s in others]
@@ -224,6 +231,7 @@ def _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, 
         verifiers[rr] = fit_verifier(train, rr, refiner, radius_px, meta={"trained_on": others, "lists": "pool"})
         verifiers[rr].save(d / f"verifier_pool_{rr}.json", parent_sha256=parent)
     result["pool_train_s"] = time.time() - t0
+    result["rescore"] = rescore
     for name, kind in (("eval_arbitrary", "arbitrary"), ("eval_aligned", "aligned")):
         pool = PoolData.load(d / f"pool_{name}.npz")
         scene, cd = lists(scene_name, pool, kind, 0)
@@ -320,6 +328,9 @@ def main(argv=None) -> int:
     ap.add_argument("--radius-px", type=float, default=16.0)
     ap.add_argument("--pool", type=int, default=200, help="coarse candidates shortlisted at low resolution")
     ap.add_argument("--phase", choices=("1", "1b", "2", "all"), default="all")
+    ap.add_argument(
+        "--rescore", type=int, default=0, help="full path: narrow full-resolution look at the shortlister's top N"
+    )
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
     if a.table:
@@ -334,7 +345,7 @@ def main(argv=None) -> int:
             phase1b(s, a.data, a.out, a.pool)
     if a.phase in ("2", "all"):
         for s in scenes:
-            r = phase2(s, a.data, a.out, a.k, a.steps, a.threshold, a.radius_px)
+            r = phase2(s, a.data, a.out, a.k, a.steps, a.threshold, a.radius_px, a.rescore)
             a_ = r["arbitrary"]
             print(s, {m: round(a_[m]["recall@1"], 3) for m in METHODS if m in a_}, flush=True)
     return 0

@@ -24,7 +24,7 @@ import numpy as np
 from sarloc.classical import CFOGConfig, _parabola_offset, cfog, cfog_norm_mean, to_gray
 from sarloc.errors import SarlocError
 
-__all__ = ["LocalRegistrar", "Registration", "RegistrationConfig", "ShortlistRegistrar"]
+__all__ = ["LocalRegistrar", "Registration", "RegistrationConfig", "ShortlistRegistrar", "narrow_rescore"]
 
 
 @dataclass(frozen=True)
@@ -265,3 +265,45 @@ class ShortlistRegistrar:
             score[i] = float(sc[py, px])
             xy[i] = ((px0 + px + w / 2.0) * s, (py0 + py + h / 2.0) * s)
         return score, xy
+
+
+def narrow_rescore(
+    window: np.ndarray,
+    low_xy: np.ndarray,
+    order: np.ndarray,
+    valid: np.ndarray,
+    k: int,
+    rescore: int,
+    registrar: LocalRegistrar,
+    search_px: int = 4,
+) -> np.ndarray:
+    """Candidate order of one window after a narrow full-resolution look at the shortlist's top ``rescore``.
+
+    The shortlist's first ``k // 2`` stay; the rest of its top ``rescore`` are registered at full resolution in a
+    +-``search_px`` search around their low-resolution positions ``low_xy`` (:meth:`ShortlistRegistrar.scores`),
+    and the best ``k - k // 2`` of them by that score follow. Keeping half of the shortlist guards the scenes where
+    the low-resolution positions are unreliable. Measured leave-one-scene-out (docs/refine.md): the truth is among
+    the K more often (+2.9 points on average) for about 1.25 ms per re-scored candidate.
+
+    Args:
+        window: the SAR window.
+        low_xy: (P, 2) low-resolution positions of the pool (only the entries in ``order[:rescore]`` are read).
+        order: (P,) the shortlist's order of the pool.
+        valid: (P,) usable candidates.
+        k: candidates passed on.
+        rescore: candidates looked at.
+        registrar: the full-resolution registrar.
+        search_px: search radius of the narrow registration, map pixels.
+
+    Returns:
+        the full order (the chosen K first, then the others in the shortlist's order).
+    """
+    keep = k // 2
+    top = [int(j) for j in order[:rescore] if valid[j]]
+    if len(top) <= k:
+        return np.asarray(order)
+    rest = top[keep:]
+    r = registrar.register(window, np.asarray(low_xy)[rest], search_px=search_px)
+    chosen = top[:keep] + [rest[j] for j in np.argsort(-r.score, kind="stable")[: k - keep]]
+    taken = set(chosen)
+    return np.asarray(chosen + [int(j) for j in order if int(j) not in taken], dtype=np.asarray(order).dtype)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sarloc.errors import SarlocError
 from sarloc.evaluation import KS, EmbedFn, embed_all
 from sarloc.geo import TileGrid
 from sarloc.metric import LocalRegistrar
@@ -256,13 +257,36 @@ def finish_pool(
     shortlister,
     k: int,
     registrar: LocalRegistrar,
+    rescore: int = 0,
+    low_reg=None,
 ) -> CandidateData:
-    """Top-K of each pool by the shortlister, registered at full resolution: a :class:`CandidateData`."""
+    """Top-K of each pool by the shortlister, registered at full resolution: a :class:`CandidateData`.
+
+    With ``rescore`` > K (and ``low_reg``, the :class:`~sarloc.metric.ShortlistRegistrar` the pool was scored
+    with), the K are the shortlister's first K // 2 plus the best K - K // 2 of the rest of its top ``rescore``
+    by a narrow full-resolution registration (:func:`sarloc.metric.narrow_rescore`).
+    """
     from sarloc.refine import shortlist_features
 
     p = shortlister.prob(shortlist_features(pool.low, pool.sims, pool.valid))
     p = np.where(pool.valid, p, -1.0)
-    order = np.argsort(-p, axis=1, kind="stable")[:, :k]
+    order = np.argsort(-p, axis=1, kind="stable")
+    qwins = crop_windows(scene.sar_gray, queries.origins, pool.window_px)
+    t0 = time.perf_counter()
+    if rescore > k:
+        if low_reg is None:
+            raise SarlocError("finish_pool: rescore needs the ShortlistRegistrar (low_reg)")
+        from sarloc.metric import narrow_rescore
+
+        rows = []
+        for i in range(len(qwins)):
+            low_xy = np.zeros_like(pool.px[i])
+            top = order[i, :rescore]
+            low_xy[top] = low_reg.scores(qwins[i], pool.px[i, top])[1]
+            rows.append(narrow_rescore(qwins[i], low_xy, order[i], pool.valid[i], k, rescore, registrar))
+        order = np.stack(rows)
+    rescore_ms = (time.perf_counter() - t0) * 1e3 / max(1, len(qwins))
+    order = order[:, :k]
     take = lambda a: np.take_along_axis(a, order if a.ndim == 2 else order[..., None], axis=1)  # noqa: E731
     rows = take(pool.idx)
     valid = take(pool.valid)
@@ -271,11 +295,10 @@ def finish_pool(
     sims = take(pool.sims)
     xy = np.stack([px[..., 0], -px[..., 1]], -1) / float(pool.window_px)
     cands = Candidates(pool.query, emb.astype(np.float32), sims.astype(np.float32), xy, valid)
-    qwins = crop_windows(scene.sar_gray, queries.origins, pool.window_px)
     q = len(qwins)
     t0 = time.perf_counter()
     reg_xy, rs, r2, rb = _register_all(registrar, qwins, px)
-    reg_ms = (time.perf_counter() - t0) * 1e3 / max(1, q)
+    reg_ms = (time.perf_counter() - t0) * 1e3 / max(1, q) + rescore_ms
     ms = {"embed": pool.ms["embed"], "search": pool.ms["search"] + pool.ms["shortlist"], "register": reg_ms}
     return CandidateData(cands, px, pool.truth, reg_xy, rs, r2, rb, pool.window_px, ms)
 

@@ -80,3 +80,30 @@ def test_shortlist_registrar_ranks_the_true_candidate_first(scene):
     assert np.abs(xy[2] - truth).max() <= 3.0
     with pytest.raises(SarlocError, match="scale"):
         ShortlistRegistrar(scene.optical_gray, scale=0)
+
+
+def test_narrow_rescore_keeps_half_the_shortlist_and_promotes_the_true_candidate(scene):
+    """The truth ranked 7th by the shortlist (outside K=4) comes into the K after the narrow full-resolution look;
+    the shortlist's first K // 2 stay in front; the order is a permutation of the pool."""
+    from sarloc.metric import ShortlistRegistrar, narrow_rescore
+
+    x0, y0 = 96, 110
+    win = scene.sar_gray[y0 : y0 + 64, x0 : x0 + 64]
+    truth = np.array([x0 + 32.0, y0 + 32.0])
+    rng = np.random.default_rng(0)
+    wrong = rng.uniform(40, 200, (9, 2))
+    wrong = wrong[np.abs(wrong - truth).max(1) > 40][:8]
+    cands = np.vstack([wrong[:6], truth + np.array([5.0, -6.0]), wrong[6:]])  # the truth is candidate 6
+    low_xy = ShortlistRegistrar(scene.optical_gray, scale=2, search_px=32).scores(win, cands)[1]
+    order = np.arange(len(cands))
+    reg = LocalRegistrar(scene.optical_gray)
+    valid = np.ones(len(cands), bool)
+    out = narrow_rescore(win, low_xy, order, valid, k=4, rescore=len(cands), registrar=reg)
+    assert sorted(out.tolist()) == order.tolist()
+    assert out[:2].tolist() == [0, 1]
+    assert 6 in out[:4].tolist()
+    # without the truth in the looked-at part, nothing changes that far down; fewer valid than K: unchanged
+    assert 6 not in narrow_rescore(win, low_xy, order, valid, k=4, rescore=5, registrar=reg)[:4].tolist()
+    few = np.zeros(len(cands), bool)
+    few[:3] = True
+    np.testing.assert_array_equal(narrow_rescore(win, low_xy, order, few, 4, 9, reg), order)
