@@ -122,6 +122,15 @@ def demo_flight(root: Path, scene_seed: int, heading_deg: float, flight_seed: in
     return root
 
 
+def run_args(flight: Path, out: Path, *extra: str, pack: Path | None = None) -> list[str]:
+    """`sarloc run` arguments for a :func:`demo_flight` folder with the shipped demo model, plus ``extra``."""
+    from sarloc.demo_flight import MODEL_DIR
+
+    src = f"dir://{flight / 'strips'}"
+    return ["run", "--source", src, "--export", str(MODEL_DIR), "--pack", str(pack or flight / "pack"),
+            "--out", str(out), *extra]  # fmt: skip
+
+
 def subprocess_env() -> dict[str, str]:
     """Environment for running `python -m sarloc.cli` in a child process from the repository."""
     import os

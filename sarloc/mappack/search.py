@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from sarloc.errors import SarlocError
 DEFAULT_BLOCK_ROWS = 32768
 
 
+@functools.cache
 def _native_scan():
     """The compiled scan kernel (``sarloc._scan``), or None when the package was installed without a C compiler."""
     try:
@@ -422,9 +424,6 @@ class PackSearcher:
         return int(self.pool or max(50 * k, 1000))
 
     def _finish(self, s: np.ndarray, i: np.ndarray, k: int, candidates: int) -> SearchResult:
-        if self.nms_radius_m <= 0:  # no suppression: the scan's top-k as it is (already best first)
-            rows = i[:k]
-            return SearchResult(rows, s[:k].astype(np.float32, copy=False), self.xy[rows], candidates)
         keep = nms_metres(s, i, self.xy, k, self.nms_radius_m)
         rows = i[keep]
         return SearchResult(rows, s[keep].astype(np.float32), self.xy[rows], candidates)

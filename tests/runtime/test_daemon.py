@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import demo_flight, subprocess_env
+from conftest import demo_flight, run_args, subprocess_env
 
 from sarloc.demo_flight import MODEL_DIR
 from sarloc.errors import ConfigError
@@ -56,20 +56,7 @@ def test_run_without_torch_sends_mavlink_and_replays_identically(flight, tmp_pat
     port = _free_udp_port()
     rx = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", source_system=255, dialect="common")
     out = tmp_path / "run"
-    args = [
-        "run",
-        "--source",
-        f"dir://{flight / 'strips'}",
-        "--export",
-        str(MODEL_DIR),
-        "--pack",
-        str(flight / "pack"),
-        "--out",
-        str(out),
-        "--no-follow",
-        "--mavlink",
-        f"udpout:127.0.0.1:{port}",
-    ]
+    args = run_args(flight, out, "--no-follow", "--mavlink", f"udpout:127.0.0.1:{port}")
     proc = subprocess.Popen(
         [sys.executable, "-c", NO_TORCH_RUN, *args],
         env=subprocess_env(),
@@ -161,17 +148,7 @@ def test_strip_that_matches_nothing_abstains(flight, tmp_path):
 
 def test_sigterm_mid_flight_loses_no_record_and_resume_finishes(flight, tmp_path):
     out = tmp_path / "run"
-    args = [
-        "run",
-        "--source",
-        f"dir://{flight / 'strips'}",
-        "--export",
-        str(MODEL_DIR),
-        "--pack",
-        str(flight / "pack"),
-        "--out",
-        str(out),
-    ]  # follow: runs until stopped
+    args = run_args(flight, out)  # follow: runs until stopped
     proc = subprocess.Popen(
         [sys.executable, "-m", "sarloc.cli", *args],
         env=subprocess_env(),

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import demo_flight, subprocess_env
+from conftest import demo_flight, run_args, subprocess_env
 
 from sarloc.demo_flight import MODEL_DIR
 
@@ -62,17 +62,7 @@ def test_backend_failure_falls_back_to_onnx_runtime_cpu(flight, caplog):
 
 def test_sigkill_mid_flight_loses_no_record_and_resume_finishes(flight, tmp_path):
     out = tmp_path / "run"
-    args = [
-        "run",
-        "--source",
-        f"dir://{flight / 'strips'}",
-        "--export",
-        str(MODEL_DIR),
-        "--pack",
-        str(flight / "pack"),
-        "--out",
-        str(out),
-    ]
+    args = run_args(flight, out)
     proc = subprocess.Popen(
         [sys.executable, "-m", "sarloc.cli", *args],
         env=subprocess_env(),
@@ -125,20 +115,7 @@ def test_tampered_pack_is_refused_at_start(flight, tmp_path):
     data = bytearray(emb.read_bytes())
     data[-100] ^= 0x40
     emb.write_bytes(bytes(data))
-    rc = main(
-        [
-            "run",
-            "--source",
-            f"dir://{flight / 'strips'}",
-            "--export",
-            str(MODEL_DIR),
-            "--pack",
-            str(pack),
-            "--out",
-            str(tmp_path / "run"),
-            "--no-follow",
-        ]
-    )
+    rc = main(run_args(flight, tmp_path / "run", "--no-follow", pack=pack))
     assert rc == 1
     assert (
         not (tmp_path / "run" / "records.jsonl").exists()
