@@ -132,13 +132,22 @@ def _sha(p: Path) -> str:
 
 
 def phase2(
-    scene_name: str, data: Path, out: Path, k: int, steps: int, threshold: float, radius_px: float, rescore: int = 0
+    scene_name: str,
+    data: Path,
+    out: Path,
+    k: int,
+    steps: int,
+    threshold: float,
+    radius_px: float,
+    rescore: int = 0,
+    joint: bool = False,
 ):
     import torch
 
     from sarloc.refine import OnnxRefiner
     from sarloc.refine_eval import CandidateData, evaluate_refined, fit_verifier
     from sarloc.scene import load_scene
+    from sarloc.trainer.checkpoint import load_joint_refiner
     from sarloc.trainer.models.refiner import RefinerConfig
     from sarloc.trainer.refiner_train import export_refiner, train_refiner
 
@@ -150,9 +159,14 @@ def phase2(
     others = [s for s in SCENES if s != scene_name and (out / s / "train.npz").is_file()]
     train = [CandidateData.load(out / s / "train.npz").top(k) for s in others]
     dim = train[0].cands.emb.shape[2]
-    t0 = time.time()
-    model = train_refiner([(t.cands, t.positives()) for t in train], RefinerConfig(k=k, embed_dim=dim), steps=steps)
     enc = json.loads((d / "encoder.json").read_text())
+    init = load_joint_refiner(enc["checkpoint"]) if joint else None
+    if joint and init is None:
+        raise SystemExit(f"--joint: {enc['checkpoint']} has no jointly trained refiner (sarloc train --refiner)")
+    t0 = time.time()
+    model = train_refiner(
+        [(t.cands, t.positives()) for t in train], RefinerConfig(k=k, embed_dim=dim), steps=steps, init=init
+    )
     onnx_path = export_refiner(
         model, d / "refiner.onnx", parent_sha256=enc["sha256"], info={"trained_on": others, "held_out": scene_name}
     )
@@ -164,7 +178,7 @@ def phase2(
         verifiers[rr] = fit_verifier(train, rr, refiner, radius_px, meta={"trained_on": others})
         verifiers[rr].save(d / f"verifier_{rr}.json", parent_sha256=enc["sha256"])
     scene = load_scene(data / scene_name)
-    result = {"scene": scene_name, "trained_on": others, "refiner_train_s": train_s}
+    result = {"scene": scene_name, "trained_on": others, "refiner_train_s": train_s, "joint": joint, "steps": steps}
     for name in ("eval_arbitrary", "eval_aligned"):
         full = CandidateData.load(d / f"{name}.npz")
         cd = full.top(k)
@@ -182,16 +196,21 @@ def phase2(
             ]
         result[name.replace("eval_", "")] = r
     if all((out / s / "pool_train.npz").is_file() for s in [*others, scene_name]):
-        _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, result, enc["sha256"], rescore)
+        _pool_family(
+            scene_name, data, out, others, k, steps, threshold, radius_px, result, enc["sha256"], rescore, init
+        )
     res_path.write_text(json.dumps(result, indent=1))
     return result
 
 
-def _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, result, parent, rescore=0) -> None:
+def _pool_family(
+    scene_name, data, out, others, k, steps, threshold, radius_px, result, parent, rescore=0, init=None
+) -> None:
     """The full path: pool of P -> shortlister -> top-K -> GNN -> full-resolution registration -> verifier.
 
     With ``rescore`` > K, the K are chosen with a narrow full-resolution look at the shortlister's top ``rescore``
-    (:func:`sarloc.refine_eval.rescored_order`), for the training lists too.
+    (:func:`sarloc.refine_eval.rescored_order`), for the training lists too. ``init``: the refiner trained jointly
+    with the encoder (``steps`` fine-tune it; 0 keeps it).
     """
     from sarloc.metric import LocalRegistrar, ShortlistRegistrar
     from sarloc.refine import OnnxRefiner, Shortlister, shortlist_features
@@ -218,7 +237,9 @@ def _pool_family(scene_name, data, out, others, k, steps, threshold, radius_px, 
     t0 = time.time()
     train = [lists(s, pools[s], "arbitrary", 1)[1] for s in others]
     dim = train[0].cands.emb.shape[2]
-    model = train_refiner([(t.cands, t.positives()) for t in train], RefinerConfig(k=k, embed_dim=dim), steps=steps)
+    model = train_refiner(
+        [(t.cands, t.positives()) for t in train], RefinerConfig(k=k, embed_dim=dim), steps=steps, init=init
+    )
     rpath = export_refiner(
         model,
         d / "refiner_pool.onnx",
@@ -331,6 +352,11 @@ def main(argv=None) -> int:
     ap.add_argument(
         "--rescore", type=int, default=0, help="full path: narrow full-resolution look at the shortlister's top N"
     )
+    ap.add_argument(
+        "--joint",
+        action="store_true",
+        help="start from the refiner trained jointly with each encoder (sarloc train --refiner); --steps 0 keeps it",
+    )
     ap.add_argument("--table", action="store_true")
     a = ap.parse_args(argv)
     if a.table:
@@ -345,7 +371,7 @@ def main(argv=None) -> int:
             phase1b(s, a.data, a.out, a.pool)
     if a.phase in ("2", "all"):
         for s in scenes:
-            r = phase2(s, a.data, a.out, a.k, a.steps, a.threshold, a.radius_px, a.rescore)
+            r = phase2(s, a.data, a.out, a.k, a.steps, a.threshold, a.radius_px, a.rescore, a.joint)
             a_ = r["arbitrary"]
             print(s, {m: round(a_[m]["recall@1"], 3) for m in METHODS if m in a_}, flush=True)
     return 0

@@ -39,6 +39,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         "window_px": a.window_px,
         "threads": a.threads,
         "metric_loss": a.loss,
+        "refiner_weight": a.refiner_weight if a.refiner_weight is not None else (0.5 if a.refiner else None),
     }
     if enc:
         overrides["encoder"] = enc
@@ -148,7 +149,7 @@ def _cmd_train_refiner(a: argparse.Namespace) -> int:
     scenes = find_scenes(a.data)
     if not scenes:
         raise SarlocError(f"no scene folders (with scene.json) under {' '.join(a.data)}")
-    out = refine_checkpoint(a.checkpoint, scenes, a.out, steps=a.steps, queries=a.queries)
+    out = refine_checkpoint(a.checkpoint, scenes, a.out, steps=a.steps, queries=a.queries, joint=not a.fresh)
     for p in out.values():
         print(p)
     return 0
@@ -354,6 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-minutes", type=float)
     t.add_argument("--threads", type=int)
     t.add_argument("--seed", type=int)
+    t.add_argument(
+        "--refiner",
+        action="store_true",
+        help="train the graph refiner jointly with the encoder (refiner_weight 0.5; stored in the checkpoint)",
+    )
+    t.add_argument(
+        "--refiner-weight", type=float, help="weight of the joint refiner's listwise loss (implies --refiner)"
+    )
     t.add_argument("--config", help="JSON file of config overrides (nested keys allowed)")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(fn=_cmd_train)
@@ -392,7 +401,15 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--data", nargs="+", required=True, help="scene folders (prefer scenes the encoder did not see)")
     r.add_argument("--out", help="output folder (default: beside the checkpoint)")
-    r.add_argument("--steps", type=int, default=600)
+    r.add_argument(
+        "--steps",
+        type=int,
+        default=600,
+        help="refiner training steps; from a jointly trained refiner these fine-tune it, and 0 exports it unchanged",
+    )
+    r.add_argument(
+        "--fresh", action="store_true", help="ignore a jointly trained refiner in the checkpoint; train a new one"
+    )
     r.add_argument("--queries", type=int, default=400, help="arbitrary queries per scene")
     r.set_defaults(fn=_cmd_train_refiner)
 

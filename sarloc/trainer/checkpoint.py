@@ -16,18 +16,30 @@ from sarloc.trainer.models.encoder import CrossModalEncoder
 CHECKPOINT_KIND = "sarloc.encoder-checkpoint"
 
 
-def save_checkpoint(path: str | Path, model: CrossModalEncoder, cfg: TrainConfig, info: dict[str, Any]) -> Path:
+def save_checkpoint(
+    path: str | Path,
+    model: CrossModalEncoder,
+    cfg: TrainConfig,
+    info: dict[str, Any],
+    refiner: torch.nn.Module | None = None,
+) -> Path:
     """Write ``path`` (torch state) and ``path.with_suffix('.json')`` (manifest with the checkpoint's sha256).
 
-    The checkpoint embeds its config as JSON text, so it loads with ``torch.load(weights_only=True)``.
+    The checkpoint embeds its config as JSON text, so it loads with ``torch.load(weights_only=True)``. A graph
+    refiner trained jointly with the encoder (:mod:`sarloc.trainer.joint`) is stored beside the encoder's weights.
     """
     path = Path(path)
+    if refiner is not None:
+        info = {**info, "joint_refiner": refiner.cfg.to_dict()}
     blob = {
         "kind": CHECKPOINT_KIND,
         "config_json": cfg.to_json(),
         "info_json": json.dumps(info),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
+    if refiner is not None:
+        blob["refiner_config_json"] = json.dumps(refiner.cfg.to_dict())
+        blob["refiner_state_dict"] = {k: v.detach().cpu() for k, v in refiner.state_dict().items()}
     atomic_save(path, lambda tmp: torch.save(blob, tmp))
     manifest = make_manifest(
         CHECKPOINT_KIND,
@@ -39,6 +51,18 @@ def save_checkpoint(path: str | Path, model: CrossModalEncoder, cfg: TrainConfig
     )
     atomic_write_json(path.with_suffix(".json"), manifest)
     return path
+
+
+def _read_blob(path: Path) -> dict[str, Any]:
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise ArtifactError(
+            f"checkpoint {path} could not be read ({type(e).__name__}); it is corrupt or truncated"
+        ) from None
+    if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
+        raise ArtifactError(f"{path} is not a sarloc encoder checkpoint")
+    return blob
 
 
 def load_checkpoint(path: str | Path) -> tuple[CrossModalEncoder, TrainConfig, dict[str, Any]]:
@@ -58,14 +82,7 @@ def load_checkpoint(path: str | Path) -> tuple[CrossModalEncoder, TrainConfig, d
             raise ArtifactError(f"checkpoint manifest {man_path} is not valid JSON; retrain or delete it") from None
         if man.get("sha256") and man["sha256"] != sha256_file(path):
             raise ArtifactError(f"checkpoint {path} does not match its manifest sha256 (modified or truncated)")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for corrupt files
-        raise ArtifactError(
-            f"checkpoint {path} could not be read ({type(e).__name__}); it is corrupt or truncated"
-        ) from None
-    if not isinstance(blob, dict) or blob.get("kind") != CHECKPOINT_KIND:
-        raise ArtifactError(f"{path} is not a sarloc encoder checkpoint")
+    blob = _read_blob(path)
     cfg = TrainConfig.from_dict(json.loads(blob["config_json"]))
     from dataclasses import replace
 
@@ -89,3 +106,27 @@ def checkpoint_embed_fns(model: CrossModalEncoder):
         return fn
 
     return make("sar"), make("optical")
+
+
+def load_joint_refiner(path: str | Path):
+    """The graph refiner trained jointly with the encoder of checkpoint ``path`` (eval mode), or None if it has none.
+
+    Raises:
+        ArtifactError: unreadable checkpoint, or refiner weights that do not fit their stored config.
+    """
+    from sarloc.trainer.models.refiner import GraphRefiner, RefinerConfig
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint {path} not found; train one with `sarloc train`")
+    blob = _read_blob(path)
+    if "refiner_state_dict" not in blob:
+        return None
+    try:
+        rcfg = RefinerConfig(**json.loads(blob["refiner_config_json"]))
+        model = GraphRefiner(rcfg)
+        model.load_state_dict(blob["refiner_state_dict"])
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ArtifactError(f"joint refiner in {path} does not fit its config: {str(e).splitlines()[0]}") from None
+    model.eval()
+    return model

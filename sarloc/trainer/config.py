@@ -41,6 +41,10 @@ class TrainConfig:
         threads: torch intra-op threads (0 = leave torch's default).
         log_every: steps between log lines.
         bn_recalib_batches: batches used to re-estimate batch-norm statistics after training (precise BN).
+        refiner_weight: weight of the graph refiner's listwise loss trained jointly with the encoder
+            (:mod:`sarloc.trainer.joint`); 0 trains the encoder alone (the refiner is then trained post-hoc).
+        refiner_k: candidates per in-batch list of the joint refiner (its nodes).
+        refiner_lr_scale: the refiner's learning rate relative to ``lr`` (same schedule).
     """
 
     window_px: int = 64
@@ -64,6 +68,9 @@ class TrainConfig:
     threads: int = 0
     log_every: int = 25
     bn_recalib_batches: int = 20
+    refiner_weight: float = 0.0
+    refiner_k: int = 10
+    refiner_lr_scale: float = 4.0
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -75,6 +82,11 @@ class TrainConfig:
             raise ConfigError(f"metric_loss must be one of {METRIC_LOSSES}, got {self.metric_loss!r}")
         if self.steps < 1 or self.batch_size < 2 or self.window_px < 16:
             raise ConfigError("need steps >= 1, batch_size >= 2 and window_px >= 16")
+        if self.refiner_weight < 0 or self.refiner_k < 2 or self.refiner_lr_scale <= 0:
+            raise ConfigError(
+                f"need refiner_weight >= 0, refiner_k >= 2 and refiner_lr_scale > 0, got {self.refiner_weight}, "
+                f"{self.refiner_k}, {self.refiner_lr_scale}"
+            )
         if self.encoder.in_channels != self.preprocess.channels:
             raise ConfigError(
                 f"encoder.in_channels ({self.encoder.in_channels}) must equal the preprocessing "

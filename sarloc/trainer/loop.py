@@ -127,6 +127,19 @@ def train(
             model, device_ids=[local_rank] if device.type == "cuda" else None
         )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    refiner: torch.nn.Module | None = None
+    ddp_refiner: torch.nn.Module | None = None
+    ref_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7)
+    if cfg.refiner_weight > 0:  # joint training of the graph refiner (sarloc.trainer.joint)
+        from sarloc.trainer.joint import make_refiner
+
+        refiner = make_refiner(model.output_dim(cfg.window_px), cfg.refiner_k).to(device)
+        opt.add_param_group(
+            {"params": list(refiner.parameters()), "weight_decay": 1e-2, "lr_scale": cfg.refiner_lr_scale}
+        )
+        ddp_refiner = refiner
+        if distributed:
+            ddp_refiner = torch.nn.parallel.DistributedDataParallel(refiner)
     adversary: torch.nn.Module | None = None
     adv_opt = None
     if cfg.align == "wasserstein":
@@ -166,7 +179,7 @@ def train(
     try:
         for step in range(cfg.steps):
             for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
+                g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
             b = sampler.sample()
             sar = torch.from_numpy(b.sar).to(device)
             optical = torch.from_numpy(b.optical).to(device)
@@ -208,6 +221,23 @@ def train(
                 logs["modality_bce"] = a_loss.item()
                 loss = loss + cfg.align_weight * a_loss
                 adv_opt.zero_grad(set_to_none=True)
+            if ddp_refiner is not None:
+                from sarloc.trainer.joint import joint_refiner_loss
+
+                w = float(cfg.window_px)
+                oc = torch.from_numpy(b.opt_centres).to(device=device, dtype=z_opt.dtype)
+                r_loss, r_logs = joint_refiner_loss(
+                    ddp_refiner,
+                    z_sar,
+                    z_opt,
+                    torch.from_numpy(b.scene_idx).to(device),
+                    torch.stack([oc[:, 0], -oc[:, 1]], 1) / w,
+                    torch.from_numpy(b.pos_mask | b.semi_mask).to(device),
+                    cfg.refiner_k,
+                    ref_gen,
+                )
+                loss = loss + cfg.refiner_weight * r_loss
+                logs.update(r_logs)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -219,7 +249,7 @@ def train(
             if rank == 0:
                 if bar is not None:
                     bar.update(1)
-                    bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items() if k in ("loss", "nce", "w1")})
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items() if k in ("loss", "nce", "w1", "refiner")})
                 if step % cfg.log_every == 0 or step == cfg.steps - 1:
                     rec = {"step": step, "lr": lr_at(step, cfg), "t_s": round(time.time() - t_start, 2), **logs}
                     log_f.write(json.dumps(rec) + "\n")
@@ -248,7 +278,7 @@ def train(
             "scenes_sha256": scenes_digest(scenes),
             "final_losses": {k: round(v, 5) for k, v in ema.items()},
         }
-        save_checkpoint(ckpt, model, cfg, info)
+        save_checkpoint(ckpt, model, cfg, info, refiner=refiner)
         log_f.close()
         logger.info("wrote %s (%d steps in %.0f s on %s)", ckpt, step + 1, info["train_seconds"], info["device"])
     if distributed:

@@ -30,8 +30,23 @@ def train_refiner(
     weight_decay: float = 1e-2,
     seed: int = 0,
     progress: bool = False,
+    init: GraphRefiner | None = None,
 ) -> GraphRefiner:
-    """Train a refiner on (candidates, (Q, K) bool positives) pairs; returns the model in eval mode."""
+    """Train a refiner on (candidates, (Q, K) bool positives) pairs; returns the model in eval mode.
+
+    ``init``: start from this refiner (e.g. the one trained jointly with the encoder, see
+    :mod:`sarloc.trainer.joint`) instead of a fresh one; its ``k`` and ``embed_dim`` must match ``cfg``'s. With
+    ``steps=0`` it is returned unchanged.
+    """
+    if init is not None and (init.cfg.k, init.cfg.embed_dim) != (cfg.k, cfg.embed_dim):
+        raise SarlocError(
+            f"the initial refiner takes k={init.cfg.k}, D={init.cfg.embed_dim} but the lists have "
+            f"k={cfg.k}, D={cfg.embed_dim}; use --k {init.cfg.k} or train the refiner from scratch"
+        )
+    if steps == 0 and init is not None:
+        return init.eval()
+    if steps < 1:
+        raise SarlocError(f"refiner steps must be >= 1 (0 only with an initial refiner), got {steps}")
     if not data:
         raise SarlocError("no training candidate lists for the refiner")
     query = torch.from_numpy(np.concatenate([c.query for c, _ in data])).float()
@@ -43,7 +58,12 @@ def train_refiner(
         raise SarlocError(f"only {int(keep.sum())} training queries have a positive among their candidates")
     query, cands, offs, pos = query[keep], cands[keep], offs[keep], pos[keep]
     torch.manual_seed(seed)
-    model = GraphRefiner(cfg)
+    if init is not None:
+        import copy
+
+        model = copy.deepcopy(init)
+    else:
+        model = GraphRefiner(cfg)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
     g = torch.Generator().manual_seed(seed)
@@ -191,14 +211,19 @@ def refine_checkpoint(
     checkpoint: str | Path,
     scene_dirs: list[str | Path],
     out_dir: str | Path | None = None,
-    k: int = 10,
+    k: int | None = None,
     steps: int = 600,
     queries: int = 400,
     radius_px: float = 16.0,
     window_px: int = 64,
     pool: int = 200,
+    joint: bool = True,
 ) -> dict[str, Path]:
     """Post-hoc refiner + verifier for a trained encoder, from candidate lists gathered on ``scene_dirs``.
+
+    When the checkpoint carries a refiner trained jointly with the encoder (``sarloc train --refiner``) and
+    ``joint`` is true, that refiner is the starting point: ``steps`` fine-tune it on the gathered lists, and
+    ``steps=0`` exports it unchanged. ``k`` defaults to the joint refiner's (else 10); it must match it.
 
     Scenes the encoder was trained on give optimistic lists (their embeddings match better than a new scene's);
     prefer scenes held out from the encoder (``benchmarks/refine_loso.py`` does it that way). Writes
@@ -209,9 +234,17 @@ def refine_checkpoint(
     from tqdm import tqdm
 
     from sarloc.refine import OnnxRefiner
-    from sarloc.trainer.checkpoint import load_checkpoint
+    from sarloc.trainer.checkpoint import load_checkpoint, load_joint_refiner
 
     checkpoint = Path(checkpoint)
+    init = load_joint_refiner(checkpoint) if joint else None
+    if steps == 0 and init is None:
+        raise SarlocError(
+            f"--steps 0 needs a jointly trained refiner, and {checkpoint} has none (sarloc train --refiner)"
+        )
+    k = k or (init.cfg.k if init is not None else 10)
+    if init is not None and init.cfg.k != k:
+        raise SarlocError(f"the joint refiner of {checkpoint} takes k={init.cfg.k} candidates, not {k}")
     out = Path(out_dir) if out_dir else checkpoint.parent
     model, cfg, _ = load_checkpoint(checkpoint)
     parent = sha256_file(checkpoint)
@@ -230,8 +263,11 @@ def refine_checkpoint(
     spath = sl.save(out / "shortlister.json", parent_sha256=parent)
     lists = [finish_pool(sc, q, p, g, sl, k, LocalRegistrar(sc.optical_gray)) for sc, p, q, g in pools]
     dim = lists[0].cands.emb.shape[2]
-    ref_model = train_refiner([(d.cands, d.positives()) for d in lists], RefinerConfig(k=k, embed_dim=dim), steps)
-    onnx_path = export_refiner(ref_model, out / "refiner.onnx", parent, info={"trained_on": names})
+    ref_model = train_refiner(
+        [(d.cands, d.positives()) for d in lists], RefinerConfig(k=k, embed_dim=dim), steps, init=init
+    )
+    how = "post-hoc" if init is None else ("joint" if steps == 0 else f"joint + {steps} post-hoc steps")
+    onnx_path = export_refiner(ref_model, out / "refiner.onnx", parent, info={"trained_on": names, "training": how})
     refiner = OnnxRefiner(onnx_path)
     ver = fit_verifier(lists, "gnn", refiner, radius_px, meta={"trained_on": names})
     vpath = ver.save(out / "verifier.json", parent_sha256=parent)

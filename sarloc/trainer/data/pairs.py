@@ -46,7 +46,8 @@ class AugmentConfig:
 
 @dataclass
 class PairBatch:
-    """One batch. sar/optical: (B, C, H, W) float32; targets: (B, B) soft positives; scene_idx: (B,)."""
+    """One batch. sar/optical: (B, C, H, W) float32; targets: (B, B) soft positives; scene_idx: (B,); centres /
+    opt_centres: (B, 2) SAR and optical window centres (col, row), scene pixels."""
 
     sar: np.ndarray
     optical: np.ndarray
@@ -55,6 +56,7 @@ class PairBatch:
     semi_mask: np.ndarray
     scene_idx: np.ndarray
     centres: np.ndarray = field(repr=False)
+    opt_centres: np.ndarray | None = field(default=None, repr=False)
 
 
 def _band_image(scene: Scene, modality: str, rng: np.random.Generator, p_drop: float) -> np.ndarray:
@@ -177,5 +179,12 @@ class PairSampler:
         semi = contains & ~eye
         targets = eye.astype(np.float32) + self.semi_weight * (semi * overlap).astype(np.float32)
         return PairBatch(
-            sar=sar, optical=opt, targets=targets, pos_mask=eye, semi_mask=semi, scene_idx=sidx_a, centres=centres_a
+            sar=sar,
+            optical=opt,
+            targets=targets,
+            pos_mask=eye,
+            semi_mask=semi,
+            scene_idx=sidx_a,
+            centres=centres_a,
+            opt_centres=opt_a,
         )
