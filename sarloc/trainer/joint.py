@@ -31,7 +31,7 @@ import torch
 
 from sarloc.trainer.models.refiner import GraphRefiner, listwise_loss
 
-__all__ = ["augment_offsets", "in_batch_lists", "joint_refiner_loss"]
+__all__ = ["augment_offsets", "in_batch_lists", "joint_refiner_loss", "make_refiner"]
 
 
 def in_batch_lists(

@@ -130,9 +130,14 @@ def test_ddp_two_processes_gloo(synth_scenes, tmp_path):
         "smoke",
         "--steps",
         "4",
+        "--refiner",
         "--no-progress",
     ]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     _, _, info = load_checkpoint(out / "checkpoint.pt")
     assert info["world_size"] == 2 and info["steps_done"] == 4
+    assert info["joint_refiner"]["k"] == 10  # the jointly trained refiner's gradients go through DDP too
+    from sarloc.trainer.checkpoint import load_joint_refiner
+
+    assert load_joint_refiner(out / "checkpoint.pt") is not None
