@@ -16,6 +16,7 @@ import torch
 from sarloc.artifacts import atomic_save, atomic_write_json, make_manifest, sha256_file
 from sarloc.errors import SarlocError
 from sarloc.refine import REFINER_KIND, Candidates
+from sarloc.trainer.joint import augment_offsets
 from sarloc.trainer.models.refiner import GraphRefiner, RefinerConfig, listwise_loss
 
 logger = logging.getLogger(__name__)
@@ -77,12 +78,7 @@ def train_refiner(
     for _ in it:
         idx = torch.randint(0, n, (min(batch, n),), generator=g)
         # augmentation: random rotation and flip of the ground offsets (the map has no preferred direction)
-        a = float(torch.rand((), generator=g)) * 2 * np.pi
-        rot = torch.tensor([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]], dtype=torch.float32)
-        o = offs[idx] @ rot.T
-        if float(torch.rand((), generator=g)) < 0.5:
-            o = o * torch.tensor([-1.0, 1.0])
-        loss = listwise_loss(model(query[idx], cands[idx], o), pos[idx])
+        loss = listwise_loss(model(query[idx], cands[idx], augment_offsets(offs[idx], g)), pos[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
