@@ -333,6 +333,44 @@ def table(out: Path, loso: Path) -> str:
     return "\n".join(lines)
 
 
+def summary(outs: list[Path], loso: Path, kind: str = "arbitrary") -> str:
+    """One compact table comparing several runs (output folders) of this script, per held-out scene."""
+    from sarloc.refine_eval import PoolData
+
+    cols = [
+        ("pool recall@200", None),
+        ("coarse", "none"),
+        ("GNN", "gnn"),
+        ("shortlist", "shortlist"),
+        ("shortlist + GNN", "shortlist+gnn"),
+        ("full path", "shortlist+gnn+metric"),
+    ]
+    head = "| held-out scene | run | " + " | ".join(c for c, _ in cols) + " | full path median err (m) | CFOG |"
+    lines = [f"R@1 of each stage, {kind} queries", "", head, "|---" * (len(cols) + 4) + "|"]
+    means: dict[str, list] = {}
+    for s in SCENES:
+        c = cfog_result(loso, s, kind)
+        for out in outs:
+            p = out / s / "refine_eval.json"
+            if not p.is_file():
+                continue
+            r = json.loads(p.read_text())[kind]
+            pool = PoolData.load(out / s / f"pool_eval_{kind}.npz")
+            vals = [float(pool.hits().any(1).mean())] + [r[m]["recall@1"] if m in r else np.nan for _, m in cols[1:]]
+            full = r.get("shortlist+gnn+metric", {})
+            means.setdefault(str(out), []).append(vals)
+            cf = f"{c['recall@1']:.3f}" if c else "-"
+            lines.append(
+                f"| {s} | {out.name} | "
+                + " | ".join(f"{v:.3f}" for v in vals)
+                + f" | {full.get('median_error_m', np.nan):.0f} | {cf} |"
+            )
+    for out, rows in means.items():
+        m = np.nanmean(np.array(rows), 0)
+        lines.append(f"| **mean of {len(rows)}** | {Path(out).name} | " + " | ".join(f"{v:.3f}" for v in m) + " | | |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=Path("../shared/data"))
@@ -358,9 +396,15 @@ def main(argv=None) -> int:
         help="start from the refiner trained jointly with each encoder (sarloc train --refiner); --steps 0 keeps it",
     )
     ap.add_argument("--table", action="store_true")
+    ap.add_argument(
+        "--summary", nargs="+", type=Path, metavar="OUT", help="compact R@1-per-stage table comparing these runs"
+    )
     a = ap.parse_args(argv)
     if a.table:
         print(table(a.out, a.loso))
+        return 0
+    if a.summary:
+        print(summary(a.summary, a.loso))
         return 0
     scenes = a.scenes.split(",")
     if a.phase in ("1", "all"):
