@@ -8,7 +8,8 @@ embedding (what the runtime does), the learned part alone and the layout part al
 reports the hit rate of the best peak, of the top 10 and of the pool of 200 NMS peaks (a hit: the truth within
 the window-sized box around a peak, as everywhere in ``docs/refine.md``).
 
-    python benchmarks/embedding_parts.py --out runs/refine [--json runs/refine/embedding_parts.json]
+    python benchmarks/embedding_parts.py --out runs/refine [--json runs/refine/embedding_parts.json] \
+        [--plot docs/figures/embedding_parts.png]
 """
 
 from __future__ import annotations
@@ -49,15 +50,52 @@ def parts_recall(gallery: np.ndarray, centres: np.ndarray, pool, learned_dim: in
     return out
 
 
+def plot(res: dict, path: Path) -> Path:
+    """Grouped bars: R@1 and pool recall@200 of each part, per held-out scene."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sarloc.artifacts import atomic_save
+
+    scenes = list(res)
+    parts = ("whole", "learned", "layout")
+    labels = {"whole": "whole embedding (runs)", "learned": "learned part alone", "layout": "layout branch alone"}
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.6), sharey=True)
+    x = np.arange(len(scenes))
+    panels = (("recall@1", "R@1 (best peak)"), ("pool_recall@200", "truth among 200 peaks"))
+    for ax, (key, title) in zip(axes, panels, strict=True):
+        for j, part in enumerate(parts):
+            ax.bar(x + (j - 1) * 0.27, [res[s][part][key] for s in scenes], 0.27, label=labels[part])
+        ax.set_xticks(x, [s.replace("_sih1733", "") for s in scenes], rotation=20)
+        ax.set_title(f"held-out scenes: {title}")
+        ax.set_ylim(0, 1)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_save(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+    return path
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path("runs/refine"), help="refine_loso.py output folder")
     ap.add_argument("--set", default="eval_arbitrary", help="query set (pool_<set>.npz)")
     ap.add_argument("--json", type=Path, help="write the results here")
+    ap.add_argument("--from-json", type=Path, help="read the results from this JSON instead of computing them")
+    ap.add_argument("--plot", type=Path, help="bar chart of the results (PNG)")
     a = ap.parse_args(argv)
     from sarloc.refine_eval import PoolData
     from sarloc.trainer.checkpoint import load_checkpoint
 
+    if a.from_json:
+        res = json.loads(a.from_json.read_text())
+        if a.plot:
+            print(plot(res, a.plot))
+        return 0
     res = {}
     lines = [
         "| held-out scene | whole embedding R@1 / R@10 / pool 200 | learned part alone | layout branch alone |",
@@ -82,6 +120,8 @@ def main(argv=None) -> int:
         from sarloc.artifacts import atomic_write_json
 
         atomic_write_json(a.json, res)
+    if a.plot and res:
+        print(plot(res, a.plot))
     return 0
 
 

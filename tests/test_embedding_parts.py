@@ -49,3 +49,14 @@ def test_parts_recall_separates_the_two_parts():
     assert r["learned"]["recall@1"] == 1.0 and r["whole"]["recall@1"] == 1.0
     assert r["layout"]["recall@1"] < 0.2  # chance: the 9 x 9 cells around a peak of 1600
     assert r["layout"]["recall@10"] <= r["layout"]["pool_recall@200"]
+
+
+def test_plot_writes_a_png(tmp_path):
+    import pytest
+
+    pytest.importorskip("matplotlib")
+    mod = _load()
+    part = {"recall@1": 0.5, "recall@10": 0.7, "pool_recall@200": 0.9}
+    res = {"a": {"whole": part, "learned": part, "layout": part}, "b": {"whole": part, "learned": part, "layout": part}}
+    out = mod.plot(res, tmp_path / "f" / "parts.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
