@@ -65,6 +65,8 @@ def _print_table(res: dict) -> None:
         "queries",
         "ms_per_query",
     )
+    if res.get("refiner_training"):
+        print(f"graph refiner: {res['refiner']} ({res['refiner_training']})")
     print(f"{'scene / queries':42s} " + " ".join(f"{c:>14s}" for c in cols))
     for k, m in res.items():
         if isinstance(m, dict) and "recall@1" in m:

@@ -309,7 +309,13 @@ def evaluate_checkpoint_refined(
     if rerank_name and rerank_name not in RERANKERS:
         raise SarlocError(f"unknown re-ranker {rerank_name!r}; choose one of {', '.join(RERANKERS)}")
     model, cfg, _ = load_checkpoint(checkpoint)
-    res: dict = {"scene": Path(scene_dir).name, "checkpoint": str(checkpoint), "refiner": str(rpath) if ref else None}
+    res: dict = {
+        "scene": Path(scene_dir).name,
+        "checkpoint": str(checkpoint),
+        "refiner": str(rpath) if ref else None,
+        # "post-hoc", "joint" or "joint + N post-hoc steps" (refiners exported before this field: unknown)
+        "refiner_training": (ref.manifest.get("info") or {}).get("training", "unknown") if ref else None,
+    }
     for kind in ("aligned", "arbitrary"):
         scene, d, _ = _gather_scene(model, cfg, scene_dir, kind, eval_cfg.queries, eval_cfg.seed, k, eval_cfg.window_px)
         r = evaluate_refined(scene, d, ver, ref, names, threshold)

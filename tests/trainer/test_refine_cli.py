@@ -45,6 +45,7 @@ def test_train_refiner_then_eval_refine(tiny_export, synth_scene, tmp_path):
         == 0
     )
     res = json.loads(out.read_text())
+    assert res["refiner_training"] == "post-hoc"
     for key in (
         "arbitrary/none",
         "arbitrary/qe",
