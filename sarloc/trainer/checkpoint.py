@@ -37,8 +37,7 @@ def save_checkpoint(
         "info_json": json.dumps(info),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
     }
-    if refiner is not None:
-        blob["refiner_config_json"] = json.dumps(refiner.cfg.to_dict())
+    if refiner is not None:  # its config is info["joint_refiner"]
         blob["refiner_state_dict"] = {k: v.detach().cpu() for k, v in refiner.state_dict().items()}
     atomic_save(path, lambda tmp: torch.save(blob, tmp))
     manifest = make_manifest(
@@ -123,10 +122,10 @@ def load_joint_refiner(path: str | Path):
     if "refiner_state_dict" not in blob:
         return None
     try:
-        rcfg = RefinerConfig(**json.loads(blob["refiner_config_json"]))
+        rcfg = RefinerConfig(**json.loads(blob.get("info_json") or "{}")["joint_refiner"])
         model = GraphRefiner(rcfg)
         model.load_state_dict(blob["refiner_state_dict"])
-    except (TypeError, ValueError, RuntimeError) as e:
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"joint refiner in {path} does not fit its config: {str(e).splitlines()[0]}") from None
     model.eval()
     return model

@@ -131,7 +131,7 @@ def train(
     ddp_refiner: torch.nn.Module | None = None
     ref_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7)
     if cfg.refiner_weight > 0:  # joint training of the graph refiner (sarloc.trainer.joint)
-        from sarloc.trainer.joint import make_refiner
+        from sarloc.trainer.joint import joint_refiner_loss, make_refiner
 
         refiner = make_refiner(model.output_dim(cfg.window_px), cfg.refiner_k).to(device)
         opt.add_param_group(
@@ -222,8 +222,6 @@ def train(
                 loss = loss + cfg.align_weight * a_loss
                 adv_opt.zero_grad(set_to_none=True)
             if ddp_refiner is not None:
-                from sarloc.trainer.joint import joint_refiner_loss
-
                 w = float(cfg.window_px)
                 oc = torch.from_numpy(b.opt_centres).to(device=device, dtype=z_opt.dtype)
                 r_loss, r_logs = joint_refiner_loss(
