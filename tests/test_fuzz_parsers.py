@@ -54,6 +54,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sarloc" / "demo_model"
 CASE_TIMEOUT_S = 10.0  # one case running longer than this is a hang
 MIN_CASES = 1000
+FUZZ_SCALE = max(1, int(os.environ.get("SARLOC_FUZZ_SCALE", "1")))
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning", "ignore::UserWarning")
 
 #: cases run per parser (printed by the last test; docs/reliability.md records them)
@@ -65,9 +66,10 @@ KNOWN: collections.Counter[str] = collections.Counter()
 
 
 def fuzz(n: int):
-    """Hypothesis settings of one fuzz test: ``n`` cases, no per-case deadline (SIGALRM guards hangs)."""
+    """Hypothesis settings of one fuzz test: ``n`` cases (times ``SARLOC_FUZZ_SCALE``), no per-case deadline
+    (SIGALRM guards hangs). Derandomised or not by the profile that tests/conftest.py loads."""
     return settings(
-        max_examples=n,
+        max_examples=n * FUZZ_SCALE,
         deadline=None,
         database=None,
         print_blob=True,

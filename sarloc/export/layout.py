@@ -75,7 +75,7 @@ def read_model_manifest(onnx_path: str | Path, verify_sha256: bool = True) -> di
         got = sha256_file(onnx_path)
         if got != man["sha256"]:
             raise ArtifactError(
-                f"{onnx_path} has sha256 {got[:12]} but its manifest says {str(man['sha256'])[:12]} "
+                f"{onnx_path} has sha256 {got[:12]} but its manifest says {str(man['sha256'])[:12]!r} "
                 "(modified, truncated or replaced); re-export it with `sarloc export`"
             )
     return man
