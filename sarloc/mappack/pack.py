@@ -95,8 +95,20 @@ def _check_manifest_fields(man: dict[str, Any], where: Path) -> None:
     if not _is_int(e.get("dim"), 1) or not isinstance(e.get("dtype"), str):
         raise bad("embeddings", "{dim: positive integer, dtype: string}")
     for name, sha in man["files"].items():
-        if not (isinstance(name, str) and name.isprintable() and Path(name).name == name and isinstance(sha, str)):
+        if not (_is_pack_file_name(name) and isinstance(sha, str)):
             raise bad("files", "{file name in the pack folder: sha256 string}")
+
+
+def _is_pack_file_name(name: Any) -> bool:
+    """A plain file name directly in the pack folder: printable, no folder part, not ``.``/``..``, and short enough
+    for any file system (255 bytes), so that opening or stat-ing it can only find or miss the file."""
+    return (
+        isinstance(name, str)
+        and name.isprintable()
+        and Path(name).name == name
+        and name not in (".", "..")
+        and len(name.encode("utf-8", "surrogatepass")) <= 255
+    )
 
 
 def read_pack_manifest(pack_dir: str | Path) -> dict[str, Any]:

@@ -148,6 +148,17 @@ def test_truncated_tile_table_and_missing_manifest(pack_copy):
         MapPack(pack_copy)
 
 
+@pytest.mark.parametrize("name", ["a" * 256, "\u00e9" * 128, "..", ".", "sub/embeddings.npy", "line\nbreak"])
+def test_manifest_file_name_that_is_no_pack_file_is_refused(pack_copy, name):
+    """Regression (exploring fuzz run): a 256-byte name in ``files`` made ``pack_info`` raise OSError (ENAMETOOLONG)."""
+    man = json.loads((pack_copy / "pack.json").read_text())
+    man["files"][name] = "0" * 64
+    (pack_copy / "pack.json").write_text(json.dumps(man))
+    for fn in (pack_info, verify_map_pack, MapPack):
+        with pytest.raises(ArtifactError, match=r"field 'files' must be .*sarloc map build"):
+            fn(pack_copy)
+
+
 def test_pack_from_another_export_is_refused(scene_pack, tiny_export):
     from sarloc.export.layout import read_model_manifest
 
