@@ -120,3 +120,29 @@ def verify_files(root: str | Path, sha256_by_name: dict[str, str], what: str) ->
             raise ArtifactError(
                 f"{what}: {p} has sha256 {got[:12]}, manifest says {expected[:12]} (tampered or truncated); rebuild it"
             )
+
+
+def load_npy(path: str | Path, what: str, fix: str) -> Any:
+    """``np.load(path, mmap_mode="r", allow_pickle=False)`` with one-line errors for missing, truncated, corrupt or
+    pickled files.
+
+    Args:
+        path: the ``.npy`` file.
+        what: what it is, for the message ("map pack embeddings", "calibration set").
+        fix: what to do about it ("rebuild the pack with `sarloc map build`").
+
+    Raises:
+        ArtifactError: ``"{what}: {path} is missing; {fix}"`` or ``"... is truncated or not a .npy file (...)"``.
+    """
+    import numpy as np
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"{what}: {path} is missing; {fix}")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except Exception as e:  # truncated, a corrupt header (numpy raises ValueError, SyntaxError, TokenError...), pickled
+        detail = " ".join(str(e).split())[:200]
+        raise ArtifactError(
+            f"{what}: {path} is truncated or not a .npy file ({type(e).__name__}: {detail}); {fix}"
+        ) from None

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sarloc import __version__
-from sarloc.errors import SarlocError
+from sarloc.errors import ConfigError, SarlocError
 
 logger = logging.getLogger("sarloc.cli")
 
@@ -44,14 +44,29 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if enc:
         overrides["encoder"] = enc
     if a.config:
-        try:
-            overrides.update(json.loads(Path(a.config).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
-            raise SarlocError(f"--config {a.config}: cannot read JSON ({e})") from None
+        overrides.update(read_config_json(a.config))
     cfg = resolve_config(a.preset, **overrides)
     ckpt = train(a.scenes, a.out, cfg, exclude=a.exclude, progress=not a.no_progress)
     print(ckpt)
     return 0
+
+
+def read_config_json(path: str | Path) -> dict:
+    """The settings of a ``--config`` JSON file: an object (its keys are checked when the config is built).
+
+    Raises:
+        ConfigError: missing, unreadable, not JSON, or not a JSON object (one line naming the file).
+    """
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path} not found") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
+        detail = " ".join(str(e).split())[:200]
+        raise ConfigError(f"--config {path}: cannot read JSON ({detail}); fix the file") from None
+    if not isinstance(obj, dict):
+        raise ConfigError(f"--config {path}: expected a JSON object of settings, got {type(obj).__name__}")
+    return obj
 
 
 def _print_table(res: dict) -> None:

@@ -43,7 +43,8 @@ def test_manifest_value_with_line_break_gives_one_line_error(tmp_path):
 def test_cli_prints_one_line(tmp_path):
     bad = tmp_path / "cfg.json"
     bad.write_text("{")
-    cmd = [sys.executable, "-m", "sarloc", "train", "--config", str(bad), "--data", str(tmp_path), "--out",
+    cmd = [sys.executable, "-m", "sarloc", "train", "--config", str(bad), "--scenes", str(tmp_path), "--out",
            str(tmp_path / "o")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("sarloc train: error: --config ") and "cannot read JSON" in r.stderr, r.stderr

@@ -23,7 +23,15 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import atomic_save, atomic_write_json, make_manifest, read_json, sha256_bytes, sha256_file
+from sarloc.artifacts import (
+    atomic_save,
+    atomic_write_json,
+    load_npy,
+    make_manifest,
+    read_json,
+    sha256_bytes,
+    sha256_file,
+)
 from sarloc.errors import ArtifactError, ConfigError, SceneError
 from sarloc.export.layout import MODALITIES
 from sarloc.preprocess import PreprocessConfig, crop_windows, prepare_windows
@@ -146,9 +154,22 @@ def _set_digest(files: dict[str, str]) -> str:
 
 def read_calibration_manifest(calib_dir: str | Path) -> dict[str, Any]:
     """The manifest of a calibration set (ArtifactError when missing or malformed)."""
-    man = read_json(Path(calib_dir) / MANIFEST, "calibration set manifest")
+    where = Path(calib_dir) / MANIFEST
+    man = read_json(where, "calibration set manifest")
     if man.get("kind") != CALIB_KIND:
-        raise ArtifactError(f"{Path(calib_dir) / MANIFEST} is not a calibration set manifest")
+        raise ArtifactError(f"{where} is not a calibration set manifest")
+
+    def bad(field: str, want: str) -> ArtifactError:
+        return ArtifactError(f"{where}: field {field!r} must be {want}; rebuild the set with `sarloc calib`")
+
+    files, scenes = man.get("files"), man.get("scenes")
+    if not (isinstance(files, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in files.items())):
+        raise bad("files", "{file name: sha256 string}")
+    if not (isinstance(scenes, list) and all(isinstance(sc, dict) for sc in scenes)):
+        raise bad("scenes", "a list of objects")
+    for sc in scenes:
+        if not all(isinstance(sc.get(k), str) for k in ("name", "path", "optical_sha256", "sar_sha256")):
+            raise bad("scenes", "objects with string name, path, optical_sha256 and sar_sha256")
     return man
 
 
@@ -187,9 +208,9 @@ def calibration_problems(
     want = [prep.channels, window_px, window_px]
     for m in MODALITIES:
         try:
-            arr = np.load(calib_dir / f"{m}.npy", mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            problems.append(f"{m}.npy is unreadable ({e})")
+            arr = load_npy(calib_dir / f"{m}.npy", "calibration set", "rebuild it with `sarloc calib`")
+        except ArtifactError as e:
+            problems.append(str(e))
             continue
         if arr.dtype != np.float32:
             problems.append(f"{m}.npy is {arr.dtype}, the model takes float32")
@@ -268,7 +289,7 @@ def calibration_feed(
     """
     if modality not in MODALITIES:
         raise ConfigError(f"modality must be one of {MODALITIES}, got {modality!r}")
-    arr = np.load(Path(calib_dir) / f"{modality}.npy", mmap_mode="r", allow_pickle=False)
+    arr = load_npy(Path(calib_dir) / f"{modality}.npy", "calibration set", "rebuild it with `sarloc calib`")
     idx = np.arange(len(arr)) if indices is None else np.asarray(indices, np.int64)
     for i in range(0, len(idx), batch_size):
         yield {input_name: np.ascontiguousarray(arr[idx[i : i + batch_size]])}

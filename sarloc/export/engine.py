@@ -30,7 +30,7 @@ import numpy as np
 
 from sarloc.artifacts import atomic_write_bytes, atomic_write_json, make_manifest, read_json, sha256_bytes, sha256_file
 from sarloc.errors import ArtifactError, ConfigError, SarlocError
-from sarloc.export.layout import input_chw, manifest_path, read_model_manifest
+from sarloc.export.layout import check_encoder_fields, input_chw, manifest_path, read_model_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -449,6 +449,21 @@ def read_engine_manifest(engine_path: str | Path, verify_sha256: bool = True) ->
         raise ArtifactError(
             f"engine {engine_path} does not match its manifest sha256 (modified or truncated); rebuild it"
         )
+    fix = "rebuild the engine with `sarloc build-engine`"
+    check_encoder_fields(man, mpath, fix)
+    for key in ("tensorrt_version", "gpu_name", "compute_capability"):
+        if not isinstance(man.get(key), str):
+            raise ArtifactError(f"{mpath}: manifest field {key!r} must be a string; {fix}")
+    out, onnx, profiles = man.get("output"), man.get("onnx"), man.get("profiles")
+    if not (isinstance(out, dict) and isinstance(out.get("name"), str)):
+        raise ArtifactError(f"{mpath}: manifest field 'output' must be an object with a string 'name'; {fix}")
+    if onnx is not None and not (isinstance(onnx, dict) and isinstance(onnx.get("file", ""), str)):
+        raise ArtifactError(f"{mpath}: manifest field 'onnx' must be an object with a string 'file'; {fix}")
+    pmax = profiles[0].get("max") if isinstance(profiles, list) and profiles and isinstance(profiles[0], dict) else None
+    if not (
+        isinstance(pmax, list) and pmax and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in pmax)
+    ):
+        raise ArtifactError(f"{mpath}: manifest field 'profiles' must hold a 'max' shape of positive integers; {fix}")
     return man
 
 
@@ -468,7 +483,8 @@ def check_engine_manifest(
         ArtifactError: one line naming the engine, what differs and the fix (rebuild, or use ONNX Runtime).
     """
     name = manifest.get("file", "engine")
-    onnx = (manifest.get("onnx") or {}).get("file", "M.onnx")
+    onnx = manifest.get("onnx")
+    onnx = onnx.get("file", "M.onnx") if isinstance(onnx, dict) else "M.onnx"
     fix = f"rebuild it here with `sarloc build-engine --onnx {onnx} --out {name}` or use the ONNX Runtime backend"
     if manifest.get("kind") != ENGINE_KIND:
         raise ArtifactError(f"{name}: not a sarloc engine manifest (kind {manifest.get('kind')!r})")

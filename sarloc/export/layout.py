@@ -14,11 +14,14 @@ each model has a JSON manifest beside it (same stem, ``.json``)::
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 from sarloc.artifacts import read_json, sha256_file
 from sarloc.errors import ArtifactError
+from sarloc.preprocess import PreprocessConfig
 
 INPUT_NAME = "windows"
 OUTPUT_NAME = "embeddings"
@@ -79,6 +82,49 @@ def read_model_manifest(onnx_path: str | Path, verify_sha256: bool = True) -> di
                 "(modified, truncated or replaced); re-export it with `sarloc export`"
             )
     return man
+
+
+def _pos_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def check_encoder_fields(man: dict[str, Any], where: str | Path, fix: str) -> None:
+    """Check the manifest fields an encoder reads (input, sizes, preprocessing) once, at load time.
+
+    Shared by the ONNX Runtime and TensorRT encoders (an engine's manifest copies these fields from its ONNX).
+
+    Args:
+        man: the manifest.
+        where: the manifest file, for the message.
+        fix: what to do about it ("re-export the model", "rebuild the engine ...").
+
+    Raises:
+        ArtifactError: one line naming the first malformed field.
+    """
+
+    def bad(field: str, want: str) -> ArtifactError:
+        return ArtifactError(f"{where}: manifest field {field!r} must be {want}; {fix}")
+
+    inp = man.get("input")
+    shape = inp.get("shape") if isinstance(inp, dict) else None
+    if not (isinstance(inp, dict) and isinstance(inp.get("name"), str)):
+        raise bad("input", "an object with a string 'name'")
+    if not (isinstance(shape, list) and len(shape) == 4 and all(map(_pos_int, shape[1:]))):
+        raise bad("input.shape", "[batch, C, H, W] with positive integers C, H, W")
+    for key in ("embed_dim", "window_px"):
+        if not _pos_int(man.get(key)):
+            raise bad(key, "a positive integer")
+    for key in ("modality", "precision"):
+        if not isinstance(man.get(key), str):
+            raise bad(key, "a string")
+    pre = man.get("preprocess")
+    names = {f.name for f in dataclasses.fields(PreprocessConfig)}
+    if not (
+        isinstance(pre, dict)
+        and set(pre) <= names
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pre.values())
+    ):
+        raise bad("preprocess", f"an object of finite numbers with keys among {sorted(names)}")
 
 
 def input_chw(manifest: dict[str, Any]) -> tuple[int, int, int]:

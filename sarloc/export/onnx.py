@@ -425,9 +425,10 @@ def read_checkpoint_sha256(checkpoint: str | Path) -> str:
     man = checkpoint.with_suffix(".json")
     if man.is_file():
         try:
-            sha = json.loads(man.read_text()).get("sha256")
-        except (OSError, json.JSONDecodeError):
-            sha = None
+            obj = json.loads(man.read_text())
+        except (OSError, ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            obj = None
+        sha = obj.get("sha256") if isinstance(obj, dict) else None
         if isinstance(sha, str) and len(sha) == 64:
             return sha
     return sha256_file(checkpoint)

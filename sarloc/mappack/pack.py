@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import read_json, sha256_file, verify_files
+from sarloc.artifacts import load_npy, read_json, sha256_file, verify_files
 from sarloc.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
@@ -47,17 +47,7 @@ TILE_DTYPE = np.dtype(
 
 def _load_npy(path: Path, what: str) -> np.ndarray:
     """``np.load(mmap_mode="r")`` with one-line errors for missing, truncated or pickled files."""
-    if not path.is_file():
-        raise ArtifactError(f"map pack {what}: {path} is missing; rebuild the pack with `sarloc map build`")
-    try:
-        arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except Exception as e:  # truncated, a corrupt header (numpy raises ValueError, SyntaxError, ...), pickled
-        detail = " ".join(str(e).split())[:200]
-        raise ArtifactError(
-            f"map pack {what}: {path} is truncated or not a .npy file ({type(e).__name__}: {detail}); "
-            "rebuild the pack with `sarloc map build`"
-        ) from None
-    return arr
+    return load_npy(path, f"map pack {what}", "rebuild the pack with `sarloc map build`")
 
 
 _GRID_INTS = ("tile_px", "stride_px", "n_rows", "n_cols")

@@ -9,16 +9,14 @@ machine.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from sarloc.errors import ArtifactError, ConfigError, SarlocError
-from sarloc.export.layout import MODALITIES, input_chw, model_path, read_model_manifest
+from sarloc.export.layout import MODALITIES, check_encoder_fields, input_chw, model_path, read_model_manifest
 from sarloc.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
@@ -43,41 +41,6 @@ def check_windows(x: Any, chw: tuple[int, int, int], input_name: str, what: str)
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(chw):
         raise SarlocError(f"{what}: input {input_name!r} must be (B, {', '.join(map(str, chw))}), got {tuple(x.shape)}")
     return np.ascontiguousarray(x)
-
-
-def _check_manifest(man: dict[str, Any], where: Path) -> None:
-    """Check the manifest fields an encoder reads (input, sizes, preprocessing) once, at load time.
-
-    Raises:
-        ArtifactError: one line naming the first malformed field.
-    """
-
-    def pos_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v > 0
-
-    def bad(field: str, want: str) -> ArtifactError:
-        return ArtifactError(f"{where}: manifest field {field!r} must be {want}; re-export the model")
-
-    inp = man.get("input")
-    shape = inp.get("shape") if isinstance(inp, dict) else None
-    if not (isinstance(inp, dict) and isinstance(inp.get("name"), str)):
-        raise bad("input", "an object with a string 'name'")
-    if not (isinstance(shape, list) and len(shape) == 4 and all(map(pos_int, shape[1:]))):
-        raise bad("input.shape", "[batch, C, H, W] with positive integers C, H, W")
-    for key in ("embed_dim", "window_px"):
-        if not pos_int(man.get(key)):
-            raise bad(key, "a positive integer")
-    for key in ("modality", "precision"):
-        if not isinstance(man.get(key), str):
-            raise bad(key, "a string")
-    pre = man.get("preprocess")
-    names = {f.name for f in dataclasses.fields(PreprocessConfig)}
-    if not (
-        isinstance(pre, dict)
-        and set(pre) <= names
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pre.values())
-    ):
-        raise bad("preprocess", f"an object of finite numbers with keys among {sorted(names)}")
 
 
 class _ManifestInfo:
@@ -152,7 +115,7 @@ class OrtEncoder(_ManifestInfo):
     ) -> None:
         self.path = Path(onnx_path)
         self.manifest = read_model_manifest(self.path, verify_sha256=verify_sha256)
-        _check_manifest(self.manifest, self.path.with_suffix(".json"))
+        check_encoder_fields(self.manifest, self.path.with_suffix(".json"), "re-export the model")
         ort = _import_ort()
         so = ort.SessionOptions()
         if threads:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import os
 import signal
 import threading
@@ -39,6 +38,7 @@ from sarloc.errors import ConfigError, SarlocError
 from sarloc.runtime.fusion import FusionConfig, TrackFilter, strip_consensus
 from sarloc.runtime.localizer import Localizer, LocalizerConfig
 from sarloc.runtime.types import Fix, NavState, WindowFix, heading_vectors
+from sarloc.typed_config import build_dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -95,49 +95,6 @@ class RunConfig:
 _SUB = {"localizer": LocalizerConfig, "fusion": FusionConfig}
 
 
-def _type_ok(value: Any, hint: Any) -> bool:
-    """Is ``value`` (from TOML or a flag) acceptable for a dataclass field annotated ``hint``?"""
-    import types
-    import typing
-
-    if hint is Any:
-        return True
-    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
-        return any(_type_ok(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint is bool:
-        return isinstance(value, bool)
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool)
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if hint is str:
-        return isinstance(value, str)
-    origin = typing.get_origin(hint) or hint
-    if origin in (dict, tuple, list):
-        return isinstance(value, origin)
-    return isinstance(value, hint) if isinstance(hint, type) else True
-
-
-def _build(cls, values: dict[str, Any], where: str):
-    import typing
-
-    names = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}; accepted: {', '.join(sorted(names))}")
-    hints = typing.get_type_hints(cls)
-    for key, value in values.items():
-        if not _type_ok(value, hints.get(key, Any)):
-            want = getattr(hints.get(key), "__name__", str(hints.get(key)))
-            raise ConfigError(f"{where}: {key} = {value!r:.40} has the wrong type (expected {want})")
-    try:
-        return cls(**values)
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"{where}: {' '.join(str(e).split())}") from None
-
-
 def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:
     """A :class:`RunConfig` from a TOML file (optional) plus overrides (flags; None values are ignored).
 
@@ -171,15 +128,15 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
     for key in ("source", "export", "pack"):
         if not raw.get(key):
             raise ConfigError(f"{where}: '{key}' is required (TOML key or --{key})")
-    sub = {name: _build(cls, tables.get(name, {}), f"{where} [{name}]") for name, cls in _SUB.items()}
+    sub = {name: build_dataclass(cls, tables.get(name, {}), f"{where} [{name}]") for name, cls in _SUB.items()}
     mav = dict(tables.get("mavlink", {}))
     if "enabled" in mav:
         raw["mavlink"] = bool(mav.pop("enabled"))
     if mav:
         from sarloc.runtime.mavlink import MavlinkConfig
 
-        _build(MavlinkConfig, mav, f"{where} [mavlink]")  # validate now, not mid-flight
-    cfg = _build(RunConfig, {**raw, **sub, "mavlink_opts": mav}, where)
+        build_dataclass(MavlinkConfig, mav, f"{where} [mavlink]")  # validate now, not mid-flight
+    cfg = build_dataclass(RunConfig, {**raw, **sub, "mavlink_opts": mav}, where)
     if cfg.backend not in ("auto", "ort", "trt"):
         raise ConfigError(f"{where}: backend must be auto, ort or trt, got {cfg.backend!r}")
     if cfg.stride_px <= 0 or (cfg.prior_radius_m is not None and cfg.prior_radius_m <= 0):
@@ -248,7 +205,7 @@ def done_strips(path: Path) -> set[str]:
         for line in f:
             try:
                 r = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError):
+            except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
                 continue
             if isinstance(r, dict) and r.get("type") == "fix" and r.get("strip_id"):
                 out.add(str(r["strip_id"]))

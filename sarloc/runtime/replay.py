@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sarloc.errors import ArtifactError, SarlocError
+from sarloc.errors import ArtifactError, ConfigError, SarlocError
 
 FIX_KEYS = ("strip_id", "t_s", "xy_m", "trusted", "confidence", "n_inliers", "n_windows", "accepted")
 
@@ -28,11 +28,21 @@ def read_records(path: str | Path) -> list[dict[str, Any]]:
     for line in p.read_bytes().splitlines():
         try:
             r = json.loads(line)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             continue
         if isinstance(r, dict):
             out.append(r)
     return out
+
+
+def _close(u: Any, v: Any, tol: float) -> bool:
+    """Equal, with numbers compared within ``tol`` (NaN equals NaN) and lists element by element."""
+    num = (int, float)
+    if isinstance(u, num) and isinstance(v, num) and not isinstance(u, bool) and not isinstance(v, bool):
+        return math.isclose(u, v, rel_tol=tol, abs_tol=tol) or (math.isnan(u) and math.isnan(v))
+    if isinstance(u, list) and isinstance(v, list):
+        return len(u) == len(v) and all(_close(p, q, tol) for p, q in zip(u, v, strict=True))
+    return u == v
 
 
 def compare_fixes(a: list[dict], b: list[dict], tol: float = 1e-6) -> list[str]:
@@ -45,43 +55,55 @@ def compare_fixes(a: list[dict], b: list[dict], tol: float = 1e-6) -> list[str]:
     for x, y in zip(fa, fb, strict=False):
         for k in FIX_KEYS:
             u, v = x.get(k), y.get(k)
-            if isinstance(u, list) and isinstance(v, list):
-                same = len(u) == len(v) and all(
-                    math.isclose(p, q, rel_tol=tol, abs_tol=tol) for p, q in zip(u, v, strict=True)
-                )
-            elif isinstance(u, float) and isinstance(v, float):
-                same = math.isclose(u, v, rel_tol=tol, abs_tol=tol)
-            else:
-                same = u == v
-            if not same:
-                diffs.append(f"strip {x.get('strip_id')}: {k} {u!r} != {v!r}")
+            if not _close(u, v, tol):
+                diffs.append(f"strip {str(x.get('strip_id'))[:40]!r}: {k} {u!r:.80} != {v!r:.80}")
     return diffs
+
+
+def session_config(recs: list[dict[str, Any]], records: str | Path, out: str | Path) -> Any:
+    """The :class:`~sarloc.runtime.daemon.RunConfig` that re-runs the session of ``recs`` into ``out``.
+
+    Raises:
+        SarlocError: no start record, or its config is malformed (one line naming the records file).
+    """
+    from sarloc.runtime.daemon import load_run_config
+
+    start = next((r for r in recs if r.get("type") == "start"), None)
+    if start is None:
+        raise SarlocError(f"{records} has no start record; it is not a sarloc run record")
+    c = start.get("config")
+    if not isinstance(c, dict):
+        raise SarlocError(f"{records}: the start record has no config object; it is not a sarloc run record")
+    c = dict(c)
+    if isinstance(c.get("source"), str) and c["source"].startswith(("udp://", "tcp://")):
+        raise SarlocError("a network source cannot be replayed directly; record its strips to a folder (dir://)")
+    c.update(out=str(out), follow=False, resume=False, mavlink=False, max_strips=None)
+    sub = {k: c.pop(k, {}) for k in ("localizer", "fusion")}
+    c.pop("mavlink_opts", None)
+    if not all(isinstance(d, dict) for d in sub.values()):
+        raise SarlocError(f"{records}: the start record's localizer / fusion settings are not objects")
+    try:
+        return load_run_config(None, **c, **{f"{t}.{k}": v for t, d in sub.items() for k, v in d.items()})
+    except ConfigError as e:
+        raise SarlocError(f"{records}: the recorded config is malformed ({e})") from None
 
 
 def replay(records: str | Path, out: str | Path, compare: bool = True) -> dict[str, Any]:
     """Re-run the session of ``records`` into ``out``; returns counters, and with ``compare`` the differences."""
-    from sarloc.runtime.daemon import RunConfig, load_run_config, run
+    from sarloc.runtime.daemon import RunConfig, run
 
     recs = read_records(records)
-    start = next((r for r in recs if r.get("type") == "start"), None)
-    if start is None:
-        raise SarlocError(f"{records} has no start record; it is not a sarloc run record")
-    c = dict(start["config"])
-    if c["source"].startswith(("udp://", "tcp://")):
-        raise SarlocError("a network source cannot be replayed directly; record its strips to a folder (dir://)")
-    c.update(out=str(out), follow=False, resume=False, mavlink=False, max_strips=None)
-    sub = {k: c.pop(k) for k in ("localizer", "fusion")}
-    c.pop("mavlink_opts", None)
+    cfg = session_config(recs, records, out)
     if (Path(out) / "records.jsonl").exists():
         raise SarlocError(f"{Path(out) / 'records.jsonl'} exists; replay into an empty folder")
-    cfg = load_run_config(None, **c, **{f"{t}.{k}": v for t, d in sub.items() for k, v in d.items()})
     assert isinstance(cfg, RunConfig)
+    start = next(r for r in recs if r.get("type") == "start")
     stats = run(dataclasses.replace(cfg), install_signals=False)
     new = read_records(Path(out) / "records.jsonl")
     new_start = next(r for r in new if r.get("type") == "start")
-    if new_start["artifacts"] != start["artifacts"]:
+    if new_start.get("artifacts") != start.get("artifacts"):
         raise ArtifactError(
-            f"the artifacts changed since the recording ({start['artifacts']} -> {new_start['artifacts']}); "
+            f"the artifacts changed since the recording ({start.get('artifacts')} -> {new_start.get('artifacts')}); "
             "replay needs the same export and pack"
         )
     res: dict[str, Any] = {"strips": stats["strips"], "fixes": stats["fixes"]}
@@ -91,4 +113,4 @@ def replay(records: str | Path, out: str | Path, compare: bool = True) -> dict[s
     return res
 
 
-__all__ = ["compare_fixes", "read_records", "replay"]
+__all__ = ["compare_fixes", "read_records", "replay", "session_config"]

@@ -26,6 +26,16 @@ __all__ = ["format_report", "load_fixes", "load_truth", "plot_track", "score_fix
 _T_TOL_S = 1e-6
 
 
+def _finite(v: Any) -> bool:
+    """A finite JSON number (not a bool; integers too large for a float are not finite)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
 def load_truth(path: str | Path) -> dict[str, Any]:
     """Read and check a ``truth.json`` written by :func:`sarloc.runtime.simulate.simulate_flight`.
 
@@ -37,21 +47,23 @@ def load_truth(path: str | Path) -> dict[str, Any]:
         raise SarlocError(f"truth {path} not found; run the simulation first (simulate_flight writes truth.json)")
     try:
         truth = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SarlocError(f"truth {path}: malformed JSON ({e}); re-run the simulation") from None
+    except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        raise SarlocError(f"truth {path}: malformed JSON ({detail}); re-run the simulation") from None
     strips = truth.get("strips") if isinstance(truth, dict) else None
     if not isinstance(strips, list) or not strips:
         raise SarlocError(f"truth {path}: no 'strips' list; it is not a sarloc flight truth file")
     for k, s in enumerate(strips):
-        try:
-            vals = [float(s[f]) for f in ("t0_s", "t_end_s")] + [float(v) for v in s["vehicle_start_xy_m"]]
-            vals += [float(v) for v in s["vehicle_end_xy_m"]]
-        except (KeyError, TypeError, ValueError):
+        ok = isinstance(s, dict) and all(_finite(s.get(f)) for f in ("t0_s", "t_end_s"))
+        ok = ok and all(
+            isinstance(s.get(f), list) and len(s[f]) == 2 and all(map(_finite, s[f]))
+            for f in ("vehicle_start_xy_m", "vehicle_end_xy_m")
+        )
+        if not ok:
             raise SarlocError(
-                f"truth {path}: strip {k} lacks t0_s/t_end_s/vehicle_*_xy_m; re-run the simulation"
-            ) from None
-        if len(vals) != 6 or not all(math.isfinite(v) for v in vals):
-            raise SarlocError(f"truth {path}: strip {k} has non-finite or malformed times/positions")
+                f"truth {path}: strip {k} lacks finite t0_s, t_end_s and vehicle_start/end_xy_m [x, y]; "
+                "re-run the simulation"
+            )
     truth["_path"] = str(path)
     return truth
 
@@ -107,15 +119,14 @@ def load_fixes(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             continue
         try:
             r = json.loads(line)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):  # JSONDecodeError, and integers of > 4300 digits
             bad += 1
             if n != len(lines):
                 logger.warning("fixes %s: line %d is not valid JSON; skipped", path, n)
             continue
         if not isinstance(r, dict) or ("type" in r and r["type"] != "fix"):
             continue
-        t = r.get("t_s")
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        if not _finite(r.get("t_s")):
             bad += 1
             logger.warning("fixes %s: line %d has no finite t_s; skipped", path, n)
             continue
@@ -125,13 +136,8 @@ def load_fixes(path: str | Path) -> tuple[list[dict[str, Any]], int]:
 
 def _xy(r: dict[str, Any]) -> tuple[float, float] | None:
     v = r.get("xy_m")
-    if isinstance(v, (list, tuple)) and len(v) == 2:
-        try:
-            x, y = float(v[0]), float(v[1])
-        except (TypeError, ValueError):
-            return None
-        if math.isfinite(x) and math.isfinite(y):
-            return x, y
+    if isinstance(v, (list, tuple)) and len(v) == 2 and _finite(v[0]) and _finite(v[1]):
+        return float(v[0]), float(v[1])
     return None
 
 

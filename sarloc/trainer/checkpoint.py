@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from sarloc.artifacts import atomic_save, atomic_write_json, make_manifest, sha256_file
-from sarloc.errors import ArtifactError
+from sarloc.artifacts import atomic_save, atomic_write_json, make_manifest, read_json, sha256_file
+from sarloc.errors import ArtifactError, ConfigError
 from sarloc.trainer.config import TrainConfig
 from sarloc.trainer.models.encoder import CrossModalEncoder
 
@@ -75,14 +75,16 @@ def load_checkpoint(path: str | Path) -> tuple[CrossModalEncoder, TrainConfig, d
         raise ArtifactError(f"checkpoint {path} not found; train one with `sarloc train`")
     man_path = path.with_suffix(".json")
     if man_path.is_file():
-        try:
-            man = json.loads(man_path.read_text())
-        except json.JSONDecodeError:
-            raise ArtifactError(f"checkpoint manifest {man_path} is not valid JSON; retrain or delete it") from None
+        man = read_json(man_path, "checkpoint manifest")
         if man.get("sha256") and man["sha256"] != sha256_file(path):
             raise ArtifactError(f"checkpoint {path} does not match its manifest sha256 (modified or truncated)")
     blob = _read_blob(path)
-    cfg = TrainConfig.from_dict(json.loads(blob["config_json"]))
+    try:
+        cfg = TrainConfig.from_dict(json.loads(blob["config_json"]), where=f"checkpoint {path}: config")
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise ArtifactError(f"checkpoint {path} has no readable training config; it is corrupt, retrain") from None
+    except ConfigError as e:
+        raise ArtifactError(f"{e}; the checkpoint is corrupt or from another sarloc version, retrain") from None
     from dataclasses import replace
 
     model = CrossModalEncoder(replace(cfg.encoder, pretrained=False))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -11,6 +10,7 @@ from sarloc.errors import ConfigError
 from sarloc.preprocess import PreprocessConfig
 from sarloc.trainer.data.pairs import AugmentConfig
 from sarloc.trainer.models.encoder import EncoderConfig
+from sarloc.typed_config import build_dataclass
 
 ALIGN_MODES = ("none", "wasserstein", "classifier")
 METRIC_LOSSES = ("infonce", "triplet", "both")
@@ -82,6 +82,26 @@ class TrainConfig:
             raise ConfigError(f"metric_loss must be one of {METRIC_LOSSES}, got {self.metric_loss!r}")
         if self.steps < 1 or self.batch_size < 2 or self.window_px < 16:
             raise ConfigError("need steps >= 1, batch_size >= 2 and window_px >= 16")
+        positive = {"lr": self.lr, "temperature": self.temperature, "critic_lr": self.critic_lr}
+        non_negative = {
+            "weight_decay": self.weight_decay,
+            "warmup_steps": self.warmup_steps,
+            "margin": self.margin,
+            "align_weight": self.align_weight,
+            "align_start": self.align_start,
+            "critic_steps": self.critic_steps,
+            "gp_weight": self.gp_weight,
+            "max_minutes": self.max_minutes,
+            "threads": self.threads,
+            "bn_recalib_batches": self.bn_recalib_batches,
+        }
+        bad = [k for k, v in positive.items() if not v > 0] + [k for k, v in non_negative.items() if not v >= 0]
+        bad += [k for k, v in {"scenes_per_batch": self.scenes_per_batch, "log_every": self.log_every}.items() if v < 1]
+        if bad:
+            raise ConfigError(
+                f"training config: {', '.join(bad)} out of range (lr, temperature, critic_lr > 0; scenes_per_batch, "
+                "log_every >= 1; the other numbers >= 0)"
+            )
         if self.refiner_weight < 0 or self.refiner_k < 2 or self.refiner_lr_scale <= 0:
             raise ConfigError(
                 f"need refiner_weight >= 0, refiner_k >= 2 and refiner_lr_scale > 0, got {self.refiner_weight}, "
@@ -98,30 +118,21 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys raise ConfigError naming them."""
-        d = dict(d)
+    def from_dict(cls, d: dict[str, Any], where: str = "training config") -> TrainConfig:
+        """Inverse of :meth:`to_dict`. Unknown keys, values of the wrong type and out-of-range values raise a
+        one-line ConfigError naming the key and ``where`` (a ``--config`` file, a checkpoint)."""
+        if not isinstance(d, dict):
+            raise ConfigError(f"{where}: expected a JSON object of settings, got {type(d).__name__}")
         subs = {"encoder": EncoderConfig, "preprocess": PreprocessConfig, "augment": AugmentConfig}
-        kwargs: dict[str, Any] = {}
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ConfigError(f"unknown training config keys: {', '.join(sorted(unknown))}")
-        for k, v in d.items():
-            if k in subs:
-                sub_names = {f.name for f in dataclasses.fields(subs[k])}
-                bad = set(v) - sub_names
-                if bad:
-                    raise ConfigError(f"unknown {k} config keys: {', '.join(sorted(bad))}")
-                if k == "augment" and "speckle_looks" in v:
-                    v = {**v, "speckle_looks": tuple(v["speckle_looks"])}
-                kwargs[k] = subs[k](**v)
-            else:
-                kwargs[k] = v
-        try:
-            return cls(**kwargs)
-        except TypeError as e:
-            raise ConfigError(f"malformed training config: {e}") from None
+        kwargs = dict(d)
+        for k, sub_cls in subs.items():
+            if k not in kwargs:
+                continue
+            v = kwargs[k]
+            if k == "augment" and isinstance(v, dict) and isinstance(v.get("speckle_looks"), list):
+                v = {**v, "speckle_looks": tuple(v["speckle_looks"])}  # JSON has no tuples
+            kwargs[k] = build_dataclass(sub_cls, v, f"{where} [{k}]")
+        return build_dataclass(cls, kwargs, where)
 
     def to_json(self) -> str:
         """Indented JSON."""

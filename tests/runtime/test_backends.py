@@ -129,7 +129,11 @@ def test_auto_backend_falls_back_to_onnx_runtime(export_copy, monkeypatch, caplo
     engine.write_bytes(b"PLAN")
     from sarloc.artifacts import sha256_file
 
-    man = {"kind": ENGINE_KIND, "file": engine.name, "sha256": sha256_file(engine)}
+    onnx_man = json.loads((export_copy / "sar_encoder.json").read_text())
+    man = {k: onnx_man[k] for k in ("modality", "input", "output", "embed_dim", "window_px", "preprocess")}
+    man |= {"kind": ENGINE_KIND, "file": engine.name, "sha256": sha256_file(engine), "precision": "fp32"}
+    man |= {"tensorrt_version": "10.3.0", "gpu_name": "Orin", "compute_capability": "8.7"}
+    man |= {"onnx": {"file": "sar_encoder.onnx"}, "profiles": [{"max": [32, *onnx_man["input"]["shape"][1:]]}]}
     (export_copy / "sar_encoder.engine.json").write_text(json.dumps(man))
     caplog.clear()
     assert isinstance(load_encoder(export_copy, "sar", backend="auto", threads=1), OrtEncoder)
