@@ -11,7 +11,8 @@ another exception. Parsers here:
 * calibration sets: ``read_calibration_manifest`` / ``calibration_problems`` on a damaged manifest or ``.npy``;
 * the daemon's records: ``load_fixes`` / ``score_fixes`` / ``load_truth`` (``sarloc report``), ``read_records`` /
   ``compare_fixes`` / ``session_config`` (``sarloc replay``) and ``done_strips`` (``resume``);
-* ``read_checkpoint_sha256`` (a checkpoint's ``checkpoint.json`` as the export reads it).
+* ``read_checkpoint_sha256`` (a checkpoint's ``checkpoint.json`` as the export reads it);
+* GeoTIFF basemaps: ``open_basemap`` + ``read`` (``sarloc map build``'s reader) on small, odd or damaged GeoTIFFs.
 """
 
 from __future__ import annotations
@@ -40,7 +41,9 @@ from test_fuzz_parsers import (
 from sarloc.artifacts import sha256_bytes
 from sarloc.errors import SarlocError
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::RuntimeWarning", "ignore::UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::PendingDeprecationWarning", "ignore::RuntimeWarning", "ignore::UserWarning"
+)
 
 
 @pytest.fixture(scope="module")
@@ -400,3 +403,73 @@ def test_read_checkpoint_sha256(work, data):
     )
     sha = outcome("checkpoint manifest: read_checkpoint_sha256 (export)", lambda: read_checkpoint_sha256(ckpt))
     assert isinstance(sha, str) and len(sha) == 64
+
+
+# ================================================================================================ 6. GeoTIFF basemaps
+
+GEOTIFF_DTYPES = ["uint8", "uint16", "int16", "int32", "float32", "float64", "complex64"]
+GEOTIFF_CRS = [None, "EPSG:32631", "EPSG:4326", "EPSG:3857", "EPSG:2154", "+proj=ortho +lat_0=40 +lon_0=10"]
+
+
+@st.composite
+def geotiffs(draw) -> bytes:
+    """A small GeoTIFF of a random dtype, band count, CRS, pixel size and nodata, whole or damaged."""
+    rasterio = pytest.importorskip("rasterio")
+    from rasterio.io import MemoryFile
+    from rasterio.transform import Affine
+
+    dtype = draw(st.sampled_from(GEOTIFF_DTYPES))
+    count = draw(st.integers(1, 5))
+    h, w = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    crs = draw(st.sampled_from(GEOTIFF_CRS))
+    geographic = crs == "EPSG:4326"
+    res = draw(st.sampled_from([1e-5, 1e-4, 0.5, 10.0, 1e4] if geographic else [1e-3, 0.5, 10.0, 30.0, 1e5]))
+    x0 = draw(st.sampled_from([2.35, -179.99, 179.9]) if geographic else st.sampled_from([440000.0, 0.0, -2e7]))
+    y0 = draw(st.sampled_from([48.85, 89.99, -89.0]) if geographic else st.sampled_from([5400000.0, 0.0, 1e7]))
+    rot = draw(st.sampled_from([0.0, 0.0, 0.1 * res]))
+    transform = Affine(res, rot, x0, rot, -res, y0)
+    rng = np.random.default_rng(draw(st.integers(0, 2**16)))
+    data = (rng.random((count, h, w)) * 200).astype(dtype)
+    if np.issubdtype(data.dtype, np.floating) and draw(st.booleans()):
+        data.reshape(-1)[rng.integers(0, data.size, max(1, data.size // 4))] = draw(st.sampled_from([np.nan, np.inf]))
+    nodata = draw(st.sampled_from([None, 0, 255]))
+    if nodata is not None and dtype in ("complex64",):
+        nodata = None
+    with MemoryFile() as mem:
+        with mem.open(driver="GTiff", width=w, height=h, count=count, dtype=dtype, crs=crs, transform=transform,
+                      nodata=nodata) as dst:  # fmt: skip
+            dst.write(data)
+        raw = bytes(mem.read())
+    del rasterio
+    kind = draw(st.sampled_from(["whole", "whole", "cut", "flip"]))
+    if kind == "cut":
+        return raw[: draw(st.integers(0, len(raw)))]
+    if kind == "flip":
+        b = bytearray(raw)
+        for _ in range(draw(st.integers(1, 6))):
+            b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
+        return bytes(b)
+    return raw
+
+
+@fuzz(1000)
+@given(tif=geotiffs())
+def test_geotiff_basemap(work, tif):
+    from sarloc.mappack.basemap import open_basemap
+
+    p = write(work / "basemap.tif", tif)
+
+    def load() -> tuple[Any, np.ndarray, np.ndarray]:
+        bm = open_basemap(p)
+        try:
+            g = bm.grid
+            lum, valid = bm.read(0, 0, min(g.width_px, 32), min(g.height_px, 32))
+            return g, lum, valid
+        finally:
+            bm.close()
+
+    got = outcome("GeoTIFF basemaps: open_basemap + read", load)
+    if isinstance(got, tuple):  # accepted: a metric grid and a luminance whose valid pixels are finite
+        g, lum, valid = got
+        assert g.width_px >= 1 and g.height_px >= 1 and g.gsd_m > 0 and math.isfinite(g.gsd_m)
+        assert lum.shape == valid.shape and lum.dtype == np.float32 and np.isfinite(lum[valid]).all()

@@ -193,7 +193,7 @@ def calibration_problems(
         return [str(e)]
     problems = []
     if man.get("format") != CALIB_FORMAT:
-        problems.append(f"format {man.get('format')} != {CALIB_FORMAT}")
+        problems.append(f"format {man.get('format')!r:.40} != {CALIB_FORMAT}")
     files = man.get("files") or {}
     for name in [f"{m}.npy" for m in MODALITIES] + [INDEX_FILE]:
         p = calib_dir / name
@@ -219,9 +219,9 @@ def calibration_problems(
         if len(arr) == 0:
             problems.append(f"{m}.npy is empty")
     if man.get("preprocess") != prep.to_dict():
-        problems.append(f"preprocessing {man.get('preprocess')} differs from the model's {prep.to_dict()}")
+        problems.append(f"preprocessing {man.get('preprocess')!r:.200} differs from the model's {prep.to_dict()}")
     if expect_sha256 and man.get("sha256") != expect_sha256:
-        problems.append(f"set sha256 {str(man.get('sha256'))[:12]} differs from the expected {expect_sha256[:12]}")
+        problems.append(f"set sha256 {str(man.get('sha256'))[:12]!r} differs from the expected {expect_sha256[:12]}")
     if check_scenes:
         for s in man.get("scenes") or []:
             d = Path(s.get("path", ""))
@@ -231,10 +231,10 @@ def calibration_problems(
             try:
                 now = scene_fingerprint(d)
             except (ArtifactError, SceneError) as e:
-                problems.append(f"scene {s.get('name')} is unreadable ({e})")
+                problems.append(f"scene {s.get('name')!r:.60} is unreadable ({e})")
                 continue
             if any(now[k] != s.get(k) for k in ("optical_sha256", "sar_sha256")):
-                problems.append(f"scene {s.get('name')} changed since the set was built")
+                problems.append(f"scene {s.get('name')!r:.60} changed since the set was built")
     return problems
 
 
@@ -263,7 +263,8 @@ def ensure_calibration_set(
         if want_paths != have_paths:
             problems.append("it was drawn from other scenes")
         if man.get("n_per_scene") != n_per_scene or man.get("seed") != seed:
-            problems.append(f"it was drawn with n_per_scene={man.get('n_per_scene')}, seed={man.get('seed')}")
+            drawn = f"n_per_scene={man.get('n_per_scene')!r:.20}, seed={man.get('seed')!r:.20}"
+            problems.append(f"it was drawn with {drawn}")
     if not problems:
         logger.info("reusing calibration set %s", out)
         return out

@@ -119,6 +119,11 @@ def _import_rasterio():
     return rasterio
 
 
+def _detail(e: BaseException) -> str:
+    """A library error's message on one short line."""
+    return " ".join(str(e).split())[:200] or type(e).__name__
+
+
 def metric_crs_for(src_crs: Any, lon_deg: float, lat_deg: float) -> str:
     """The local metric CRS of a basemap: its own CRS when projected in metres, else the UTM zone of its centre."""
     import pyproj
@@ -144,10 +149,6 @@ class RasterBasemap:
         self, path: str | Path, gsd_m: float | None = None, metric_crs: str | None = None, resampling: str = "bilinear"
     ) -> None:
         rasterio = _import_rasterio()
-        from rasterio.enums import Resampling
-        from rasterio.vrt import WarpedVRT
-        from rasterio.warp import calculate_default_transform
-        from rasterio.warp import transform as warp_transform
 
         self.path = Path(path)
         if not self.path.is_file():
@@ -155,10 +156,33 @@ class RasterBasemap:
         try:
             self._src = rasterio.open(self.path)
         except Exception as e:  # rasterio raises RasterioIOError and friends
-            raise SarlocError(f"basemap {self.path} could not be opened ({e}); is it a GeoTIFF?") from None
+            raise SarlocError(f"basemap {self.path} could not be opened ({_detail(e)}); is it a GeoTIFF?") from None
+        try:
+            self._place(gsd_m, metric_crs, resampling)
+        except SarlocError:
+            self._src.close()
+            raise
+        except Exception as e:  # GDAL / PROJ errors: a point outside the projection's domain, a singular transform
+            self._src.close()
+            raise SarlocError(
+                f"basemap {self.path}: cannot be placed on a metric grid ({_detail(e)}); check its CRS and "
+                "geotransform, or pass --metric-crs"
+            ) from None
+
+    def _place(self, gsd_m: float | None, metric_crs: str | None, resampling: str) -> None:
+        """The metric grid and the warped virtual raster (``__init__``'s geometry)."""
+        from rasterio.enums import Resampling
+        from rasterio.vrt import WarpedVRT
+        from rasterio.warp import calculate_default_transform
+        from rasterio.warp import transform as warp_transform
+
         src = self._src
+        if np.dtype(src.dtypes[0]).kind == "c":
+            raise SarlocError(
+                f"basemap {self.path} has complex pixels ({src.dtypes[0]}); the basemap is an optical image, give "
+                "it as real-valued bands"
+            )
         if src.crs is None or src.transform.is_identity:
-            src.close()
             raise SarlocError(
                 f"basemap {self.path} has no CRS/geotransform; geo-reference it (gdal_translate -a_srs/-a_ullr) "
                 "or pass a scene folder"
@@ -181,7 +205,6 @@ class RasterBasemap:
             x0, y0 = src.transform.c, src.transform.f  # same north-up CRS: keep the source's pixel corner
         width, height = math.floor((x1 - x0) / gsd), math.floor((y0 - y1) / gsd)
         if width < 1 or height < 1:
-            src.close()
             raise SarlocError(f"basemap {self.path} is smaller than one {gsd:.2f} m pixel; lower --tile-m")
         from rasterio.transform import from_origin
 
@@ -216,9 +239,16 @@ class RasterBasemap:
         from rasterio.windows import Window
 
         win = Window(col0, row0, width, height)
-        data = self._vrt.read(self._bands, window=win)
-        mask = self._vrt.dataset_mask(window=win) > 0
-        return luminance(data), mask
+        try:
+            data = self._vrt.read(self._bands, window=win)
+            valid = self._vrt.dataset_mask(window=win) > 0
+        except Exception as e:  # a truncated or corrupt file fails only when its pixels are read
+            raise SarlocError(
+                f"basemap {self.path}: reading pixels failed ({_detail(e)}); the file is truncated or corrupt, "
+                "re-export it"
+            ) from None
+        lum = luminance(data)
+        return lum, valid & np.isfinite(lum)  # NaN / Inf pixels are no data too
 
     def close(self) -> None:
         """Close the virtual raster and the file."""

@@ -96,12 +96,17 @@ def test_stale_sets_are_detected(synth_scenes, tmp_path):
     assert any("expected" in p for p in calibration_problems(out, 64, prep, expect_sha256="f" * 64))
     # a source scene replaced after the set was built
     shutil.copy(scenes / "s2" / "optical.png", scenes / "s1" / "optical.png")
-    assert any("scene synth_seed1 changed" in p for p in calibration_problems(out, 64, prep))
+    assert any("scene 'synth_seed1' changed" in p for p in calibration_problems(out, 64, prep))
     assert calibration_problems(out, 64, prep, check_scenes=False) == []
     # a truncated array
     p = out / "sar.npy"
     p.write_bytes(p.read_bytes()[:-100])
     assert any("sar.npy does not match its sha256" in p for p in calibration_problems(out, 64, prep))
+    # values quoted from the manifest stay on one line (exploring fuzz run: a "format" of "\r")
+    man = json.loads((out / "manifest.json").read_text())
+    (out / "manifest.json").write_text(json.dumps({**man, "format": "\r", "preprocess": "a\nb"}))
+    probs = calibration_problems(out, 64, prep)
+    assert any("format '\\r' != " in p for p in probs) and all(len(p.splitlines()) == 1 for p in probs), probs
     (out / "manifest.json").unlink()
     assert "not found" in calibration_problems(out, 64, prep)[0]
 

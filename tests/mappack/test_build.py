@@ -182,6 +182,19 @@ def test_build_errors_are_one_line(synth_scene, tiny_export, tmp_path, scene_pac
         build_map_pack(tmp_path / "nope.tif", tiny_export, tmp_path / "r", progress=False)
 
 
+def test_map_build_on_a_truncated_geotiff_exits_1_and_writes_no_pack(synth_scene, tiny_export, tmp_path, capsys):
+    """Regression (artefact fuzzing): a GeoTIFF cut short opens, then failed with a rasterio traceback mid-build."""
+    tif = _write_geotiff_4326(synth_scene, tmp_path / "basemap.tif")
+    raw = tif.read_bytes()
+    tif.write_bytes(raw[: len(raw) * 2 // 3])
+    out = tmp_path / "pack"
+    args = ["map", "build", "--basemap", str(tif), "--encoder", str(tiny_export / "optical_encoder.onnx")]
+    assert main([*args, "--out", str(out), "--stride-px", "16", "--threads", "1", "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "reading pixels failed" in err[0] and "re-export it" in err[0], err
+    assert not (out / "pack.json").exists()
+
+
 def test_cli_map_build_info_verify_and_eval_with_pack(synth_scene, tiny_export, tmp_path, capsys):
     out = tmp_path / "clipack"
     args = ["map", "build", "--basemap", str(synth_scene), "--encoder", str(tiny_export / "optical_encoder.onnx")]
