@@ -29,6 +29,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_fuzz_parsers import (
     TINY_MAN,
+    cut_or_flipped,
     fuzz,
     json_text_damage,
     json_value_huge,
@@ -247,20 +248,15 @@ def test_calibration_manifest_mutated(calib_base, data):
 def test_calibration_npy_damaged(calib_base, data):
     _, files = calib_base
     name = data.draw(st.sampled_from(sorted(n for n in files if n != "manifest.json")))
-    b = bytearray(files[name])
     kind = data.draw(st.sampled_from(["cut", "flip", "missing"]))
-    if kind == "cut":
-        b = b[: data.draw(st.integers(0, len(b)))]
-    elif kind == "flip":
-        for _ in range(data.draw(st.integers(1, 6))):
-            b[data.draw(st.integers(0, max(0, len(b) - 1)))] = data.draw(st.integers(0, 255))
-    new = {**files, name: bytes(b)}
+    b = files[name] if kind == "missing" else data.draw(cut_or_flipped(files[name], kind, max_flips=6))
+    new = {**files, name: b}
     if kind == "missing":
         del new[name]
     if data.draw(st.booleans()):  # keep the recorded sha256 consistent so that the array checks are reached
         man = json.loads(files["manifest.json"])
         if isinstance(man.get("files"), dict):
-            man["files"][name] = sha256_bytes(bytes(b))
+            man["files"][name] = sha256_bytes(b)
         new["manifest.json"] = json.dumps(man).encode()
     _calib_case(calib_base, new)
 
@@ -442,14 +438,7 @@ def geotiffs(draw) -> bytes:
         raw = bytes(mem.read())
     del rasterio
     kind = draw(st.sampled_from(["whole", "whole", "cut", "flip"]))
-    if kind == "cut":
-        return raw[: draw(st.integers(0, len(raw)))]
-    if kind == "flip":
-        b = bytearray(raw)
-        for _ in range(draw(st.integers(1, 6))):
-            b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
-        return bytes(b)
-    return raw
+    return raw if kind == "whole" else draw(cut_or_flipped(raw, kind, max_flips=6))
 
 
 @fuzz(1000)

@@ -242,17 +242,23 @@ json_value_huge = st.one_of(json_value, st.just("HUGE"))
 
 
 @st.composite
+def cut_or_flipped(draw, data: bytes, kind: str, max_flips: int = 4) -> bytes:
+    """``data`` cut at a random byte (``kind="cut"``) or with 1..max_flips bytes overwritten (``"flip"``)."""
+    if kind == "cut" or not data:
+        return data[: draw(st.integers(0, len(data)))]
+    b = bytearray(data)
+    for _ in range(draw(st.integers(1, max_flips))):
+        b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
+    return bytes(b)
+
+
+@st.composite
 def json_text_damage(draw, text: str) -> bytes:
     """Raw damage to a valid JSON document: truncation, byte flips, invalid UTF-8, deep nesting, huge numbers."""
     data = text.encode("utf-8", "surrogatepass")
     kind = draw(st.sampled_from(["cut", "flip", "utf8", "deep", "huge", "bytes"]))
-    if kind == "cut":
-        return data[: draw(st.integers(0, len(data)))]
-    if kind == "flip":
-        b = bytearray(data)
-        for _ in range(draw(st.integers(1, 4))):
-            b[draw(st.integers(0, len(b) - 1))] = draw(st.integers(0, 255))
-        return bytes(b)
+    if kind in ("cut", "flip"):
+        return draw(cut_or_flipped(data, kind))
     if kind == "utf8":
         i = draw(st.integers(0, len(data)))
         return data[:i] + b"\xff\xfe\xc3" + data[i:]
