@@ -79,19 +79,25 @@ def read_image(path: str | Path, what: str = "image") -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def _to_float32(arr: np.ndarray) -> np.ndarray:
+    """``arr`` as float32; values beyond the float32 range become inf (and are then replaced by ``_finite``)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return arr.astype(np.float32)
+
+
 def _finite(arr: np.ndarray, what: str) -> np.ndarray:
     bad = ~np.isfinite(arr)
     if bad.all():
         raise SceneError(f"{what}: no finite pixels; the image is unusable")
     if bad.any():
         arr = arr.copy()
-        arr[bad] = float(np.mean(arr[~bad]))
+        arr[bad] = float(np.mean(arr[~bad], dtype=np.float64))  # a float32 sum of large pixels would overflow
     return arr
 
 
 def normalise_optical(arr: np.ndarray, scale: str, what: str = "optical") -> np.ndarray:
     """Stored optical pixels -> float32 (H, W, C) reflectance-like values in about [0, 1]."""
-    a = _finite(arr.astype(np.float32), what)
+    a = _finite(_to_float32(arr), what)
     if scale == "display8":
         a = a / (255.0 if arr.dtype != np.uint16 else 65535.0)
     elif scale == "reflectance_1e4":
@@ -110,7 +116,7 @@ def normalise_sar(arr: np.ndarray, scale: str, what: str = "sar") -> np.ndarray:
     ``linear_0_1`` (power) and ``db`` become decibels; ``display8`` (already display-scaled, usually log-like
     amplitude) becomes its 8-bit value / 255 * 40 - 30, a pseudo-dB range so every scale has similar spread.
     """
-    a = arr.astype(np.float32)
+    a = _to_float32(arr)
     if scale == "linear_0_1":
         a = 10.0 * np.log10(np.maximum(_finite(a, what), 1e-6))
     elif scale == "db":

@@ -129,3 +129,11 @@ def test_real_scenes_load(name):
     if s.frame.georeferenced:
         lon, lat = s.frame.pixel_to_lonlat(0.5, 0.5)
         assert -180 <= float(lon) <= 180 and -90 <= float(lat) <= 90
+
+
+def test_pixels_beyond_float32_are_replaced_by_a_finite_mean():
+    """Regression (exploring fuzz run): float64 pixels near the float32 maximum became inf on the cast, and the
+    float32 mean that replaces them overflowed too, so a strip decoded with an inf pixel."""
+    raw = np.array([[1.70141178e38, 1.70141168e38, 3.40282357e38]])  # the last one rounds to inf in float32
+    for out in (normalise_sar(raw, "linear_0_1"), normalise_sar(raw, "db"), normalise_optical(raw, "linear_0_1")):
+        assert out.dtype == np.float32 and np.isfinite(out).all()
