@@ -18,6 +18,7 @@ import numpy as np
 
 from sarloc.errors import SceneError
 from sarloc.geo import GeoFrame, TileGrid
+from sarloc.typed_config import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -180,16 +181,6 @@ class Scene:
         return self.frame.mean_gsd_m
 
 
-def _finite_number(v: Any) -> bool:
-    """A JSON number (not a bool) that is finite as a float."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:  # an int beyond the float range
-        return False
-
-
 def _field(meta: dict[str, Any], key: str, typ: type | tuple[type, ...], path: Path, optional: bool = False):
     if key not in meta or meta[key] is None:
         if optional:
@@ -291,11 +282,11 @@ def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
         gsd = [est, est] if est is not None else [1.0, 1.0]
     if isinstance(gsd, (int, float)):
         gsd = [gsd, gsd]
-    if not (isinstance(gsd, list) and len(gsd) == 2 and all(_finite_number(v) and v > 0 for v in gsd)):
+    if not (isinstance(gsd, list) and len(gsd) == 2 and all(finite_number(v) is not None and v > 0 for v in gsd)):
         raise SceneError(f"{meta_json}: field 'gsd_m' must be [x, y] positive metres per pixel, got {gsd!r:.80}")
     if crs is not None and not isinstance(crs, str):
         raise SceneError(f"{meta_json}: field 'crs' must be a string such as 'EPSG:32631'")
-    if gt is not None and not (isinstance(gt, list) and len(gt) == 6 and all(map(_finite_number, gt))):
+    if gt is not None and not (isinstance(gt, list) and len(gt) == 6 and all(finite_number(v) is not None for v in gt)):
         raise SceneError(f"{meta_json}: field 'geotransform' must be a list of 6 finite numbers (GDAL order)")
     if gt is not None:
         x0, dx, rx, y0, ry, dy = (float(v) for v in gt)

@@ -18,6 +18,18 @@ from sarloc.errors import ConfigError
 T = TypeVar("T")
 
 
+def finite_number(v: Any) -> float | None:
+    """``v`` as a finite float, or None when it is not a finite JSON number (bools excluded, and integers too large
+    for a float, which ``math.isfinite`` would raise ``OverflowError`` on)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        f = float(v)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 def type_ok(value: Any, hint: Any) -> bool:
     """Is ``value`` acceptable for a dataclass field annotated ``hint``?
 
@@ -35,7 +47,7 @@ def type_ok(value: Any, hint: Any) -> bool:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return finite_number(value) is not None
     if hint is str:
         return isinstance(value, str)
     origin = typing.get_origin(hint) or hint

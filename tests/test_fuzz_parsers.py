@@ -158,6 +158,7 @@ INTERESTING = [
     2**63,
     -(2**63) - 1,
     10**30,
+    10**400,  # parses from JSON and TOML, but is beyond the float range (math.isfinite raises OverflowError)
     1e308,
     -1e308,
     5e-324,

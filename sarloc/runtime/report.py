@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,22 +17,13 @@ import numpy as np
 
 from sarloc.artifacts import atomic_save
 from sarloc.errors import SarlocError
+from sarloc.typed_config import finite_number
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["format_report", "load_fixes", "load_truth", "plot_track", "score_fixes", "truth_at"]
 
 _T_TOL_S = 1e-6
-
-
-def _finite(v: Any) -> bool:
-    """A finite JSON number (not a bool; integers too large for a float are not finite)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(float(v))
-    except OverflowError:
-        return False
 
 
 def load_truth(path: str | Path) -> dict[str, Any]:
@@ -54,9 +44,9 @@ def load_truth(path: str | Path) -> dict[str, Any]:
     if not isinstance(strips, list) or not strips:
         raise SarlocError(f"truth {path}: no 'strips' list; it is not a sarloc flight truth file")
     for k, s in enumerate(strips):
-        ok = isinstance(s, dict) and all(_finite(s.get(f)) for f in ("t0_s", "t_end_s"))
+        ok = isinstance(s, dict) and all(finite_number(s.get(f)) is not None for f in ("t0_s", "t_end_s"))
         ok = ok and all(
-            isinstance(s.get(f), list) and len(s[f]) == 2 and all(map(_finite, s[f]))
+            isinstance(s.get(f), list) and len(s[f]) == 2 and all(finite_number(v) is not None for v in s[f])
             for f in ("vehicle_start_xy_m", "vehicle_end_xy_m")
         )
         if not ok:
@@ -126,7 +116,7 @@ def load_fixes(path: str | Path) -> tuple[list[dict[str, Any]], int]:
             continue
         if not isinstance(r, dict) or ("type" in r and r["type"] != "fix"):
             continue
-        if not _finite(r.get("t_s")):
+        if finite_number(r.get("t_s")) is None:
             bad += 1
             logger.warning("fixes %s: line %d has no finite t_s; skipped", path, n)
             continue
@@ -136,7 +126,12 @@ def load_fixes(path: str | Path) -> tuple[list[dict[str, Any]], int]:
 
 def _xy(r: dict[str, Any]) -> tuple[float, float] | None:
     v = r.get("xy_m")
-    if isinstance(v, (list, tuple)) and len(v) == 2 and _finite(v[0]) and _finite(v[1]):
+    if (
+        isinstance(v, (list, tuple))
+        and len(v) == 2
+        and finite_number(v[0]) is not None
+        and finite_number(v[1]) is not None
+    ):
         return float(v[0]), float(v[1])
     return None
 

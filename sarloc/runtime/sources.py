@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import socket
 import struct
 import threading
@@ -39,6 +38,7 @@ import numpy as np
 from sarloc.errors import SarlocError
 from sarloc.runtime.types import Strip, StripMeta
 from sarloc.scene import SAR_SCALES, normalise_sar, read_image, to_single_band
+from sarloc.typed_config import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -122,24 +122,13 @@ class SourceStats:
 # sidecar / metadata
 
 
-def _finite(v: Any) -> float | None:
-    """``v`` as a finite float, or None when it is not a finite JSON number (bools excluded)."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    try:
-        f = float(v)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
-
-
 def _num(obj: dict[str, Any], key: str, where: str, *, optional: bool = False, positive: bool = False):
     v = obj.get(key)
     if v is None:
         if optional:
             return None
         raise SarlocError(f"{where}: field {key!r} is missing; add it (strip metadata schema: docs/runtime_io.md)")
-    f = _finite(v)
+    f = finite_number(v)
     if f is None or (positive and f <= 0):
         kind = "a positive finite number" if positive else "a finite number"
         raise SarlocError(f"{where}: field {key!r} must be {kind}, got {v!r:.40}; fix the strip metadata")
@@ -150,7 +139,7 @@ def _pair(obj: dict[str, Any], key: str, where: str) -> tuple[float, float] | No
     v = obj.get(key)
     if v is None:
         return None
-    xy = [_finite(x) for x in v] if isinstance(v, (list, tuple)) and len(v) == 2 else [None]
+    xy = [finite_number(x) for x in v] if isinstance(v, (list, tuple)) and len(v) == 2 else [None]
     if any(x is None for x in xy):
         raise SarlocError(f"{where}: field {key!r} must be [x, y] (two finite numbers) or null, got {v!r:.40}")
     return (xy[0], xy[1])  # type: ignore[return-value]

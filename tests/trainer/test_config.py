@@ -18,6 +18,7 @@ from sarloc.trainer.config import TrainConfig, resolve_config
         ({"steps": 300.0}, r"steps = 300.0 has the wrong type"),
         ({"lr": True}, r"lr = True has the wrong type \(expected float\)"),
         ({"lr": float("nan")}, r"lr = nan has the wrong type"),
+        ({"lr": 10**400}, r"lr = 1000.* has the wrong type"),  # beyond the float range: was an OverflowError
         ({"lr": 0.0}, r"lr.* out of range"),
         ({"temperature": -0.1}, r"temperature.* out of range"),
         ({"log_every": 0}, r"log_every out of range"),
