@@ -36,6 +36,7 @@ from typing import Any
 
 from sarloc.errors import ConfigError, SarlocError
 from sarloc.runtime.types import NavState
+from sarloc.typed_config import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class MavlinkConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ConfigError:
-            return ConfigError(f"mavlink config: {name}={getattr(self, name)!r} is invalid; {fix}")
+            return ConfigError(f"mavlink config: {name}={getattr(self, name)!r:.60} is invalid; {fix}")
 
         if not isinstance(self.url, str) or not self.url.strip():
             raise bad("url", "give a pymavlink connection string such as udpout:127.0.0.1:14550")
@@ -166,7 +167,8 @@ class MavlinkConfig:
             ("reconnect_max_s", 3600.0),
         ):
             v = getattr(self, name)
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 < v <= hi:
+            f = finite_number(v)
+            if f is None or not 0 < f <= hi:
                 raise bad(name, f"use a number in (0, {hi:g}]")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise bad("reconnect_max_s", "make it >= reconnect_min_s")

@@ -31,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from sarloc.errors import SarlocError
+from sarloc.typed_config import finite_number
 
 
 @dataclass(frozen=True)
@@ -63,20 +64,23 @@ class StripMeta:
     prior_sigma_m: float | None = None
 
     def __post_init__(self) -> None:
+        def positive(v: Any) -> bool:
+            f = finite_number(v)
+            return f is not None and f > 0
+
         bad = []
-        if not (isinstance(self.gsd_m, (int, float)) and math.isfinite(self.gsd_m) and self.gsd_m > 0):
-            bad.append(f"gsd_m={self.gsd_m!r} (must be > 0)")
-        rate = self.row_rate_hz
-        if not (isinstance(rate, (int, float)) and math.isfinite(rate) and rate > 0):
-            bad.append(f"row_rate_hz={self.row_rate_hz!r} (must be > 0)")
-        if not (isinstance(self.t0_s, (int, float)) and math.isfinite(self.t0_s)):
-            bad.append(f"t0_s={self.t0_s!r} (must be finite)")
-        if self.heading_deg is not None and not math.isfinite(float(self.heading_deg)):
-            bad.append(f"heading_deg={self.heading_deg!r} (must be finite or null)")
-        if not math.isfinite(float(self.across_offset_m)):
-            bad.append(f"across_offset_m={self.across_offset_m!r}")
-        if self.prior_sigma_m is not None and not (math.isfinite(float(self.prior_sigma_m)) and self.prior_sigma_m > 0):
-            bad.append(f"prior_sigma_m={self.prior_sigma_m!r} (must be > 0)")
+        if not positive(self.gsd_m):
+            bad.append(f"gsd_m={self.gsd_m!r:.40} (must be > 0)")
+        if not positive(self.row_rate_hz):
+            bad.append(f"row_rate_hz={self.row_rate_hz!r:.40} (must be > 0)")
+        if finite_number(self.t0_s) is None:
+            bad.append(f"t0_s={self.t0_s!r:.40} (must be finite)")
+        if self.heading_deg is not None and finite_number(self.heading_deg) is None:
+            bad.append(f"heading_deg={self.heading_deg!r:.40} (must be finite or null)")
+        if finite_number(self.across_offset_m) is None:
+            bad.append(f"across_offset_m={self.across_offset_m!r:.40}")
+        if self.prior_sigma_m is not None and not positive(self.prior_sigma_m):
+            bad.append(f"prior_sigma_m={self.prior_sigma_m!r:.40} (must be > 0)")
         if bad:
             raise SarlocError(f"strip {self.strip_id!r}: bad metadata: {', '.join(bad)}")
 

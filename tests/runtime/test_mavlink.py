@@ -684,3 +684,11 @@ def test_unreadable_key_file_is_a_config_error(tmp_path):
     p = key_file(tmp_path, mode=0o000)
     with pytest.raises(ConfigError):
         load_signing_key(p)
+
+
+def test_config_number_beyond_float_range_is_refused():
+    """An integer beyond the float range gave OverflowError in MavlinkConfig's rate checks."""
+    from sarloc.runtime.mavlink import MavlinkConfig
+
+    with pytest.raises(ConfigError, match=r"gps_rate_hz=1000.* is invalid"):
+        MavlinkConfig(gps_rate_hz=10**400)

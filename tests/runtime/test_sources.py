@@ -419,3 +419,13 @@ def test_decoder_skips_intact_frames_over_the_limits():
     out = dec.feed(encode_frame(big.meta, big.pixels) + encode_frame(small.meta, small.pixels))
     assert [b.meta.strip_id for b in out] == ["small"]
     assert dec.stats.dropped_malformed == 1 and dec.stats.resyncs == 0 and dec.stats.dropped_crc == 0
+
+
+@pytest.mark.parametrize("field", ["gsd_m", "row_rate_hz", "t0_s", "heading_deg", "across_offset_m", "prior_sigma_m"])
+def test_strip_meta_number_beyond_float_range_is_refused(field):
+    """An integer beyond the float range (JSON parses it) gave OverflowError in StripMeta's checks."""
+    from sarloc.runtime.types import StripMeta
+
+    kw = dict(strip_id="s", gsd_m=2.0, heading_deg=10.0, t0_s=0.0, row_rate_hz=5.0) | {field: 10**400}
+    with pytest.raises(SarlocError, match=f"bad metadata: {field}=1000"):
+        StripMeta(**kw)
