@@ -39,7 +39,12 @@ def _close(u: Any, v: Any, tol: float) -> bool:
     """Equal, with numbers compared within ``tol`` (NaN equals NaN) and lists element by element."""
     num = (int, float)
     if isinstance(u, num) and isinstance(v, num) and not isinstance(u, bool) and not isinstance(v, bool):
-        return math.isclose(u, v, rel_tol=tol, abs_tol=tol) or (math.isnan(u) and math.isnan(v))
+        if u == v:
+            return True
+        try:
+            return math.isclose(u, v, rel_tol=tol, abs_tol=tol) or (math.isnan(u) and math.isnan(v))
+        except OverflowError:  # an integer beyond the float range, unequal to the other value
+            return False
     if isinstance(u, list) and isinstance(v, list):
         return len(u) == len(v) and all(_close(p, q, tol) for p, q in zip(u, v, strict=True))
     return u == v

@@ -201,3 +201,13 @@ def test_config_errors(tmp_path):
         load_run_config(bad)
     assert main(["run", "--config", str(bad)]) == 1
     assert main(["run", "--source", "dir://x", "--export", str(tmp_path), "--pack", str(tmp_path)]) == 1
+
+
+def test_compare_fixes_handles_any_json_values():
+    """Regression (exploring fuzz run): an integer beyond the float range raised OverflowError in compare_fixes."""
+    from sarloc.runtime.replay import compare_fixes
+
+    rec = {"type": "fix", "strip_id": "s", "t_s": 10**400, "xy_m": [float("nan"), ["a"]], "confidence": 0.5}
+    assert compare_fixes([rec], [rec]) == []
+    diffs = compare_fixes([rec], [{**rec, "t_s": 1.0, "confidence": 0.5 + 1e-9}])
+    assert len(diffs) == 1 and diffs[0].startswith("strip 's': t_s 1000") and diffs[0].endswith("!= 1.0")
