@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sarloc import __version__
-from sarloc.errors import ArtifactError
+from sarloc.errors import ArtifactError, brief
 
 MANIFEST_SCHEMA = 1
 
@@ -142,7 +142,7 @@ def load_npy(path: str | Path, what: str, fix: str) -> Any:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as e:  # truncated, a corrupt header (numpy raises ValueError, SyntaxError, TokenError...), pickled
-        detail = " ".join(str(e).split())[:200]
+        detail = brief(e)
         raise ArtifactError(
             f"{what}: {path} is truncated or not a .npy file ({type(e).__name__}: {detail}); {fix}"
         ) from None

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from sarloc import __version__
-from sarloc.errors import ConfigError, SarlocError
+from sarloc.errors import ConfigError, SarlocError, brief
 
 logger = logging.getLogger("sarloc.cli")
 
@@ -62,7 +62,7 @@ def read_config_json(path: str | Path) -> dict:
     except FileNotFoundError:
         raise ConfigError(f"--config {path} not found") from None
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        detail = " ".join(str(e).split())[:200]
+        detail = brief(e)
         raise ConfigError(f"--config {path}: cannot read JSON ({detail}); fix the file") from None
     if not isinstance(obj, dict):
         raise ConfigError(f"--config {path}: expected a JSON object of settings, got {type(obj).__name__}")

@@ -23,6 +23,11 @@ def one_line(text: str) -> str:
     return text.translate(_ESCAPE)
 
 
+def brief(e: BaseException, limit: int = 200) -> str:
+    """A library error's message collapsed to one short line (its type name when the message is empty)."""
+    return " ".join(str(e).split())[:limit] or type(e).__name__
+
+
 class SarlocError(Exception):
     """A known user error (bad input, missing file, mismatched artefact).
 

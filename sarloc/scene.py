@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.errors import SceneError
+from sarloc.errors import SceneError, brief
 from sarloc.geo import GeoFrame, TileGrid
 from sarloc.typed_config import finite_number
 
@@ -69,7 +69,7 @@ def read_image(path: str | Path, what: str = "image") -> np.ndarray:
     except SceneError:
         raise
     except Exception as e:  # decoder errors of every kind -> one line
-        detail = " ".join(str(e).split())[:200]  # decoder messages may span lines
+        detail = brief(e)  # decoder messages may span lines
         raise SceneError(
             f"{what}: {shown} could not be decoded ({type(e).__name__}: {detail}); re-copy the file"
         ) from None

@@ -23,7 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sarloc.errors import SarlocError
+from sarloc.errors import SarlocError, brief
 from sarloc.geo import utm_epsg_for
 
 logger = logging.getLogger(__name__)
@@ -119,11 +119,6 @@ def _import_rasterio():
     return rasterio
 
 
-def _detail(e: BaseException) -> str:
-    """A library error's message on one short line."""
-    return " ".join(str(e).split())[:200] or type(e).__name__
-
-
 def metric_crs_for(src_crs: Any, lon_deg: float, lat_deg: float) -> str:
     """The local metric CRS of a basemap: its own CRS when projected in metres, else the UTM zone of its centre."""
     import pyproj
@@ -156,7 +151,7 @@ class RasterBasemap:
         try:
             self._src = rasterio.open(self.path)
         except Exception as e:  # rasterio raises RasterioIOError and friends
-            raise SarlocError(f"basemap {self.path} could not be opened ({_detail(e)}); is it a GeoTIFF?") from None
+            raise SarlocError(f"basemap {self.path} could not be opened ({brief(e)}); is it a GeoTIFF?") from None
         try:
             self._place(gsd_m, metric_crs, resampling)
         except SarlocError:
@@ -165,7 +160,7 @@ class RasterBasemap:
         except Exception as e:  # GDAL / PROJ errors: a point outside the projection's domain, a singular transform
             self._src.close()
             raise SarlocError(
-                f"basemap {self.path}: cannot be placed on a metric grid ({_detail(e)}); check its CRS and "
+                f"basemap {self.path}: cannot be placed on a metric grid ({brief(e)}); check its CRS and "
                 "geotransform, or pass --metric-crs"
             ) from None
 
@@ -244,7 +239,7 @@ class RasterBasemap:
             valid = self._vrt.dataset_mask(window=win) > 0
         except Exception as e:  # a truncated or corrupt file fails only when its pixels are read
             raise SarlocError(
-                f"basemap {self.path}: reading pixels failed ({_detail(e)}); the file is truncated or corrupt, "
+                f"basemap {self.path}: reading pixels failed ({brief(e)}); the file is truncated or corrupt, "
                 "re-export it"
             ) from None
         lum = luminance(data)

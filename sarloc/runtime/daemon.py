@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from sarloc.errors import ConfigError, SarlocError
+from sarloc.errors import ConfigError, SarlocError, brief
 from sarloc.runtime.fusion import FusionConfig, TrackFilter, strip_consensus
 from sarloc.runtime.localizer import Localizer, LocalizerConfig
 from sarloc.runtime.types import Fix, NavState, WindowFix, heading_vectors
@@ -109,7 +109,7 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         except FileNotFoundError:
             raise ConfigError(f"config {p} not found") from None
         except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # TOMLDecodeError is a ValueError
-            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            msg = brief(e)
             raise ConfigError(f"config {p} is not valid TOML ({msg}); fix the file") from None
     raw = {k: v for k, v in raw.items()}
     for k in ("localizer", "fusion", "mavlink"):

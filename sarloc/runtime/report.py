@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from sarloc.artifacts import atomic_save
-from sarloc.errors import SarlocError
+from sarloc.errors import SarlocError, brief
 from sarloc.typed_config import finite_number
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def load_truth(path: str | Path) -> dict[str, Any]:
     try:
         truth = json.loads(path.read_text())
     except (OSError, ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        detail = " ".join(str(e).split())[:200] or type(e).__name__
+        detail = brief(e)
         raise SarlocError(f"truth {path}: malformed JSON ({detail}); re-run the simulation") from None
     strips = truth.get("strips") if isinstance(truth, dict) else None
     if not isinstance(strips, list) or not strips:
