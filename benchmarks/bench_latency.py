@@ -167,28 +167,32 @@ def pipeline_latency(export: Path, d: Path, prior_radius_m: float | None = None,
     """Every stage of the daemon's loop, timed per window (fuse: per strip), on the flight in ``d``."""
     from pymavlink.dialects.v20 import ardupilotmega as mav2
 
-    from sarloc.runtime.fusion import FusionConfig, TrackFilter, strip_consensus
+    from sarloc.runtime.fusion import FusionConfig, strip_consensus
     from sarloc.runtime.localizer import Localizer
     from sarloc.runtime.mavlink import MavlinkConfig, gps_input_fields
+    from sarloc.runtime.navfilter import NavFilter
     from sarloc.runtime.sources import open_source
-    from sarloc.runtime.types import WindowFix, heading_vectors
+    from sarloc.runtime.types import NavState, WindowFix, heading_vectors
     from sarloc.runtime.windows import WindowStream
 
     loc = Localizer.from_paths(export, d / "pack", verify_pack=False)
     stream = WindowStream(map_gsd_m=loc.grid.gsd_m, window_px=loc.window_px, stride_px=32.0)
-    filt = TrackFilter(FusionConfig())
+    filt = NavFilter()
     mav = mav2.MAVLink(None, srcSystem=1, srcComponent=191)
     mcfg = MavlinkConfig()
     stages: dict[str, list[float]] = {}
     fuse_ms, mav_ms, totals = [], [], []
     n_windows, strips = 0, 0
     rss_peak = _rss_mb()
-    cur, wins = None, []
+    cur, wins, strip_fuse_ms = None, [], 0.0
     t_start = time.perf_counter()
     for block in open_source(f"dir://{d / 'flight'}", follow=False):
         if block.meta.strip_id != cur:
-            cur, wins = block.meta.strip_id, []
+            cur, wins, strip_fuse_ms = block.meta.strip_id, [], 0.0
             stream.reset()
+        fwd, _ = heading_vectors(block.meta.heading_deg)
+        t_last = float(block.meta.row_time_s(block.row0 + block.pixels.shape[0]))
+        filt.add_motion(t_last, "ground", tuple(fwd * block.meta.speed_mps))
         t0 = time.perf_counter()
         batch = stream.push(block)
         cut = (time.perf_counter() - t0) * 1e3
@@ -219,19 +223,29 @@ def pipeline_latency(export: Path, d: Path, prior_radius_m: float | None = None,
                     )
                 )
             n_windows += len(res)
+            t0 = time.perf_counter()
+            for w in wins[-len(res) :]:
+                if w.trusted and w.vehicle_xy_m is not None:
+                    filt.add_fix(w.t_s, w.vehicle_xy_m, 2.0 * w.sigma_m, t_last)
+            strip_fuse_ms += (time.perf_counter() - t0) * 1e3
         if block.final:
             strips += 1
             t0 = time.perf_counter()
             t_ref = float(np.mean([w.t_s for w in wins])) if wins else block.meta.t0_s
             fwd, _ = heading_vectors(block.meta.heading_deg)
             fix = strip_consensus(wins, t_ref, fwd * block.meta.speed_mps, FusionConfig(), cur, loc.tile_m)
-            filt.update(fix)
-            fuse_ms.append((time.perf_counter() - t0) * 1e3)
+            if fix.trusted:
+                filt.add_consensus(fix.t_s, fix.xy_m, max(fix.sigma_h_m, 1.0), t_last)
+            fuse_ms.append((time.perf_counter() - t0) * 1e3 + strip_fuse_ms)
             rss_peak = max(rss_peak, _rss_mb())
             if max_strips and strips >= max_strips:
                 break
-        st = filt.nav_state(block.meta.t0_s, lambda x, y: (x / 1e5, y / 1e5))
         t0 = time.perf_counter()
+        est = filt.estimate(t_last)
+        st = NavState(t_last, False)
+        if est is not None and est.valid:
+            st = NavState(t_last, True, est.xy_m[1] / 1e5, est.xy_m[0] / 1e5, None, (*est.vel_mps[::-1], 0.0),
+                          est.sigma_h_m, est.sigma_v_mps)  # fmt: skip
         f = gps_input_fields(st, mcfg)
         mav.gps_input_encode(**f).pack(mav)
         mav_ms.append((time.perf_counter() - t0) * 1e3)

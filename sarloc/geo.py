@@ -33,6 +33,21 @@ def utm_epsg_for(lon_deg: float, lat_deg: float) -> int:
     return (32600 if lat_deg >= 0 else 32700) + zone
 
 
+def grid_convergence_deg(metric_crs: str, x_m: float, y_m: float) -> float:
+    """Grid bearing of true north at ``(x_m, y_m)`` of a projected CRS, degrees (the meridian convergence).
+
+    A true heading (from an autopilot or a compass) becomes a heading from grid north by *adding* this; a grid
+    heading becomes a true one by subtracting it. Computed by moving 1 km true north on the WGS84 ellipsoid.
+    """
+    pyproj = _pyproj()
+    to_ll = pyproj.Transformer.from_crs(metric_crs, "EPSG:4326", always_xy=True)
+    to_m = pyproj.Transformer.from_crs("EPSG:4326", metric_crs, always_xy=True)
+    lon, lat = to_ll.transform(x_m, y_m)
+    lon2, lat2, _ = pyproj.Geod(ellps="WGS84").fwd(lon, lat, 0.0, 1000.0)
+    x1, y1 = to_m.transform(lon2, lat2)
+    return math.degrees(math.atan2(x1 - x_m, y1 - y_m))
+
+
 @dataclass
 class GeoFrame:
     """Maps pixel coordinates of an image to a metric frame and (when geo-referenced) to lon/lat.

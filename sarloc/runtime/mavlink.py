@@ -6,11 +6,17 @@ Outbound (MAVLink2, optionally signed), from component ``MAV_COMP_ID_ONBOARD_COM
 * the position at ``gps_rate_hz``: ``GPS_INPUT`` for ArduPilot (``GPS1_TYPE=14``), ``HIL_GPS`` for PX4
   (``MAV_USEHILGPS=1``). What each field carries and why is in ``docs/mavlink.md``; in short: honest one-sigma
   accuracies from the filter, altitude and vertical fields flagged unknown unless given, and an explicit no-fix
-  (``fix_type=1``, position zeroed) whenever the state is invalid, stale or the state function fails.
+  (``fix_type=1``, position zeroed) whenever the state is invalid, stale or the state function fails, and once more
+  when the sender stops.
+* ``COMMAND_LONG`` ``MAV_CMD_SET_MESSAGE_INTERVAL`` for the streams read back (``request_streams``): on open, after
+  an autopilot reboot, and again while one of them does not arrive (ArduPilot's SERIAL1/2 stream rates default to 0).
 
-Inbound (:meth:`MavlinkLink.poll`, non-blocking): the latest ``ATTITUDE``, ``VFR_HUD`` and ``GLOBAL_POSITION_INT`` of
-the autopilot (``autopilot_system`` / ``autopilot_component`` only), with per-type rate limiting, signature checks
-when signing is on, and counters for everything dropped. Malformed bytes are counted, never raised.
+Inbound (:meth:`MavlinkLink.poll`, non-blocking): the latest ``ATTITUDE``, ``VFR_HUD``, ``GLOBAL_POSITION_INT``,
+``SYSTEM_TIME`` and the GPS echo (``GPS_RAW_INT`` / ``GPS2_RAW``) of the autopilot (``autopilot_system`` /
+``autopilot_component`` only), with per-type rate limiting, signature checks when signing is on, and counters for
+everything dropped. Malformed bytes are counted, never raised. The link checks that the autopilot echoes the
+positions sent (:meth:`MavlinkLink.echo_status`), warns once when the autopilot signs and sarloc does not, and with
+``require_autopilot_s`` reports a link that hears nothing as fatal (:meth:`MavlinkLink.fatal_reason`).
 
 pymavlink is imported lazily (inside constructors and functions), so importing this module is cheap, and pymavlink's
 module-level dialect state is left alone: the link builds its own MAVLink2 codec from
@@ -19,6 +25,7 @@ module-level dialect state is left alone: the link builds its own MAVLink2 codec
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import importlib
@@ -27,14 +34,16 @@ import math
 import os
 import socket
 import stat
+import statistics
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from sarloc.errors import ConfigError, SarlocError
+from sarloc.errors import ConfigError, SarlocError, brief
 from sarloc.runtime.types import NavState
 from sarloc.typed_config import finite_number
 
@@ -67,9 +76,28 @@ MAV_STATE_ACTIVE = 4
 UINT16_UNKNOWN = 65535
 HDOP_UNKNOWN = 99.99  # ArduPilot stores hdop * 100 = 9999 = its GPS_UNKNOWN_DOP
 
+MAV_CMD_SET_MESSAGE_INTERVAL = 511
+#: MAVLink2 signing timestamps count 10 us units since this UNIX time (2015-01-01T00:00:00Z).
+SIGNING_EPOCH_UNIX_S = 1_420_070_400
+
 FLAVOURS = ("ardupilot", "px4")
 NAV_MESSAGE = {"ardupilot": "GPS_INPUT", "px4": "HIL_GPS"}
-INBOUND_TYPES = ("ATTITUDE", "VFR_HUD", "GLOBAL_POSITION_INT")
+#: What the link reads from the autopilot; each is requested with MAV_CMD_SET_MESSAGE_INTERVAL.
+INBOUND_TYPES = ("ATTITUDE", "VFR_HUD", "GLOBAL_POSITION_INT", "SYSTEM_TIME", "GPS_RAW_INT", "GPS2_RAW")
+#: SYSTEM_TIME is requested at this rate (the clock offset needs no more); the rest at ``stream_rate_hz``.
+SYSTEM_TIME_RATE_HZ = 2.0
+#: A requested stream not heard for this long is requested again (first retry after STREAM_RETRY_MIN_S, doubling
+#: to STREAM_RETRY_MAX_S while it stays away: a GPS2_RAW that never comes, without a second GPS, costs little).
+STREAM_MISSING_S = 3.0
+STREAM_RETRY_MIN_S = 2.0
+STREAM_RETRY_MAX_S = 30.0
+#: An echo (GPS_RAW_INT / GPS2_RAW with a 3D fix) matches a position sent at most ECHO_WINDOW_S ago within ECHO_TOL_M.
+ECHO_WINDOW_S = 2.0
+ECHO_TOL_M = 5.0
+#: SYSTEM_TIME samples kept for :meth:`MavlinkLink.clock_offset_s` (median).
+CLOCK_SAMPLES = 20
+#: A SYSTEM_TIME boot time this far (plus 0.1 % of the gap) behind the one expected from the last sample is a reboot.
+REBOOT_SLACK_S = 2.0
 
 _STAT_KEYS = (
     "sent_HEARTBEAT",
@@ -87,6 +115,10 @@ _STAT_KEYS = (
     "send_errors",
     "reconnects",
     "nofix_sent",
+    "received_signed_while_unsigned",
+    "echo_ok",
+    "echo_missing",
+    "autopilot_reboots",
 )
 
 
@@ -105,7 +137,8 @@ class MavlinkConfig:
         autopilot_system, autopilot_component: whose ATTITUDE / VFR_HUD / GLOBAL_POSITION_INT we accept.
         dialect: pymavlink MAVLink2 dialect module (``ardupilotmega`` includes ``common``).
         flavour: ``ardupilot`` (send ``GPS_INPUT``) or ``px4`` (send ``HIL_GPS``).
-        gps_rate_hz: position messages per second (ArduPilot's EKF wants >= 5 Hz).
+        gps_rate_hz: position messages per second. ArduPilot's GPS health check needs an average gap under 215 ms
+            between fixes, so 5 Hz is at the edge; 10 Hz leaves margin for a late or lost message.
         heartbeat_hz: heartbeats per second.
         gps_id: GPS instance the position is for (0 = GPS1).
         signing_key_file: MAVLink2 signing key: 32 raw bytes, or 64 hex characters (one optional trailing newline);
@@ -118,6 +151,17 @@ class MavlinkConfig:
             (``hdop = horiz_accuracy_m / hdop_uere_m``, from ``sigma_h = HDOP * UERE``); ArduCopter refuses to
             arm with HDOP > ``GPS_HDOP_GOOD`` (1.4) and EKF3's GPS checks need HDOP <= 2.5.
         reconnect_min_s, reconnect_max_s: back-off between reopen attempts after a link error (doubles each failure).
+        echo_timeout_s: after this many seconds of valid positions sent without the autopilot echoing one in
+            GPS_RAW_INT / GPS2_RAW, warn once and count ``echo_missing`` (see :meth:`MavlinkLink.echo_status`).
+        request_streams: request ATTITUDE, VFR_HUD, GLOBAL_POSITION_INT, GPS_RAW_INT, GPS2_RAW (at
+            ``stream_rate_hz``) and SYSTEM_TIME (2 Hz) with MAV_CMD_SET_MESSAGE_INTERVAL; off when the autopilot's
+            ``SRn_*`` parameters or a router already provide them.
+        stream_rate_hz: rate requested for the streams above.
+        require_autopilot_s: None = tolerate a silent autopilot (keep sending, retry opening). A number = the link is
+            unusable when nothing authentic came from the autopilot for this many seconds (from the start or later):
+            :meth:`MavlinkLink.fatal_reason` then says why, and a link that cannot be opened at all (a UDP port in
+            use, a missing serial device) raises ConfigError from the constructor; a refused or unreachable TCP
+            peer (not up yet) is retried and reported by ``fatal_reason`` after the deadline.
     """
 
     url: str = "udpout:127.0.0.1:14550"
@@ -128,7 +172,7 @@ class MavlinkConfig:
     autopilot_component: int = 1
     dialect: str = "ardupilotmega"
     flavour: str = "ardupilot"
-    gps_rate_hz: float = 5.0
+    gps_rate_hz: float = 10.0
     heartbeat_hz: float = 1.0
     gps_id: int = 0
     signing_key_file: str | None = None
@@ -138,6 +182,10 @@ class MavlinkConfig:
     hdop_uere_m: float = 5.0
     reconnect_min_s: float = 0.5
     reconnect_max_s: float = 5.0
+    echo_timeout_s: float = 10.0
+    request_streams: bool = True
+    stream_rate_hz: float = 10.0
+    require_autopilot_s: float | None = None
 
     def __post_init__(self) -> None:
         def bad(name: str, fix: str) -> ConfigError:
@@ -165,11 +213,19 @@ class MavlinkConfig:
             ("hdop_uere_m", 1000.0),
             ("reconnect_min_s", 600.0),
             ("reconnect_max_s", 3600.0),
+            ("echo_timeout_s", 3600.0),
+            ("stream_rate_hz", 100.0),
         ):
             v = getattr(self, name)
             f = finite_number(v)
             if f is None or not 0 < f <= hi:
                 raise bad(name, f"use a number in (0, {hi:g}]")
+        if self.require_autopilot_s is not None:
+            f = finite_number(self.require_autopilot_s)
+            if f is None or not 0 < f <= 3600.0:
+                raise bad("require_autopilot_s", "use None (tolerate silence) or seconds in (0, 3600]")
+        if not isinstance(self.request_streams, bool):
+            raise bad("request_streams", "use true or false")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise bad("reconnect_max_s", "make it >= reconnect_min_s")
         if not isinstance(self.baud, int) or self.baud <= 0:
@@ -200,6 +256,37 @@ class AutopilotPosition:
     relative_alt_m: float
     vel_ned_mps: tuple[float, float, float]
     heading_deg: float | None
+
+
+class SpeedSample(NamedTuple):
+    """A speed from VFR_HUD: ``(mps, rx_mono_s)``; ``rx_mono_s`` is ``time.monotonic()`` at receipt."""
+
+    mps: float
+    rx_mono_s: float
+
+
+class AttitudeSample(NamedTuple):
+    """ATTITUDE yaw: ``(rx_mono_s, yaw_deg)``, yaw in [0, 360) clockwise from north."""
+
+    rx_mono_s: float
+    yaw_deg: float
+
+
+@dataclass(frozen=True)
+class ClockSample:
+    """The autopilot's clock from one SYSTEM_TIME, with the local clocks at receipt.
+
+    Attributes:
+        time_unix_s: the autopilot's UNIX time, None when it has none (``time_unix_usec == 0``: no GPS time yet).
+        time_boot_s: seconds since the autopilot booted.
+        rx_wall_s: local wall clock (``time.time()``) at receipt.
+        rx_mono_s: local ``time.monotonic()`` at receipt.
+    """
+
+    time_unix_s: float | None
+    time_boot_s: float
+    rx_wall_s: float
+    rx_mono_s: float
 
 
 # --------------------------------------------------------------------------------------------------- pure helpers
@@ -241,6 +328,14 @@ def _alt(state: NavState) -> float | None:
     return float(a) if a is not None and math.isfinite(float(a)) else None
 
 
+def _vacc(state: NavState) -> float | None:
+    v = getattr(state, "vert_accuracy_m", None)
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) and v > 0 else None
+
+
 def _yaw_cdeg(state: NavState) -> int:
     """GPS_INPUT / HIL_GPS yaw: centidegrees 1..36000 (36000 = north), 0 = not available."""
     y = state.yaw_deg
@@ -269,9 +364,11 @@ def gps_input_fields(state: NavState, cfg: MavlinkConfig) -> dict[str, Any]:
     """GPS_INPUT fields (the keyword arguments of pymavlink's ``gps_input_encode``) for ``state``.
 
     Valid state: ``fix_type=3`` (ArduPilot's EKF3 ignores anything below a 3D fix), lat/lon in 1e7 degrees,
-    ``horiz_accuracy`` = the filter's one-sigma, ``hdop = horiz_accuracy / hdop_uere_m``; altitude, VDOP, vertical
-    accuracy, vertical velocity flagged ignored unless ``alt_m`` (and for vertical velocity also ``vel_ned_mps``)
-    is given; horizontal velocity and speed accuracy flagged ignored when ``vel_ned_mps`` is None.
+    ``horiz_accuracy`` = the filter's one-sigma, ``hdop = horiz_accuracy / hdop_uere_m``; altitude and vertical
+    velocity flagged ignored unless ``alt_m`` (and for vertical velocity also ``vel_ned_mps``) is given;
+    ``vert_accuracy = vert_accuracy_m`` and ``vdop = vert_accuracy_m / hdop_uere_m`` only with both ``alt_m`` and
+    ``vert_accuracy_m``, else flagged ignored; horizontal velocity and speed accuracy flagged ignored when
+    ``vel_ned_mps`` is None; ``yaw`` 0 (none) unless ``yaw_deg`` is given.
     Invalid state: ``fix_type=1``, position and velocity zeroed, 0 satellites, every field flagged ignored except
     HDOP, sent as 99.99 (unknown).
     """
@@ -305,11 +402,14 @@ def gps_input_fields(state: NavState, cfg: MavlinkConfig) -> dict[str, Any]:
             "satellites_visible": 0,
             "yaw": 0,
         }
-    flags = IGNORE_VDOP | IGNORE_VERTICAL_ACCURACY  # sarloc has no vertical accuracy to report
+    flags = 0
     alt = _alt(state)
     vel = _vel(state)
+    vacc = _vacc(state) if alt is not None else None
     if alt is None:
         flags |= IGNORE_ALT
+    if vacc is None:
+        flags |= IGNORE_VDOP | IGNORE_VERTICAL_ACCURACY
     if vel is None:
         flags |= IGNORE_VEL_HORIZ | IGNORE_VEL_VERT | IGNORE_SPEED_ACCURACY
     elif alt is None:
@@ -326,13 +426,13 @@ def gps_input_fields(state: NavState, cfg: MavlinkConfig) -> dict[str, Any]:
         "lon": _clamp_int(state.lon_deg * 1e7, -1_800_000_000, 1_800_000_000),
         "alt": alt if alt is not None else 0.0,
         "hdop": min(hacc / cfg.hdop_uere_m, HDOP_UNKNOWN),
-        "vdop": 0.0,
+        "vdop": min(vacc / cfg.hdop_uere_m, HDOP_UNKNOWN) if vacc is not None else 0.0,
         "vn": vel[0] if vel else 0.0,
         "ve": vel[1] if vel else 0.0,
         "vd": vel[2] if vel else 0.0,
         "speed_accuracy": sacc if (vel is not None and flags & IGNORE_SPEED_ACCURACY == 0) else 0.0,
         "horiz_accuracy": hacc,
-        "vert_accuracy": 0.0,
+        "vert_accuracy": vacc if vacc is not None else 0.0,
         "satellites_visible": _clamp_int(state.satellites, 0, 255),
         "yaw": _yaw_cdeg(state),
     }
@@ -343,8 +443,9 @@ def hil_gps_fields(state: NavState, cfg: MavlinkConfig) -> dict[str, Any]:
 
     PX4's receiver reads ``eph``/``epv`` as centimetres (not HDOP * 100), takes the velocity as valid whatever is
     sent and has no ignore flags: unknown altitude is sent as 0 with ``epv`` unknown (65535), unknown velocity as 0
-    with ``vel``/``cog`` unknown (65535). The PX4 parameters that keep EKF2 from fusing those are in
-    docs/mavlink.md (``EKF2_GPS_CTRL=1`` without velocity and altitude).
+    with ``vel``/``cog`` unknown (65535); ``epv`` carries ``vert_accuracy_m`` when it and ``alt_m`` are given.
+    The PX4 parameters that keep EKF2 from fusing those are in docs/mavlink.md (``EKF2_GPS_CTRL=1`` without velocity
+    and altitude).
     """
     time_usec, _, _ = _time_fields(state.t_s if isinstance(state, NavState) else 0.0)
     if nofix_reason(state) is not None:
@@ -367,6 +468,7 @@ def hil_gps_fields(state: NavState, cfg: MavlinkConfig) -> dict[str, Any]:
         }
     alt = _alt(state)
     vel = _vel(state)
+    vacc = _vacc(state) if alt is not None else None
     if vel is not None:
         speed_cmps = _clamp_int(math.hypot(vel[0], vel[1]) * 100.0, 0, 65534)
         cog = _clamp_int((math.degrees(math.atan2(vel[1], vel[0])) % 360.0) * 100.0, 0, 35999)
@@ -379,7 +481,7 @@ def hil_gps_fields(state: NavState, cfg: MavlinkConfig) -> dict[str, Any]:
         "lon": _clamp_int(state.lon_deg * 1e7, -1_800_000_000, 1_800_000_000),
         "alt": _clamp_int(alt * 1000.0, -(2**31), 2**31 - 1) if alt is not None else 0,
         "eph": _clamp_int(state.horiz_accuracy_m * 100.0, 1, 65534),
-        "epv": UINT16_UNKNOWN,
+        "epv": _clamp_int(vacc * 100.0, 1, 65534) if vacc is not None else UINT16_UNKNOWN,
         "vel": speed_cmps,
         "vn": _clamp_int(vel[0] * 100.0, -32767, 32767) if vel else 0,
         "ve": _clamp_int(vel[1] * 100.0, -32767, 32767) if vel else 0,
@@ -435,6 +537,57 @@ def load_signing_key(path: str | os.PathLike[str]) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------------------ internals
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x:.0f}" if x >= 10 else f"{x:.1f}"
+
+
+def _distance_m(lat1_e7: int, lon1_e7: int, lat2_e7: int, lon2_e7: int) -> float:
+    """Ground distance between two 1e7-degree positions (equirectangular: fine for metres)."""
+    m_per_e7 = 111_319.49e-7
+    dn = (lat2_e7 - lat1_e7) * m_per_e7
+    de = (lon2_e7 - lon1_e7) * m_per_e7 * math.cos(math.radians(lat1_e7 * 1e-7))
+    return math.hypot(dn, de)
+
+
+def _probe_udp_bind(url: str) -> None:
+    """Raise OSError when the port of a ``udpin:``/``udp:`` URL is already bound.
+
+    pymavlink binds a listening UDP socket with SO_REUSEADDR, which on Linux lets it share a port with another
+    SO_REUSEADDR socket (a second sarloc, a router): both bind, and the autopilot's packets go to one of them. A bind
+    without SO_REUSEADDR fails with EADDRINUSE whenever anything holds the port.
+    """
+    for prefix in ("udpin:", "udp:"):
+        if url.startswith(prefix):
+            host, _, port = url[len(prefix) :].rpartition(":")
+            break
+    else:
+        return
+    try:
+        port_n = int(port)
+    except ValueError:
+        return  # mavutil reports the malformed URL
+    if not host:
+        return
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.bind((host, port_n))
+
+
+#: Open failures that only say the peer is not up yet (a TCP autopilot or router still booting): retried even with
+#: ``require_autopilot_s``, whose deadline then reports them through ``fatal_reason``.
+_PEER_NOT_UP = frozenset({errno.ECONNREFUSED, errno.ETIMEDOUT, errno.EHOSTUNREACH, errno.ENETUNREACH})
+
+
+def _open_failure(url: str, e: BaseException) -> str:
+    """One line: the URL, the cause and, for the usual causes, what to check."""
+    hint = {
+        errno.EADDRINUSE: "; another program (a MAVLink router, a ground station, a second sarloc) holds the port",
+        errno.EACCES: "; no permission (for a serial device: add the user to the dialout group)",
+        errno.ENOENT: "; no such device",
+        errno.ECONNREFUSED: "; nothing listens there: is the autopilot (or its router) up?",
+    }.get(getattr(e, "errno", None), "")
+    return f"mavlink url {url!r} cannot be opened ({brief(e)}){hint}"
 
 
 def _wrap_deg(deg: float) -> float:
@@ -510,15 +663,24 @@ class MavlinkLink:
 
     Args:
         cfg: link settings.
-        clock_mono: monotonic clock for ages and back-off (injectable for tests).
+        clock_mono: monotonic clock for ages, back-off and stream requests (injectable for tests).
+        clock_wall: wall clock (UNIX time) for signing timestamps and SYSTEM_TIME offsets (injectable for tests).
 
     Raises:
-        ConfigError: a malformed URL, an unknown dialect or a bad signing key file.
+        ConfigError: a malformed URL, an unknown dialect, a bad signing key file, or (with
+            ``require_autopilot_s``) a transport that cannot be opened, e.g. a UDP port another program holds.
     """
 
-    def __init__(self, cfg: MavlinkConfig | None = None, *, clock_mono: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        cfg: MavlinkConfig | None = None,
+        *,
+        clock_mono: Callable[[], float] = time.monotonic,
+        clock_wall: Callable[[], float] = time.time,
+    ) -> None:
         self.cfg = cfg or MavlinkConfig()
         self._mono = clock_mono
+        self._wall = clock_wall
         try:
             self._d = importlib.import_module(f"pymavlink.dialects.v20.{self.cfg.dialect}")
         except ImportError as e:
@@ -541,9 +703,28 @@ class MavlinkLink:
         if self.signing:
             self._setup_signing(load_signing_key(self.cfg.signing_key_file))
         self._buckets: dict[str, _TokenBucket] = {}
-        self._attitude: tuple[float, float] | None = None  # (rx_mono_s, heading_deg)
-        self._vfr_hud: tuple[float, float] | None = None
+        self._attitude: AttitudeSample | None = None
+        self._vfr_hud: tuple[float, float] | None = None  # (rx_mono_s, heading_deg)
+        self._airspeed: SpeedSample | None = None
+        self._groundspeed: SpeedSample | None = None
         self._position: AutopilotPosition | None = None
+        self._clock: ClockSample | None = None
+        self._clock_offsets: deque[float] = deque(maxlen=CLOCK_SAMPLES)  # autopilot UNIX time - local wall time
+        # streams requested with MAV_CMD_SET_MESSAGE_INTERVAL: id, last receipt, next request, retry interval
+        self._stream_ids = {n: i for n in INBOUND_TYPES if (i := getattr(self._d, f"MAVLINK_MSG_ID_{n}", None))}
+        self._stream_rx: dict[str, float] = {}
+        self._stream_next: dict[str, float] = {}
+        self._stream_retry: dict[str, float] = {}
+        # echo check: valid positions sent recently (rx mono, lat_e7, lon_e7), current unechoed streak
+        self._sent_positions: deque[tuple[float, int, int]] = deque(maxlen=512)
+        self._last_valid_send: float | None = None
+        self._unechoed_since: float | None = None
+        self._echo_warned = False
+        self._last_echo: tuple[float, str] | None = None  # (rx_mono_s, message type)
+        self._start_mono = self._mono()
+        self._last_heard: float | None = None  # last authentic message of the autopilot
+        self._signed_warned = False
+        self._last_open_error: str | None = None
         self._conn: Any = None
         self._dest: tuple[str, int] | None = None
         self._backoff_s = self.cfg.reconnect_min_s
@@ -561,9 +742,13 @@ class MavlinkLink:
         s.sign_outgoing = True
         s.allow_unsigned_callback = self._allow_unsigned
         s.link_id = self.cfg.signing_link_id
-        epoch_2015_s = 1_420_070_400
-        s.timestamp = int((max(time.time(), epoch_2015_s) - epoch_2015_s) * 100_000)  # 10 us units since 2015
+        s.timestamp = self._signing_now()
         self._mav.check_signature = self._check_signature  # see _check_signature
+
+    def _signing_now(self) -> int:
+        """The wall clock as a signing timestamp: 10 us units since 2015-01-01 (0 for a clock before that)."""
+        t = float(self._wall())
+        return int((t - SIGNING_EPOCH_UNIX_S) * 100_000) if math.isfinite(t) and t > SIGNING_EPOCH_UNIX_S else 0
 
     @staticmethod
     def _allow_unsigned(_mav: Any, _msg_id: int) -> bool:
@@ -598,6 +783,7 @@ class MavlinkLink:
         now = self._mono()
         url = self.cfg.url
         try:
+            _probe_udp_bind(url)
             conn = self._mavutil.mavlink_connection(
                 url,
                 baud=self.cfg.baud,
@@ -613,10 +799,15 @@ class MavlinkLink:
                 f"mavlink url {url!r} is malformed ({e}); use e.g. udpout:HOST:PORT, udpin:HOST:PORT, tcp:HOST:PORT"
             ) from None
         except Exception as e:  # OSError, serial.SerialException, ...
+            why = _open_failure(url, e)
+            if first and self.cfg.require_autopilot_s is not None and getattr(e, "errno", None) not in _PEER_NOT_UP:
+                raise ConfigError(f"{why}; the link is required (require_autopilot_s)") from None
             self._next_open_s = now + self._backoff_s
-            self._log.warning(
-                "open", "MAVLink link %s cannot be opened (%s); retrying in %.1f s", url, e, self._backoff_s
-            )
+            if self._last_open_error is None:
+                logger.error("%s; retrying every %.1f-%.1f s", why, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+            else:
+                self._log.warning("open", "%s; retrying in %.1f s", why, self._backoff_s)
+            self._last_open_error = why
             self._backoff_s = min(self._backoff_s * 2.0, self.cfg.reconnect_max_s)
             return False
         conn.mav = self._mav  # mavutil helpers (setup_signing, recv_match) see our codec
@@ -631,6 +822,8 @@ class MavlinkLink:
                 self._dest = (host, int(port))
         self._reset_parser()
         self._backoff_s = self.cfg.reconnect_min_s
+        self._last_open_error = None
+        self._streams_due(reset_seen=True)
         if not first:
             self._stats["reconnects"] += 1
             logger.info("MAVLink link %s reopened", url)
@@ -731,6 +924,10 @@ class MavlinkLink:
             if not self._ensure_open():
                 self._stats["dropped_link_down"] += 1
                 return False
+            if self.signing:
+                # MAVLink signing: the timestamp follows the wall clock and only increases (pymavlink adds 1 per
+                # packet); frozen at start, it falls behind what an autopilot restores after a reboot
+                mav.signing.timestamp = max(mav.signing.timestamp, self._signing_now())
             buf = msg.pack(mav)  # encoding errors are bugs: they raise, they do not take the link down
             try:
                 self._write(buf)
@@ -773,9 +970,179 @@ class MavlinkLink:
         if reason is not None and isinstance(state, NavState) and state.valid:
             self._log.warning("badstate", "NavState unusable, sending no-fix: %s", reason)
         msg = self.encode_nav(state)
-        if reason is not None:
-            self._stats["nofix_sent"] += 1
-        return msg if self._send(msg) else None
+        with self._lock:
+            if reason is not None:
+                self._stats["nofix_sent"] += 1
+            if not self._send(msg):
+                return None
+            if reason is None:
+                self._note_sent_position(int(msg.lat), int(msg.lon))
+        return msg
+
+    def send_request_streams(self) -> int:
+        """Request every inbound stream now (MAV_CMD_SET_MESSAGE_INTERVAL); :meth:`poll` does this by itself.
+
+        Returns how many requests were handed to the transport.
+        """
+        with self._lock:
+            return sum(self._request_stream(name) for name in self._stream_ids)
+
+    def _request_stream(self, name: str) -> bool:
+        rate_hz = SYSTEM_TIME_RATE_HZ if name == "SYSTEM_TIME" else self.cfg.stream_rate_hz
+        msg = self._mav.command_long_encode(
+            self.cfg.autopilot_system,
+            self.cfg.autopilot_component,
+            MAV_CMD_SET_MESSAGE_INTERVAL,
+            0,
+            float(self._stream_ids[name]),  # param1: message id
+            1e6 / rate_hz,  # param2: interval, us
+            0.0,
+            0.0,
+            0.0,
+            0.0,
+            0.0,  # param7: response target 0 = the requester
+        )
+        return self._send(msg)
+
+    def _streams_due(self, reset_seen: bool) -> None:
+        """Make every stream request due now (after an open or an autopilot reboot)."""
+        self._stream_next.clear()
+        self._stream_retry.clear()
+        if reset_seen:
+            self._stream_rx.clear()
+
+    def _maybe_request_streams(self) -> None:
+        """Request the streams not heard for STREAM_MISSING_S, each at most every retry interval (with back-off)."""
+        if not self.cfg.request_streams:
+            return
+        now = self._mono()
+        for name in self._stream_ids:
+            if self._conn is None:
+                return
+            last = self._stream_rx.get(name)
+            if (last is not None and now - last <= STREAM_MISSING_S) or now < self._stream_next.get(name, -math.inf):
+                continue
+            retry = self._stream_retry.get(name, STREAM_RETRY_MIN_S)
+            if self._request_stream(name):
+                self._stream_next[name] = now + retry
+                self._stream_retry[name] = min(retry * 2.0, STREAM_RETRY_MAX_S)
+            else:  # not delivered (no peer yet, link down): try again soon, without back-off
+                self._stream_next[name] = now + STREAM_RETRY_MIN_S
+
+    # ------------------------------------------------------------------ echo check
+
+    def _note_sent_position(self, lat_e7: int, lon_e7: int) -> None:
+        """Remember a valid position sent; warn once when valid positions go unechoed for ``echo_timeout_s``."""
+        now = self._mono()
+        q = self._sent_positions
+        while q and now - q[0][0] > ECHO_WINDOW_S:
+            q.popleft()
+        q.append((now, lat_e7, lon_e7))
+        last, self._last_valid_send = self._last_valid_send, now
+        if self._unechoed_since is None or (last is not None and now - last > ECHO_WINDOW_S):
+            self._unechoed_since = now  # a new streak of valid sends
+        if not self._echo_warned and now - self._unechoed_since >= self.cfg.echo_timeout_s:
+            self._echo_warned = True
+            self._stats["echo_missing"] += 1
+            n = self.cfg.gps_id + 1
+            check = f"GPS{n}_TYPE=14" if self.cfg.flavour == "ardupilot" else "MAV_USEHILGPS=1"
+            logger.warning(
+                "the autopilot does not echo sarloc's %s: check %s, the port, and signing "
+                "(no GPS_RAW_INT / GPS2_RAW within %.0f m of the positions sent for %s s)",
+                NAV_MESSAGE[self.cfg.flavour],
+                check,
+                ECHO_TOL_M,
+                _fmt_s(now - self._unechoed_since),
+            )
+
+    def _check_echo(self, name: str, m: Any, now: float) -> None:
+        """GPS_RAW_INT / GPS2_RAW: does it carry a position sent in the last ECHO_WINDOW_S (either instance)?"""
+        if int(m.fix_type) < GPS_FIX_TYPE_3D_FIX:
+            return
+        lat, lon = int(m.lat), int(m.lon)
+        for t, lat_sent, lon_sent in reversed(self._sent_positions):
+            if now - t > ECHO_WINDOW_S:
+                break
+            if _distance_m(lat_sent, lon_sent, lat, lon) <= ECHO_TOL_M:
+                self._stats["echo_ok"] += 1
+                self._last_echo = (now, name)
+                if self._echo_warned:
+                    logger.info("the autopilot now echoes sarloc's positions (%s)", name)
+                self._echo_warned = False
+                self._unechoed_since = None
+                return
+
+    def echo_status(self) -> dict[str, Any]:
+        """Whether the autopilot takes sarloc's positions, judged by its GPS_RAW_INT / GPS2_RAW echo.
+
+        Returns:
+            ``ok``: True when an echo matched within the last ``echo_timeout_s``, False when valid positions have
+            gone unechoed that long, None when there is nothing to judge yet; ``echo_ok`` / ``echo_missing``: the
+            counters; ``last_echo_age_s`` and ``last_echo_message`` (None before the first echo); ``unechoed_s``:
+            how long the current streak of valid positions has gone without an echo (None when none is being sent);
+            ``echo_timeout_s``.
+        """
+        with self._lock:
+            now = self._mono()
+            last = self._last_echo
+            age = None if last is None else now - last[0]
+            sending = self._last_valid_send is not None and now - self._last_valid_send <= ECHO_WINDOW_S
+            unechoed = now - self._unechoed_since if (sending and self._unechoed_since is not None) else None
+            timeout = self.cfg.echo_timeout_s
+            if age is not None and age <= timeout:
+                ok: bool | None = True
+            elif unechoed is not None and unechoed >= timeout:
+                ok = False
+            else:
+                ok = None
+            return {
+                "ok": ok,
+                "echo_ok": self._stats["echo_ok"],
+                "echo_missing": self._stats["echo_missing"],
+                "last_echo_age_s": age,
+                "last_echo_message": None if last is None else last[1],
+                "unechoed_s": unechoed,
+                "echo_timeout_s": timeout,
+            }
+
+    # ------------------------------------------------------------------ liveness
+
+    def fatal_reason(self) -> str | None:
+        """With ``require_autopilot_s``: one line saying why the link is unusable, else None.
+
+        Unusable = nothing authentic (right ids, signed when signing is on) heard from the autopilot for
+        ``require_autopilot_s`` since the link was made or since it was last heard. Needs :meth:`poll` to run (a
+        :class:`MavlinkSender` polls); always None without ``require_autopilot_s`` or after :meth:`close`.
+        """
+        limit = self.cfg.require_autopilot_s
+        if limit is None or self._closed:
+            return None
+        with self._lock:
+            now = self._mono()
+            since = self._start_mono if self._last_heard is None else self._last_heard
+            silent = now - since
+            if silent < limit:
+                return None
+            c = self.cfg
+            text = (
+                f"no message from autopilot {c.autopilot_system}/{c.autopilot_component} on {c.url} for "
+                f"{_fmt_s(silent)} s{'' if self._last_heard is None else ' (it was heard before)'}: check the url, "
+                "the autopilot's SERIALn_PROTOCOL=2 and signing"
+            )
+            s = self._stats
+            if self._conn is None and self._last_open_error:
+                text += f"; the link is down: {self._last_open_error}"
+            if s["dropped_unsigned"] or s["dropped_bad_signature"]:
+                text += (
+                    f"; {s['dropped_unsigned']} unsigned and {s['dropped_bad_signature']} badly signed messages "
+                    "were dropped: is the key the autopilot's?"
+                )
+            if s["dropped_foreign_sysid"] or s["dropped_other_component"]:
+                text += (
+                    f"; {s['dropped_foreign_sysid'] + s['dropped_other_component']} messages from other system or "
+                    "component ids were dropped: check autopilot_system / autopilot_component"
+                )
+            return text
 
     # ------------------------------------------------------------------ receiving
 
@@ -816,6 +1183,7 @@ class MavlinkLink:
         Never raises on bad input: malformed bytes count as ``parse_errors``, and a transport failure takes the link
         down for a reconnect. On a ``udpin`` link, a sender becomes a destination of our messages only once it has
         sent an authentic message of the autopilot (right system/component id, signed when signing is on).
+        Also sends the stream requests that are due (``request_streams``).
         """
         accepted = 0
         with self._lock:
@@ -847,8 +1215,12 @@ class MavlinkLink:
                 if per_datagram:
                     self._reset_parser()
                     if authentic and addr is not None and conn.udp_server:
+                        if addr not in conn.clients:
+                            self._streams_due(reset_seen=False)  # requests may have gone nowhere so far
                         conn.clients.add(addr)
                         conn.clients_last_alive[addr] = time.time()
+            if self._conn is not None:
+                self._maybe_request_streams()
         return accepted
 
     def _handle(self, m: Any) -> str:
@@ -875,6 +1247,18 @@ class MavlinkLink:
             self._stats["dropped_other_component"] += 1
             return "dropped"
         now = self._mono()
+        self._last_heard = now
+        if not self.signing and self._signed_on_wire(m):
+            self._stats["received_signed_while_unsigned"] += 1
+            if not self._signed_warned:
+                self._signed_warned = True
+                logger.warning(
+                    "the autopilot signs its messages; sarloc is not signing: set signing_key_file, or opt this port "
+                    "out with MAVn_OPTIONS bit 0 (a signing autopilot drops sarloc's unsigned messages silently)"
+                )
+        if name in self._stream_ids:
+            self._stream_rx[name] = now
+            self._stream_retry.pop(name, None)
         bucket = self._buckets.get(name)
         if bucket is None:
             bucket = self._buckets[name] = _TokenBucket(self.cfg.inbound_max_rate_hz, now)
@@ -887,9 +1271,17 @@ class MavlinkLink:
         try:
             if name == "ATTITUDE":
                 if math.isfinite(m.yaw):
-                    self._attitude = (now, _wrap_deg(math.degrees(m.yaw)))
+                    self._attitude = AttitudeSample(now, _wrap_deg(math.degrees(m.yaw)))
             elif name == "VFR_HUD":
                 self._vfr_hud = (now, _wrap_deg(float(m.heading)))
+                if math.isfinite(m.airspeed):
+                    self._airspeed = SpeedSample(float(m.airspeed), now)
+                if math.isfinite(m.groundspeed):
+                    self._groundspeed = SpeedSample(float(m.groundspeed), now)
+            elif name in ("GPS_RAW_INT", "GPS2_RAW"):
+                self._check_echo(name, m, now)
+            elif name == "SYSTEM_TIME":
+                self._on_system_time(m, now)
             elif name == "GLOBAL_POSITION_INT":
                 if m.lat == 0 and m.lon == 0:
                     return "accepted"  # no position yet (ArduPilot sends zeros before its EKF has an origin)
@@ -907,6 +1299,36 @@ class MavlinkLink:
             self._stats["parse_errors"] += 1
             self._log.warning("decode", "MAVLink %s ignored (%s)", name, e)
         return "accepted"
+
+    def _signed_on_wire(self, m: Any) -> bool:
+        header = getattr(m, "_header", None)
+        return bool(getattr(header, "incompat_flags", 0) & self._d.MAVLINK_IFLAG_SIGNED)
+
+    def _on_system_time(self, m: Any, now: float) -> None:
+        """Keep the autopilot's clock; a boot time behind the one expected from the last sample is a reboot."""
+        boot_s = int(m.time_boot_ms) * 1e-3
+        unix_us = int(m.time_unix_usec)
+        prev = self._clock
+        if prev is not None:
+            gap = now - prev.rx_mono_s
+            expected = prev.time_boot_s + gap
+            if boot_s < expected - REBOOT_SLACK_S - 1e-3 * gap:
+                self._stats["autopilot_reboots"] += 1
+                logger.warning(
+                    "autopilot %d/%d rebooted (boot time %.1f s, %.1f s expected): requesting its streams again",
+                    self.cfg.autopilot_system,
+                    self.cfg.autopilot_component,
+                    boot_s,
+                    expected,
+                )
+                self._clock_offsets.clear()
+                self._streams_due(reset_seen=True)
+                self._stream_rx["SYSTEM_TIME"] = now
+        wall = float(self._wall())
+        unix_s = unix_us * 1e-6 if unix_us > 0 else None
+        self._clock = ClockSample(time_unix_s=unix_s, time_boot_s=boot_s, rx_wall_s=wall, rx_mono_s=now)
+        if unix_s is not None:
+            self._clock_offsets.append(unix_s - wall)
 
     def heading_deg(self, max_age_s: float | None = None) -> float | None:
         """The autopilot's heading, degrees clockwise from north in [0, 360), or None when nothing is fresh.
@@ -938,10 +1360,55 @@ class MavlinkLink:
             return None
         return p
 
+    def _fresh(self, sample: Any, rx_mono_s: float, max_age_s: float | None) -> Any:
+        max_age_s = self.cfg.stale_after_s if max_age_s is None else max_age_s
+        return sample if sample is not None and self._mono() - rx_mono_s <= max_age_s else None
+
+    def attitude(self, max_age_s: float | None = None) -> AttitudeSample | None:
+        """The latest ATTITUDE yaw as ``(rx_mono_s, yaw_deg)``, or None when older than ``max_age_s``
+        (default ``stale_after_s``)."""
+        with self._lock:
+            a = self._attitude
+        return None if a is None else self._fresh(a, a.rx_mono_s, max_age_s)
+
+    def airspeed_mps(self, max_age_s: float | None = None) -> SpeedSample | None:
+        """VFR_HUD airspeed as ``(mps, rx_mono_s)``, or None when older than ``max_age_s`` (default
+        ``stale_after_s``). Without an airspeed sensor ArduPilot reports an estimate (a copter: ground speed)."""
+        with self._lock:
+            a = self._airspeed
+        return None if a is None else self._fresh(a, a.rx_mono_s, max_age_s)
+
+    def groundspeed_mps(self, max_age_s: float | None = None) -> SpeedSample | None:
+        """VFR_HUD ground speed as ``(mps, rx_mono_s)``, or None when older than ``max_age_s`` (default
+        ``stale_after_s``). Without GNSS it comes from the autopilot's own estimate (or sarloc's fixes fed back)."""
+        with self._lock:
+            g = self._groundspeed
+        return None if g is None else self._fresh(g, g.rx_mono_s, max_age_s)
+
+    def autopilot_clock(self) -> ClockSample | None:
+        """The latest SYSTEM_TIME of the autopilot (whatever its age; see ``rx_mono_s``), or None before the first."""
+        with self._lock:
+            return self._clock
+
+    def clock_offset_s(self, max_age_s: float | None = None) -> float | None:
+        """Autopilot UNIX time minus local wall time, seconds: the median over the last SYSTEM_TIME samples.
+
+        None when the autopilot has no UNIX time, when the latest SYSTEM_TIME is older than ``max_age_s`` (default
+        ``stale_after_s``) or before the first. Includes the transport delay (milliseconds on a wire or a LAN).
+        Samples from before an autopilot reboot are dropped.
+        """
+        with self._lock:
+            c = self._clock
+            offsets = list(self._clock_offsets)
+        if c is None or c.time_unix_s is None or not offsets or self._fresh(c, c.rx_mono_s, max_age_s) is None:
+            return None
+        return float(statistics.median(offsets))
+
     @property
     def stats(self) -> dict[str, int]:
-        """Counters: ``sent_<TYPE>``, ``received`` / ``received_<TYPE>``, ``dropped_*``, ``parse_errors``,
-        ``send_errors``, ``reconnects``, ``nofix_sent`` (a snapshot copy)."""
+        """Counters (a snapshot copy): ``sent_<TYPE>``, ``received`` / ``received_<TYPE>``, ``dropped_*``,
+        ``parse_errors``, ``send_errors``, ``reconnects``, ``nofix_sent``, ``received_signed_while_unsigned``,
+        ``echo_ok``, ``echo_missing``, ``autopilot_reboots``."""
         with self._lock:
             return dict(self._stats)
 
@@ -1013,15 +1480,26 @@ class MavlinkSender:
         self._thread.start()
         return self
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the thread and join it."""
+    def stop(self, timeout_s: float = 5.0, *, send_nofix: bool = True) -> None:
+        """Stop the thread, join it and, when it was running and ``send_nofix``, send one last no-fix.
+
+        The no-fix tells the autopilot the position source is gone at once, instead of after its GPS timeout with
+        the last position frozen in place. The thread sleeps on an event, so this returns within milliseconds
+        unless a tick is blocked in the transport (at most ``timeout_s``).
+        """
         self._stop.set()
         t = self._thread
-        if t is not None:
-            t.join(timeout_s)
-            if t.is_alive():
-                logger.warning("MAVLink sender thread did not stop within %.1f s", timeout_s)
+        if t is None:
+            return
+        t.join(timeout_s)
+        if t.is_alive():
+            logger.warning("MAVLink sender thread did not stop within %.1f s", timeout_s)
         self._thread = None
+        if send_nofix:
+            try:
+                self.link.send_nav(NavState(t_s=self.clock(), valid=False))
+            except Exception as e:  # shutting down: report, never raise from stop()
+                logger.warning("MAVLink final no-fix not sent (%s: %s)", type(e).__name__, e)
 
     def __enter__(self) -> MavlinkSender:
         return self.start()
@@ -1088,10 +1566,13 @@ class MavlinkSender:
 __all__ = [
     "GPS_EPOCH_UNIX_S",
     "GPS_LEAP_S",
+    "AttitudeSample",
     "AutopilotPosition",
+    "ClockSample",
     "MavlinkConfig",
     "MavlinkLink",
     "MavlinkSender",
+    "SpeedSample",
     "gps_input_fields",
     "gps_week_time",
     "hil_gps_fields",

@@ -190,10 +190,12 @@ class NavState:
     Attributes:
         valid: False = send no-fix (stale, untrusted or not initialised); the position fields are then ignored.
         lat_deg, lon_deg: WGS84 position.
-        alt_m: altitude AMSL, or None when unknown (sarloc estimates no altitude: the alt field is flagged ignored).
+        alt_m: altitude AMSL, or None when unknown (then the alt field is flagged ignored).
         vel_ned_mps: (north, east, down) velocity, or None when unknown.
         horiz_accuracy_m, speed_accuracy_mps: one-sigma accuracies (honest: from the filter covariance).
+        yaw_deg: an independent heading (degrees from north), or None; never echo the autopilot's own heading.
         satellites: reported satellites-visible (a GNSS-free fix has none; ArduPilot wants a plausible count).
+        vert_accuracy_m: one-sigma accuracy of ``alt_m``, or None when unknown (sent only with ``alt_m``).
     """
 
     t_s: float
@@ -206,6 +208,7 @@ class NavState:
     speed_accuracy_mps: float = 99.0
     yaw_deg: float | None = None
     satellites: int = 10
+    vert_accuracy_m: float | None = None
 
 
 __all__ = ["Fix", "NavState", "Strip", "StripMeta", "WindowFix", "heading_vectors"]

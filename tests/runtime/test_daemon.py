@@ -211,3 +211,85 @@ def test_compare_fixes_handles_any_json_values():
     assert compare_fixes([rec], [rec]) == []
     diffs = compare_fixes([rec], [{**rec, "t_s": 1.0, "confidence": 0.5 + 1e-9}])
     assert len(diffs) == 1 and diffs[0].startswith("strip 's': t_s 1000") and diffs[0].endswith("!= 1.0")
+
+
+def test_sigterm_while_waiting_for_strips_is_prompt_and_ends_with_a_no_fix(flight, tmp_path):
+    """Follow mode with every strip processed: SIGTERM stops at once (not at the next strip), and the last
+    GPS_INPUT the autopilot gets is a no-fix."""
+    from pymavlink import mavutil
+
+    port = _free_udp_port()
+    rx = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", source_system=255, dialect="common")
+    out = tmp_path / "run"
+    args = run_args(flight, out, "--mavlink", f"udpout:127.0.0.1:{port}")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sarloc.cli", *args], env=subprocess_env(), stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    rec = out / "records.jsonl"
+    deadline = time.time() + 180
+    while time.time() < deadline and not (rec.is_file() and rec.read_text().count('"type":"fix"') == 3):
+        time.sleep(0.1)
+    gps = []
+    t_wait = time.time() + 2.0
+    while time.time() < t_wait:  # the daemon is now waiting for a fourth strip, sending positions meanwhile
+        m = rx.recv_match(type="GPS_INPUT", blocking=True, timeout=0.2)
+        if m is not None:
+            gps.append(m)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    stop_s = time.time() - t0
+    while (m := rx.recv_match(type="GPS_INPUT", blocking=True, timeout=0.5)) is not None:
+        gps.append(m)
+    rx.close()
+    assert proc.returncode == 0, err[-3000:]
+    assert stop_s < 5.0, stop_s
+    assert len(gps) >= 10  # about 10 Hz while waiting
+    assert gps[-1].fix_type == 1 and gps[-1].lat == 0  # the last word is a no-fix
+    recs = _records(rec)
+    assert recs[-1]["type"] == "stop" and recs[-1]["stats"]["mavlink"]["nofix_sent"] >= 1
+
+
+def test_clock_map_modes():
+    from sarloc.runtime.daemon import ClockMap
+
+    c = ClockMap("auto")
+    assert c.now(1000.0) is None  # nothing known yet
+    c.observe_data(1_700_000_000.0, wall_s=1_800_000_000.0)  # recorded data: years old
+    assert c.mode == "data"
+    assert c.now(1_800_000_005.0) == pytest.approx(1_700_000_005.0)
+    c.observe_data(1_700_000_100.0, wall_s=1_800_000_006.0)  # a replay runs faster than real time
+    assert c.now(1_800_000_006.0) == pytest.approx(1_700_000_100.0)
+    assert c.now(1_800_000_000.0) == pytest.approx(1_700_000_100.0)  # never backwards
+    u = ClockMap("auto")
+    u.observe_data(1000.0, wall_s=1010.0)
+    assert u.mode == "unix" and u.now(2000.0) == 2000.0
+    a = ClockMap("autopilot")
+    for k in range(5):  # a simulator at 4x real time, 100 s ahead
+        a.observe_autopilot(wall_s=1000.0 + k, unix_s=1100.0 + 4.0 * k)
+    assert a.now(1010.0) == pytest.approx(1100.0 + 40.0, abs=1e-6)
+
+
+def test_fix_from_the_future_is_refused(flight, tmp_path):
+    """Strips stamped an hour ahead of this computer's clock (clock = unix): no position is backed by them."""
+    from sarloc.runtime.daemon import Daemon, load_run_config
+    from sarloc.runtime.sources import open_source
+
+    cfg = load_run_config(
+        None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+        out=str(tmp_path / "run"), follow=False, clock="unix",
+    )  # fmt: skip
+    d = Daemon(cfg)
+    ahead = time.time() + 3600.0 - 1_700_000_000.0  # the simulated strips start at 1.7e9
+
+    def shifted():
+        import dataclasses
+
+        for b in open_source(cfg.source, follow=False):
+            yield dataclasses.replace(b, meta=dataclasses.replace(b.meta, t0_s=b.meta.t0_s + ahead))
+
+    stats = d.run(shifted())
+    assert stats["nav"]["fixes_future"] > 0 and stats["windows_applied"] == 0
+    assert not d.nav.initialised
+    assert not d.nav_state(time.time()).valid

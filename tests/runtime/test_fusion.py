@@ -1,12 +1,11 @@
-"""Along-track fusion: strip consensus and the track filter."""
+"""Window consensus: within a strip, across strips (by the vehicle's displacement), and the sliding set."""
 
 from __future__ import annotations
 
 import numpy as np
-import pytest
 
-from sarloc.runtime.fusion import FusionConfig, TrackFilter, strip_consensus
-from sarloc.runtime.types import Fix, WindowFix
+from sarloc.runtime.fusion import FusionConfig, SlidingWindows, strip_consensus
+from sarloc.runtime.types import WindowFix
 
 
 def _win(i, t, xy, conf=0.9, trusted=True, sigma=15.0):
@@ -56,42 +55,34 @@ def test_lone_confident_window():
     assert not f.trusted
 
 
-def _fix(t, xy, v=(30.0, 0.0), trusted=True, sigma=10.0):
-    return Fix(t, tuple(xy), None, v, ((sigma**2, 0.0), (0.0, sigma**2)), sigma, 2.0, 0.9, trusted, 10, 8)
+def test_consensus_across_strips_with_a_turn():
+    """Windows of two strips with a turn between them vote together when moved by the vehicle's displacement."""
+
+    # leg 1 east at 20 m/s for t in [0, 30), then north at 20 m/s
+    def truth(t):
+        return np.array([20.0 * min(t, 30.0), 20.0 * max(t - 30.0, 0.0)])
+
+    def moved(t0, t1):
+        return truth(t1) - truth(t0)
+
+    ts = [5.0, 15.0, 40.0, 50.0]
+    wins = [_win(i, t, tuple(truth(t) + 3.0)) for i, t in enumerate(ts)]
+    wins.append(_win(9, 45.0, (5000.0, -4000.0)))
+    f = strip_consensus(wins, 50.0, None, displacement=moved)
+    assert f.trusted and f.n_inliers == 4
+    assert np.allclose(f.xy_m, truth(50.0) + 3.0, atol=1e-6)
+    # a constant velocity cannot explain the turn: the two legs split
+    assert strip_consensus(wins, 50.0, np.array([20.0, 0.0])).n_inliers == 2
 
 
-def test_filter_tracks_gates_and_reinitialises():
-    kf = TrackFilter(FusionConfig(reinit_after=3))
-    v = np.array([30.0, 0.0])
-    for k in range(6):
-        ok, _ = kf.update(_fix(10.0 * k, np.array([0.0, 0.0]) + v * 10 * k))
-        assert ok
-    x, _ = kf.state(60.0)
-    assert np.allclose(x[:2], v * 60, atol=5)
-    # one wild fix is gated out
-    ok, why = kf.update(_fix(60.0, (5000.0, 5000.0)))
-    assert not ok and "gated" in why
-    assert kf.stats["gated"] == 1
-    # untrusted fixes are ignored
-    assert not kf.update(_fix(61.0, (0.0, 0.0), trusted=False))[0]
-    # three consistent fixes of another track re-initialise it (recovery from a wrong track)
-    for k in range(3):
-        ok, why = kf.update(_fix(70.0 + 10 * k, np.array([8000.0, 100.0]) + v * 10 * k))
-    assert ok and "re-initialised" in why
-    assert np.allclose(kf.state(90.0)[0][:2], [8000 + 600, 100], atol=20)
-
-
-def test_nav_state_validity_and_staleness():
-    kf = TrackFilter(FusionConfig(stale_after_s=5.0))
-    assert not kf.nav_state(0.0, lambda x, y: (x, y)).valid
-    kf.update(_fix(100.0, (10.0, 20.0), sigma=8.0))
-    st = kf.nav_state(101.0, lambda x, y: (x / 1e5, y / 1e5))
-    assert st.valid
-    assert st.horiz_accuracy_m >= 8.0 * 0.99
-    assert st.lat_deg == pytest.approx((20.0 + 0.0) / 1e5, abs=1e-3)
-    assert st.vel_ned_mps[1] == pytest.approx(30.0, abs=1e-6)  # east velocity
-    assert not kf.nav_state(106.0, lambda x, y: (x, y)).valid  # stale
-    assert not kf.nav_state(101.0, None).valid  # no geo-reference: no GPS message
+def test_sliding_windows_keep_the_recent_usable_ones():
+    sw = SlidingWindows(FusionConfig(horizon_s=30.0, max_windows=3))
+    sw.add([_win(0, 0.0, (0.0, 0.0)), _win(1, 10.0, (0.0, 0.0), conf=0.05)])
+    assert [w.index for w in sw.windows] == [0]  # below the confidence floor
+    sw.add([_win(2, 20.0, (0.0, 0.0)), _win(3, 35.0, (0.0, 0.0))])
+    assert [w.index for w in sw.windows] == [2, 3]  # t=0 is beyond the horizon
+    sw.add([_win(4, 36.0, (0.0, 0.0)), _win(5, 37.0, (0.0, 0.0))])
+    assert [w.index for w in sw.windows] == [3, 4, 5]
 
 
 def test_overlapping_windows_are_not_independent_evidence():

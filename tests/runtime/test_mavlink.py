@@ -126,11 +126,20 @@ def links():
 
 
 class FakeClock:
-    def __init__(self) -> None:
-        self.t = 1000.0
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
 
     def __call__(self) -> float:
         return self.t
+
+
+def signature_timestamp(m) -> int:
+    """The 48-bit timestamp of a signed MAVLink2 packet (10 us units since 2015-01-01)."""
+    return int.from_bytes(bytes(m.get_msgbuf()[-12:-6]), "little")
+
+
+def signing_units(unix_s: float) -> int:
+    return int((unix_s - mv.SIGNING_EPOCH_UNIX_S) * 100_000)
 
 
 # ------------------------------------------------------------------------------------------- import and config
@@ -164,12 +173,26 @@ def test_import_needs_neither_torch_nor_pymavlink():
         ({"signing_link_id": -1}, "signing_link_id"),
         ({"reconnect_min_s": 2.0, "reconnect_max_s": 1.0}, "reconnect_max_s"),
         ({"url": ""}, "url"),
+        ({"echo_timeout_s": 0.0}, "echo_timeout_s"),
+        ({"stream_rate_hz": float("inf")}, "stream_rate_hz"),
+        ({"stream_rate_hz": -1.0}, "stream_rate_hz"),
+        ({"require_autopilot_s": 0.0}, "require_autopilot_s"),
+        ({"require_autopilot_s": "10"}, "require_autopilot_s"),
+        ({"request_streams": 1}, "request_streams"),
     ],
 )
 def test_config_rejects_bad_values(kw, needle):
     with pytest.raises(ConfigError, match=needle) as e:
         MavlinkConfig(**kw)
     assert "\n" not in str(e.value)
+
+
+def test_defaults_give_the_gps_health_check_margin():
+    """ArduPilot's GPS health check needs an average gap under 215 ms: 5 Hz (200 ms) was at the edge."""
+    cfg = MavlinkConfig()
+    assert cfg.gps_rate_hz == 10.0 and 1.0 / cfg.gps_rate_hz < 0.215 / 2
+    assert (cfg.echo_timeout_s, cfg.request_streams, cfg.stream_rate_hz) == (10.0, True, 10.0)
+    assert cfg.require_autopilot_s is None
 
 
 def test_bad_url_and_dialect_are_config_errors():
@@ -259,6 +282,27 @@ def test_hil_gps_fields_for_px4():
     assert h["vel"] == 65535 and h["cog"] == 65535 and h["alt"] == 0 and h["id"] == 1
     h = hil_gps_fields(nav(1e9 + 7, alt_m=100.0, vel_ned_mps=(0.0, 10.0, -1.0)), cfg)
     assert (h["vel"], h["ve"], h["vd"], h["cog"], h["alt"]) == (1000, 1000, -100, 9000, 100_000)
+
+
+def test_altitude_with_vertical_accuracy_fills_vdop_and_epv():
+    cfg = MavlinkConfig()
+    t = 1e9 + 7
+    f = gps_input_fields(nav(t, alt_m=812.0, vert_accuracy_m=6.0), cfg)
+    assert f["ignore_flags"] == mv.IGNORE_VEL_HORIZ | mv.IGNORE_VEL_VERT | mv.IGNORE_SPEED_ACCURACY
+    assert (f["alt"], f["vert_accuracy"]) == (812.0, 6.0)
+    assert f["vdop"] == pytest.approx(6.0 / cfg.hdop_uere_m) and f["hdop"] == pytest.approx(7.5 / cfg.hdop_uere_m)
+    full = nav(t, alt_m=812.0, vert_accuracy_m=6.0, vel_ned_mps=(1.0, 2.0, 0.5), speed_accuracy_mps=0.5)
+    assert gps_input_fields(full, cfg)["ignore_flags"] == 0
+    for state in (nav(t, vert_accuracy_m=6.0), nav(t, alt_m=812.0), nav(t, alt_m=812.0, vert_accuracy_m=math.nan)):
+        f = gps_input_fields(state, cfg)  # no altitude, or no vertical accuracy: both vertical quality fields unknown
+        assert f["ignore_flags"] & mv.IGNORE_VDOP and f["ignore_flags"] & mv.IGNORE_VERTICAL_ACCURACY
+        assert f["vdop"] == f["vert_accuracy"] == 0.0
+    assert gps_input_fields(nav(t, alt_m=812.0, vert_accuracy_m=6.0), cfg)["yaw"] == 0  # no yaw unless given
+
+    px4 = MavlinkConfig(flavour="px4")
+    assert hil_gps_fields(nav(t, alt_m=812.0, vert_accuracy_m=6.0), px4)["epv"] == 600
+    assert hil_gps_fields(nav(t, vert_accuracy_m=6.0), px4)["epv"] == 65535
+    assert hil_gps_fields(nav(t, alt_m=812.0), px4)["epv"] == 65535
 
 
 # --------------------------------------------------------------------------------- round trip with pymavlink
@@ -421,6 +465,49 @@ def test_outbound_messages_are_signed(tmp_path, links):
         wrong.close()
 
 
+def test_signing_timestamp_follows_the_wall_clock(tmp_path, links):
+    """The timestamp was taken once at start (+1 per packet): after an autopilot reboot it fell behind."""
+    port = free_port()
+    peer = pymav(f"udpin:127.0.0.1:{port}", key=KEY)
+    wall = FakeClock(time.time() + 5.0)
+    link = MavlinkLink(
+        MavlinkConfig(url=f"udpout:127.0.0.1:{port}", signing_key_file=str(key_file(tmp_path)), request_streams=False),
+        clock_wall=wall,
+    )
+    try:
+        stamps = []
+        for step in (0.0, 3600.0, -600.0):  # an hour later, then the wall clock stepped back 10 min
+            wall.t += step
+            assert link.send_heartbeat()
+            hb = first(peer, "HEARTBEAT")
+            assert hb is not None and hb._signed
+            stamps.append(signature_timestamp(hb))
+        assert abs(stamps[0] - signing_units(wall.t - 3000.0)) <= 2
+        assert abs(stamps[1] - signing_units(wall.t + 600.0)) <= 2  # follows the wall clock forward
+        assert stamps[2] == stamps[1] + 1  # never backwards: +1 per packet while the clock is behind
+    finally:
+        link.close()
+        peer.close()
+
+
+def test_signed_autopilot_while_not_signing_is_counted_and_warned_once(links, caplog):
+    """A signing autopilot drops our unsigned packets silently; the only sign of it is its own signed traffic."""
+    caplog.set_level(logging.WARNING, logger="sarloc.runtime.mavlink")
+    port = free_port()
+    link = links(url=f"udpin:127.0.0.1:{port}", request_streams=False)
+    ap = pymav(f"udpout:127.0.0.1:{port}", key=KEY)
+    try:
+        for _ in range(3):
+            ap.mav.attitude_send(0, 0.0, 0.0, 0.5, 0.0, 0.0, 0.0)
+        assert poll_until(link, lambda: link.stats["received_signed_while_unsigned"] == 3)
+        assert link.heading_deg() == pytest.approx(math.degrees(0.5))  # still read: it cannot be verified anyway
+        warnings = [r.getMessage() for r in caplog.records if "signs its messages" in r.getMessage()]
+        assert len(warnings) == 1
+        assert "set signing_key_file" in warnings[0] and "MAVn_OPTIONS bit 0" in warnings[0]
+    finally:
+        ap.close()
+
+
 def test_inbound_signing_accepts_right_key_and_counts_the_rest(tmp_path, links, caplog):
     caplog.set_level(logging.DEBUG)
     port = free_port()
@@ -491,9 +578,241 @@ def test_inbound_heading_sysid_filter_and_position_prior(links):
             c.close()
 
 
+def test_inbound_speeds_attitude_and_autopilot_clock():
+    port = free_port()
+    mono, wall = FakeClock(), FakeClock(1_750_000_000.0)
+    cfg = MavlinkConfig(url=f"udpin:127.0.0.1:{port}", request_streams=False)
+    link = MavlinkLink(cfg, clock_mono=mono, clock_wall=wall)
+    ap = pymav(f"udpout:127.0.0.1:{port}")
+    try:
+        assert link.airspeed_mps() is None and link.autopilot_clock() is None and link.clock_offset_s() is None
+        ap.mav.vfr_hud_send(21.5, 19.0, 90, 50, 100.0, 0.0)
+        ap.mav.attitude_send(0, 0.0, 0.0, math.radians(-45.0), 0.0, 0.0, 0.0)
+        assert poll_until(link, lambda: link.attitude() is not None and link.groundspeed_mps() is not None)
+        assert link.airspeed_mps() == (21.5, mono.t) and link.airspeed_mps().rx_mono_s == mono.t
+        assert link.groundspeed_mps().mps == 19.0
+        assert link.attitude() == (mono.t, pytest.approx(315.0)) and link.attitude().yaw_deg == pytest.approx(315.0)
+
+        for boot_ms, offset_s in ((60_000, 0.30), (60_500, 0.20), (61_000, 0.25), (61_500, 5.0)):
+            ap.mav.system_time_send(round((wall.t + offset_s) * 1e6), boot_ms)
+        assert poll_until(link, lambda: link.stats.get("received_SYSTEM_TIME") == 4)
+        c = link.autopilot_clock()
+        assert c.time_unix_s == pytest.approx(wall.t + 5.0) and c.time_boot_s == 61.5
+        assert (c.rx_wall_s, c.rx_mono_s) == (wall.t, mono.t)
+        assert link.clock_offset_s() == pytest.approx(0.275, abs=1e-6)  # median: one outlier does not move it
+        assert link.stats["autopilot_reboots"] == 0
+
+        mono.t += 2.5  # older than stale_after_s
+        assert link.airspeed_mps() is None and link.attitude() is None and link.clock_offset_s() is None
+        assert link.groundspeed_mps(max_age_s=5.0) is not None and link.clock_offset_s(max_age_s=5.0) is not None
+
+        ap.mav.system_time_send(0, 64_100)  # the autopilot has no UNIX time
+        assert poll_until(link, lambda: link.stats.get("received_SYSTEM_TIME") == 5)
+        assert link.autopilot_clock().time_unix_s is None and link.clock_offset_s() is None
+    finally:
+        link.close()
+        ap.close()
+
+
+def test_stream_requests_retry_missing_and_follow_a_reboot(links, caplog):
+    caplog.set_level(logging.WARNING, logger="sarloc.runtime.mavlink")
+    port = free_port()
+    ap = pymav(f"udpin:127.0.0.1:{port}")  # the autopilot's side
+    mono = FakeClock()
+    link = MavlinkLink(MavlinkConfig(url=f"udpout:127.0.0.1:{port}", stream_rate_hz=8.0), clock_mono=mono)
+
+    def requests() -> dict[int, float]:
+        got = collect(ap, 0.15, {"COMMAND_LONG"})
+        assert all((m.target_system, m.target_component, m.command) == (1, 1, 511) for m in got)
+        return {round(m.param1): m.param2 for m in got}
+
+    ids = {n: getattr(D, f"MAVLINK_MSG_ID_{n}") for n in mv.INBOUND_TYPES}
+    try:
+        link.poll()
+        first_round = requests()
+        assert first_round == {i: (5e5 if n == "SYSTEM_TIME" else 1.25e5) for n, i in ids.items()}
+        link.poll()
+        assert requests() == {}  # not again before the retry interval
+
+        for k, boot_ms in enumerate((100_000, 102_500, 105_000)):  # everything but GPS2_RAW arrives
+            ap.mav.attitude_send(0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0)
+            ap.mav.vfr_hud_send(20.0, 20.0, 10, 50, 100.0, 0.0)
+            ap.mav.global_position_int_send(0, round(LAT * 1e7), round(LON * 1e7), 0, 0, 0, 0, 0, 0)
+            ap.mav.gps_raw_int_send(0, 3, round(LAT * 1e7), round(LON * 1e7), 0, 100, 100, 0, 0, 10)
+            ap.mav.system_time_send(0, boot_ms)
+            assert poll_until(link, lambda k=k: link.stats["received"] == 5 * (k + 1))
+            mono.t += (2.5, 2.5, 1.6)[k]
+            link.poll()
+            if k == 1:  # GPS2_RAW's retry interval doubled to 4 s; the others are fresh (< 3 s)
+                assert requests() == {}
+            else:  # only the one still missing is asked for again
+                assert requests() == {ids["GPS2_RAW"]: 1.25e5}
+        assert link.stats["autopilot_reboots"] == 0
+
+        ap.mav.system_time_send(0, 1_200)  # boot time went back: the autopilot rebooted and forgot the intervals
+        assert poll_until(link, lambda: link.stats["autopilot_reboots"] == 1)
+        assert requests() == {i: v for i, v in first_round.items() if i != ids["SYSTEM_TIME"]}  # SYSTEM_TIME flows
+        ap.mav.system_time_send(0, 1_700)
+        assert poll_until(link, lambda: link.stats.get("received_SYSTEM_TIME") == 5)
+        assert link.stats["autopilot_reboots"] == 1
+        assert sum("rebooted" in r.getMessage() for r in caplog.records) == 1
+
+        quiet = links(url=f"udpout:127.0.0.1:{port}", request_streams=False)
+        quiet.poll()
+        assert requests() == {} and "sent_COMMAND_LONG" not in quiet.stats
+    finally:
+        link.close()
+        ap.close()
+
+
+def test_echo_check_counts_matches_and_warns_once_when_missing(caplog):
+    caplog.set_level(logging.INFO, logger="sarloc.runtime.mavlink")
+    port = free_port()
+    ap = pymav(f"udpin:127.0.0.1:{port}")
+    mono = FakeClock()
+    cfg = MavlinkConfig(url=f"udpout:127.0.0.1:{port}", echo_timeout_s=1.0, request_streams=False, gps_id=1)
+    link = MavlinkLink(cfg, clock_mono=mono)
+    lat7, lon7 = round(LAT * 1e7), round(LON * 1e7)
+    north_3m, north_100m = round(3.0 / 111_319.49 * 1e7), round(100.0 / 111_319.49 * 1e7)
+
+    def echo(msg: str, lat: int, fix: int = 3) -> None:
+        if msg == "GPS_RAW_INT":
+            ap.mav.gps_raw_int_send(0, fix, lat, lon7, 0, 150, 65535, 0, 0, 10)
+        else:
+            ap.mav.gps2_raw_send(0, fix, lat, lon7, 0, 150, 65535, 0, 0, 10, 0, 0)
+
+    def missing() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "does not echo" in r.getMessage()]
+
+    try:
+        assert link.echo_status()["ok"] is None
+        assert link.send_nav(nav()) is not None
+        assert first(ap, "GPS_INPUT") is not None  # the autopilot side now knows where to answer
+        echo("GPS_RAW_INT", lat7)  # either message may carry our instance (GPS auto-switch)
+        assert poll_until(link, lambda: link.stats["echo_ok"] == 1)
+        st = link.echo_status()
+        assert st["ok"] is True and st["last_echo_message"] == "GPS_RAW_INT" and st["last_echo_age_s"] == 0.0
+
+        for _ in range(12):  # 1.2 s of valid positions, no echo
+            mono.t += 0.1
+            link.send_nav(nav())
+        echo("GPS_RAW_INT", lat7 + north_100m)  # 100 m off: not ours
+        echo("GPS2_RAW", lat7, fix=1)  # no fix: not an echo
+        assert poll_until(link, lambda: link.stats["received"] == 3)
+        assert link.stats["echo_missing"] == 1 and link.stats["echo_ok"] == 1
+        st = link.echo_status()
+        assert st["ok"] is False and st["unechoed_s"] == pytest.approx(1.1)  # since the first unechoed send
+        for _ in range(20):
+            mono.t += 0.1
+            link.send_nav(nav())
+        assert link.stats["echo_missing"] == 1 and len(missing()) == 1  # warned once
+        assert "check GPS2_TYPE=14, the port, and signing" in missing()[0]
+
+        echo("GPS2_RAW", lat7 + north_3m)  # within a few metres of a position sent in the last 2 s
+        assert poll_until(link, lambda: link.stats["echo_ok"] == 2)
+        assert link.echo_status()["ok"] is True and link.echo_status()["last_echo_message"] == "GPS2_RAW"
+
+        mono.t += 3.0  # positions sent more than 2 s ago do not match
+        echo("GPS_RAW_INT", lat7)
+        assert poll_until(link, lambda: link.stats["received"] == 5)
+        assert link.stats["echo_ok"] == 2
+    finally:
+        link.close()
+        ap.close()
+
+
+def test_require_autopilot_makes_silence_fatal(tmp_path):
+    port = free_port()
+    mono = FakeClock()
+    url = f"udpin:127.0.0.1:{port}"
+    link = MavlinkLink(MavlinkConfig(url=url, require_autopilot_s=1.0, request_streams=False), clock_mono=mono)
+    tolerant = MavlinkLink(MavlinkConfig(url=f"udpin:127.0.0.1:{free_port()}"), clock_mono=mono)
+    ap = pymav(f"udpout:127.0.0.1:{port}")
+    try:
+        assert link.fatal_reason() is None
+        mono.t += 1.5
+        why = link.fatal_reason()
+        assert why == (
+            f"no message from autopilot 1/1 on {url} for 1.5 s: check the url, the autopilot's "
+            "SERIALn_PROTOCOL=2 and signing"
+        )
+        ap.mav.heartbeat_send(2, 3, 0, 0, 4)
+        assert poll_until(link, lambda: link.stats.get("received_HEARTBEAT") == 1)
+        assert link.fatal_reason() is None
+        mono.t += 12.0
+        assert "for 12 s (it was heard before)" in link.fatal_reason()
+        assert tolerant.fatal_reason() is None  # require_autopilot_s=None: silence is not fatal
+        link.close()
+        assert link.fatal_reason() is None
+    finally:
+        link.close()
+        tolerant.close()
+        ap.close()
+
+    port = free_port()
+    cfg = MavlinkConfig(
+        url=f"udpin:127.0.0.1:{port}", require_autopilot_s=1.0, signing_key_file=str(key_file(tmp_path))
+    )
+    signed = MavlinkLink(cfg, clock_mono=mono)
+    plain = pymav(f"udpout:127.0.0.1:{port}")
+    try:
+        plain.mav.heartbeat_send(2, 3, 0, 0, 4)
+        assert poll_until(signed, lambda: signed.stats["dropped_unsigned"] == 1)
+        mono.t += 2.0
+        why = signed.fatal_reason()
+        assert "1 unsigned and 0 badly signed messages were dropped" in why and "\n" not in why
+    finally:
+        signed.close()
+        plain.close()
+
+
+def test_refused_tcp_is_retried_and_reported_when_required():
+    """A TCP autopilot (or router) not up yet is not a configuration error: fatal_reason reports it after the wait."""
+    mono = FakeClock()
+    url = f"tcp:127.0.0.1:{free_port(socket.SOCK_STREAM)}"
+    link = MavlinkLink(MavlinkConfig(url=url, require_autopilot_s=2.0), clock_mono=mono)
+    try:
+        assert not link.connected and link.fatal_reason() is None
+        mono.t += 3.0
+        link.poll()
+        why = link.fatal_reason()
+        assert why.startswith(f"no message from autopilot 1/1 on {url} for 3.0 s")
+        assert "the link is down" in why and "Connection refused" in why and "\n" not in why
+    finally:
+        link.close()
+
+
+@pytest.mark.parametrize("reuse", [False, True], ids=["plain", "so_reuseaddr"])
+def test_busy_udp_port_is_a_config_error_when_required(reuse, caplog):
+    holder = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    if reuse:  # pymavlink itself binds udpin with SO_REUSEADDR: a second one would share the port silently
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.bind(("127.0.0.1", 0))
+    url = f"udpin:127.0.0.1:{holder.getsockname()[1]}"
+    try:
+        with pytest.raises(ConfigError, match="holds the port") as e:
+            MavlinkLink(MavlinkConfig(url=url, require_autopilot_s=10.0))
+        assert url in str(e.value) and "in use" in str(e.value) and "\n" not in str(e.value)
+
+        caplog.set_level(logging.WARNING, logger="sarloc.runtime.mavlink")
+        mono = FakeClock()
+        link = MavlinkLink(MavlinkConfig(url=url), clock_mono=mono)  # not required: keep retrying
+        try:
+            assert not link.connected
+            for _ in range(3):
+                mono.t += 10.0
+                link.poll()
+            errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+            assert len(errors) == 1 and url in errors[0].getMessage()
+        finally:
+            link.close()
+    finally:
+        holder.close()
+
+
 def test_udpin_replies_only_to_the_authentic_autopilot(links):
     port = free_port()
-    link = links(url=f"udpin:127.0.0.1:{port}")
+    link = links(url=f"udpin:127.0.0.1:{port}", request_streams=False)
     ap = pymav(f"udpout:127.0.0.1:{port}", sysid=1, compid=1)
     intruder = pymav(f"udpout:127.0.0.1:{port}", sysid=9, compid=1)
     try:
@@ -665,6 +984,31 @@ def test_sender_reconnects_after_tcp_drop(links):
         assert sender.running
     assert link.stats["reconnects"] >= 1
     assert link.stats["send_errors"] + link.stats["dropped_link_down"] >= 1
+
+
+def test_stop_sends_a_final_no_fix_promptly(links):
+    port = free_port()
+    peer = pymav(f"udpin:127.0.0.1:{port}")
+    link = links(url=f"udpout:127.0.0.1:{port}", gps_rate_hz=0.5, heartbeat_hz=0.2, request_streams=False)
+    try:
+        sender = MavlinkSender(link, lambda now_s: nav(now_s), poll_inbound=False).start()
+        g = first(peer, "GPS_INPUT")
+        assert g is not None and g.fix_type == 3
+        time.sleep(0.05)  # the thread now sleeps until its next tick, seconds away
+        t0 = time.monotonic()
+        sender.stop()
+        assert time.monotonic() - t0 < 0.5
+        g = first(peer, "GPS_INPUT", timeout_s=1.0)
+        assert g is not None and g.fix_type == 1 and g.lat == g.lon == 0
+        assert (link.stats["sent_GPS_INPUT"], link.stats["nofix_sent"]) == (2, 1)
+        sender.stop()  # again: nothing more
+        quiet = MavlinkSender(link, lambda now_s: nav(now_s), poll_inbound=False).start()
+        assert first(peer, "GPS_INPUT") is not None
+        quiet.stop(send_nofix=False)
+        assert (link.stats["sent_GPS_INPUT"], link.stats["nofix_sent"]) == (3, 1)
+        assert not [m for m in collect(peer, 0.1, {"GPS_INPUT"})]
+    finally:
+        peer.close()
 
 
 def test_stop_joins_and_link_close_is_idempotent(links):

@@ -1,0 +1,480 @@
+"""Navigation filter between localisation and the autopilot (torch-free): positions at the current time.
+
+A SAR window is localised seconds to tens of seconds after its rows were acquired (a window needs all its rows,
+then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavFilter` bridges the two:
+
+* **State** ``x = (east, north, b_east, b_north, k)`` in the map's metric frame: the position, a slowly varying
+  bias between the motion input and the ground velocity (the wind when the input is the air-velocity vector; a
+  velocity bias otherwise), and a scale error of the input's speed (an airspeed calibration error, a true-airspeed
+  conversion left over). The ground velocity is ``(1 + k) u + b``, ``u`` the motion input in force.
+* **Prediction from a motion input** (a time-stamped velocity; each one holds until the next): ``airspeed`` - the
+  autopilot's heading and true airspeed (independent of the positions sarloc sends, so no feedback loop; ``b``
+  is the wind); ``ground`` - a ground velocity (the strip metadata's heading and along-track speed, or the
+  autopilot's own velocity estimate). The position moves by ``(u + b) dt``; its covariance grows with the input's
+  noise, and faster the older the input (a vehicle may turn once its motion stream stops). Without any input the
+  velocity is unknown (``init_velocity_sigma_mps``).
+* **Fixes** (window positions) are applied **at their acquisition time**: the filter keeps a history of every
+  event of the last ``history_s`` seconds with the state after it; a late or out-of-order fix rewinds to its time,
+  is applied there, and the later events are re-applied (a delayed / out-of-sequence measurement update).
+* **Gating**: a fix whose Mahalanobis distance to the predicted state exceeds ``gate_chi2`` is not applied; a
+  wrong fix cannot jerk the output. ``reinit_after`` consecutive gated-out fixes that agree with one another (each
+  within the gate of the previous one moved by the filter's motion) re-initialise the position: recovery from a
+  wrong first fix.
+
+What is reported (:meth:`NavFilter.estimate`) is the state predicted to the requested time, never an old state
+stamped as current; it is valid while the one-sigma horizontal error stays within ``max_sigma_m``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import itertools
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["NavConfig", "NavEstimate", "NavFilter", "chi2_2dof"]
+
+_N = 5  # east, north, bias east, bias north, input scale error
+_H_POS = np.hstack([np.eye(2), np.zeros((2, 3))])
+
+
+def chi2_2dof(p: float) -> float:
+    """The chi-square quantile for 2 degrees of freedom: the Mahalanobis^2 gate that passes a fraction ``p``."""
+    return -2.0 * math.log(1.0 - p)
+
+
+@dataclass(frozen=True)
+class NavConfig:
+    """Navigation filter settings (TOML table ``[nav]``).
+
+    Attributes:
+        accel_sigma_mps2: how fast the velocity may drift from an input as it ages, m/s^2 (manoeuvres after the
+            motion stream stopped): the input's one-sigma grows by this times its age.
+        bias_sigma_mps_per_s: random-walk rate of the wind / velocity-bias state, (m/s) per sqrt(s).
+        init_velocity_sigma_mps: one-sigma of the velocity when no motion input is known.
+        init_bias_sigma_mps: one-sigma of the wind / bias at initialisation.
+        init_scale_sigma: one-sigma of the input's speed-scale error at initialisation (0.05 = 5 %).
+        scale_sigma_per_s: random-walk rate of the scale error, per sqrt(s).
+        airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis.
+        ground_sigma_mps: one-sigma of a ground-velocity input, per axis.
+        correlation_s: correlation time of the input's errors: the position variance grows by
+            ``sigma^2 * correlation_s`` per second.
+        gate_chi2: Mahalanobis^2 gate for fixes (13.8 = 99.9 % for 2 dof).
+        reinit_after: consecutive, mutually consistent gated-out fixes that re-initialise the position.
+        history_s: how far back a delayed fix may be applied; older ones are dropped (counted).
+        future_tolerance_s: a fix stamped later than "now" by more than this is refused (a clock problem).
+        max_sigma_m: the estimate is invalid (the autopilot gets no-fix) while its one-sigma horizontal error is
+            larger than this.
+        max_gap_s: motion inputs further apart than this do not bridge the gap (prediction falls back to the
+            constant-velocity model with its process noise).
+    """
+
+    accel_sigma_mps2: float = 0.5
+    bias_sigma_mps_per_s: float = 0.05
+    init_velocity_sigma_mps: float = 15.0
+    init_bias_sigma_mps: float = 5.0
+    init_scale_sigma: float = 0.05
+    scale_sigma_per_s: float = 0.0005
+    airspeed_sigma_mps: float = 1.0
+    ground_sigma_mps: float = 1.0
+    correlation_s: float = 1.0
+    gate_chi2: float = 13.8
+    reinit_after: int = 3
+    history_s: float = 180.0
+    future_tolerance_s: float = 1.0
+    max_sigma_m: float = 100.0
+    max_gap_s: float = 5.0
+
+    def __post_init__(self) -> None:
+        from sarloc.errors import ConfigError
+        from sarloc.typed_config import finite_number
+
+        for name in (
+            "accel_sigma_mps2",
+            "bias_sigma_mps_per_s",
+            "init_velocity_sigma_mps",
+            "init_bias_sigma_mps",
+            "init_scale_sigma",
+            "scale_sigma_per_s",
+            "airspeed_sigma_mps",
+            "ground_sigma_mps",
+            "correlation_s",
+            "gate_chi2",
+            "history_s",
+            "max_sigma_m",
+            "max_gap_s",
+        ):
+            v = finite_number(getattr(self, name))
+            if v is None or v <= 0:
+                raise ConfigError(f"[nav] {name}={getattr(self, name)!r:.40} must be a finite number > 0")
+        v = finite_number(self.future_tolerance_s)
+        if v is None or v < 0:
+            raise ConfigError(f"[nav] future_tolerance_s={self.future_tolerance_s!r:.40} must be >= 0")
+        if not isinstance(self.reinit_after, int) or isinstance(self.reinit_after, bool) or self.reinit_after < 1:
+            raise ConfigError(f"[nav] reinit_after={self.reinit_after!r:.40} must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class NavEstimate:
+    """The filter's state at ``t_s`` (see :meth:`NavFilter.estimate`).
+
+    Attributes:
+        t_s: the time of the estimate (data clock).
+        xy_m: (east, north); vel_mps: ground velocity (v_east, v_north); bias_mps: wind / velocity bias;
+        scale: the input's speed-scale error ``k``.
+        sigma_h_m: one-sigma horizontal error (square root of the largest eigenvalue of the position covariance).
+        sigma_v_mps: one-sigma ground-velocity error per axis (the input's and the bias's).
+        valid: initialised and ``sigma_h_m <= max_sigma_m``.
+        since_fix_s: time since the newest applied fix's acquisition time.
+    """
+
+    t_s: float
+    xy_m: tuple[float, float]
+    vel_mps: tuple[float, float]
+    bias_mps: tuple[float, float]
+    scale: float
+    sigma_h_m: float
+    sigma_v_mps: float
+    valid: bool
+    since_fix_s: float
+
+
+@dataclass
+class _Event:
+    t_s: float
+    kind: str  # "air" / "ground" (motion input), "fix", "init"
+    z: np.ndarray
+    r: np.ndarray  # fix: 2x2 covariance; motion: 1x1 sigma^2
+    seq: int
+    info: dict | None = None
+
+
+@dataclass(frozen=True)
+class _Input:
+    """The motion input in force: velocity (east, north), its one-sigma, since when, and its kind."""
+
+    t_s: float
+    v: np.ndarray
+    sigma: float
+    kind: str
+
+
+@dataclass(frozen=True)
+class _State:
+    t_s: float
+    x: np.ndarray
+    p: np.ndarray
+    u: _Input | None
+
+
+def _sigma(p2: np.ndarray) -> float:
+    return math.sqrt(max(float(np.linalg.eigvalsh(p2).max()), 0.0))
+
+
+class NavFilter:
+    """Delayed-measurement Kalman filter of position, velocity and wind / velocity bias (see the module docstring).
+
+    Not thread-safe: the daemon holds a lock around every call.
+    """
+
+    def __init__(self, cfg: NavConfig = NavConfig()) -> None:
+        self.cfg = cfg
+        self._events: list[_Event] = []  # sorted by (t_s, seq)
+        self._keys: list[tuple[float, int]] = []
+        self._after: list[_State | None] = []  # state after each event (x None: not initialised)
+        self._base: _State | None = None  # state before the first kept event
+        self._seq = 0
+        self._rejected: list[_Event] = []
+        self.last_fix_s: float | None = None
+        self.stats = {
+            "fixes_applied": 0,
+            "fixes_gated": 0,
+            "fixes_too_old": 0,
+            "fixes_future": 0,
+            "reinit": 0,
+            "motion_inputs": 0,
+            "motion_refused": 0,
+            "replayed_events": 0,
+        }
+        self._warned: set[str] = set()
+
+    # ------------------------------------------------------------------------------------------ model
+    def _vel_var(self, u: _Input | None, t_s: float) -> tuple[np.ndarray, float]:
+        """The input velocity at ``t_s`` and its variance per axis (growing with the input's age)."""
+        if u is None:
+            return np.zeros(2), self.cfg.init_velocity_sigma_mps**2
+        age = max(0.0, t_s - u.t_s)
+        return u.v, u.sigma**2 + (self.cfg.accel_sigma_mps2 * age) ** 2
+
+    def _predict(self, st: _State, t_s: float) -> _State:
+        dt = t_s - st.t_s
+        if dt <= 0:
+            return st
+        v, var = self._vel_var(st.u, st.t_s + dt / 2.0)
+        f = np.eye(_N)
+        f[0, 2] = f[1, 3] = dt
+        f[0:2, 4] = v * dt  # position moves by ((1 + k) u + b) dt: linear in the state for a known input
+        x = f @ st.x
+        x[:2] += v * dt
+        q = np.zeros((_N, _N))
+        q[0, 0] = q[1, 1] = var * min(self.cfg.correlation_s, dt) * dt
+        q[2, 2] = q[3, 3] = self.cfg.bias_sigma_mps_per_s**2 * dt
+        q[4, 4] = self.cfg.scale_sigma_per_s**2 * dt
+        return _State(t_s, x, f @ st.p @ f.T + q, st.u)
+
+    @staticmethod
+    def _update(st: _State, ev: _Event) -> _State:
+        """Kalman update with a position fix."""
+        h = _H_POS
+        y = ev.z - h @ st.x
+        s = h @ st.p @ h.T + ev.r
+        k = st.p @ h.T @ np.linalg.inv(s)
+        ikh = np.eye(_N) - k @ h
+        p = ikh @ st.p @ ikh.T + k @ ev.r @ k.T  # Joseph form: stays symmetric positive definite
+        return _State(st.t_s, st.x + k @ y, 0.5 * (p + p.T), st.u)
+
+    # ------------------------------------------------------------------------------------------ history
+    def _state_before(self, i: int) -> _State | None:
+        """The state just before event ``i`` (after event i-1), or None before anything is known."""
+        if i > 0:
+            return self._after[i - 1]
+        return self._base
+
+    def _input_before(self, i: int) -> _Input | None:
+        st = self._state_before(i)
+        return None if st is None else st.u
+
+    def _replay_from(self, i: int) -> None:
+        """Recompute the states after events ``i..`` from the state before ``i``."""
+        st = self._state_before(i)
+        for j in range(i, len(self._events)):
+            ev = self._events[j]
+            if ev.kind in ("air", "ground"):
+                u = _Input(ev.t_s, ev.z, float(np.sqrt(ev.r[0, 0])), ev.kind)
+                if st is None or st.x is None:
+                    st = _State(ev.t_s, None, None, u)
+                else:
+                    st = dataclasses.replace(self._predict(st, ev.t_s), u=u)
+            elif ev.kind == "init":
+                st = _State(ev.t_s, ev.info["x"], ev.info["p"], None if st is None else st.u)
+            elif st is not None and st.x is not None:
+                st = self._update(self._predict(st, ev.t_s), ev)  # decisions stand: a replay never re-gates
+            self._after[j] = st
+            self.stats["replayed_events"] += 1
+
+    def _insert(self, ev: _Event) -> int:
+        key = (ev.t_s, ev.seq)
+        i = bisect.bisect_right(self._keys, key)
+        self._events.insert(i, ev)
+        self._keys.insert(i, key)
+        self._after.insert(i, None)
+        return i
+
+    def _prune(self, now_s: float) -> None:
+        cut = now_s - self.cfg.history_s
+        n = bisect.bisect_left(self._keys, (cut, -1))
+        n = min(n, len(self._events) - 1)  # keep the newest event: it carries the current state
+        if n <= 0:
+            return
+        self._base = self._after[n - 1]
+        del self._events[:n], self._keys[:n], self._after[:n]
+
+    def _next_seq(self) -> int:
+        self._seq += 1
+        return self._seq
+
+    # ------------------------------------------------------------------------------------------ inputs
+    @property
+    def initialised(self) -> bool:
+        """Whether the newest state has a position (a consensus has initialised the filter)."""
+        st = self._after[-1] if self._events else self._base
+        return st is not None and st.x is not None
+
+    def _oldest_s(self) -> float:
+        if self._base is not None:
+            return self._base.t_s
+        return self._events[0].t_s if self._events else -math.inf
+
+    def add_motion(self, t_s: float, kind: str, v_en_mps: tuple[float, float], sigma_mps: float | None = None) -> bool:
+        """A velocity input at ``t_s``: ``kind`` ``"air"`` (air-velocity vector from heading and airspeed) or
+        ``"ground"`` (a ground velocity), (v_east, v_north) in m/s. Returns False when refused (non-finite, or
+        older than the history)."""
+        v = np.asarray(v_en_mps, float)
+        if kind not in ("air", "ground") or v.shape != (2,) or not np.all(np.isfinite(v)) or not math.isfinite(t_s):
+            self.stats["motion_refused"] += 1
+            return False
+        if t_s < self._oldest_s():
+            self.stats["motion_refused"] += 1
+            return False
+        sig = (
+            sigma_mps
+            if sigma_mps is not None
+            else (self.cfg.airspeed_sigma_mps if kind == "air" else self.cfg.ground_sigma_mps)
+        )
+        ev = _Event(float(t_s), kind, v, np.eye(1) * float(sig) ** 2, self._next_seq())
+        i = self._insert(ev)
+        self._replay_from(i)
+        self.stats["motion_inputs"] += 1
+        self._prune(self._events[-1].t_s)
+        return True
+
+    def _check_fix(self, t_s: float, xy: np.ndarray, sigma_m: float, now_s: float) -> str | None:
+        if xy.shape != (2,) or not np.all(np.isfinite(xy)) or not (math.isfinite(sigma_m) and sigma_m > 0):
+            return "non-finite fix"
+        if not math.isfinite(t_s) or t_s > now_s + self.cfg.future_tolerance_s:
+            self.stats["fixes_future"] += 1
+            self._warn_once("future", "a fix stamped %.1f s in the future was refused (clock problem?)", t_s - now_s)
+            return f"fix from the future ({t_s - now_s:.1f} s ahead of now)"
+        if t_s < self._oldest_s() or t_s < now_s - self.cfg.history_s:
+            self.stats["fixes_too_old"] += 1
+            return f"fix older than the history ({now_s - t_s:.1f} s > {self.cfg.history_s:g} s)"
+        return None
+
+    def innovation(self, t_s: float, xy_m: tuple[float, float], sigma_m: float) -> float | None:
+        """Mahalanobis^2 of a fix against the filter at ``t_s`` (None when not initialised then)."""
+        st = self.state(t_s)
+        if st is None:
+            return None
+        x, p = st
+        y = np.asarray(xy_m, float) - x[:2]
+        s = p[:2, :2] + np.eye(2) * float(sigma_m) ** 2
+        return float(y @ np.linalg.solve(s, y))
+
+    def add_fix(self, t_s: float, xy_m: tuple[float, float], sigma_m: float, now_s: float) -> tuple[bool, str]:
+        """Apply one position fix acquired at ``t_s`` (one-sigma ``sigma_m`` per axis), gated, at its time.
+
+        Returns (applied, reason). A fix never initialises the filter: :meth:`add_consensus` does.
+
+        Args:
+            now_s: the current time on the data clock (fixes later than it by ``future_tolerance_s`` are refused).
+        """
+        xy = np.asarray(xy_m, float)
+        bad = self._check_fix(t_s, xy, sigma_m, now_s)
+        if bad is not None:
+            return False, bad
+        d2 = self.innovation(t_s, xy_m, sigma_m)
+        if d2 is None:
+            return False, "not initialised (waiting for a consensus of windows)"
+        if d2 > self.cfg.gate_chi2:
+            self.stats["fixes_gated"] += 1
+            return False, f"gated out (Mahalanobis^2 {d2:.1f} > {self.cfg.gate_chi2:g})"
+        ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {})
+        self._replay_from(self._insert(ev))
+        self.stats["fixes_applied"] += 1
+        self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
+        self._prune(now_s)
+        return True, "applied"
+
+    def add_consensus(self, t_s: float, xy_m: tuple[float, float], sigma_m: float, now_s: float) -> tuple[bool, str]:
+        """A position that several windows agree on: initialises the filter, or, while the filter disagrees with
+        ``reinit_after`` consecutive mutually consistent ones, re-initialises it. Otherwise it changes nothing
+        (its windows enter through :meth:`add_fix`). Returns (state changed, reason)."""
+        xy = np.asarray(xy_m, float)
+        bad = self._check_fix(t_s, xy, sigma_m, now_s)
+        if bad is not None:
+            return False, bad
+        ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {})
+        d2 = self.innovation(t_s, xy_m, sigma_m)
+        if d2 is None:
+            self._make_init(ev)
+            self._replay_from(self._insert(ev))
+            self.stats["fixes_applied"] += 1
+            self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
+            self._prune(now_s)
+            return True, "filter initialised"
+        if d2 <= self.cfg.gate_chi2:
+            self._rejected.clear()
+            return False, "consistent with the track"
+        self._rejected.append(ev)
+        if self._reinit_due():
+            self._prune(now_s)
+            return True, "filter re-initialised after consistent disagreeing consensus fixes"
+        return False, f"disagrees with the track (Mahalanobis^2 {d2:.1f}); {len(self._rejected)} in a row"
+
+    def _make_init(self, ev: _Event) -> None:
+        """Turn fix event ``ev`` into an initialisation at its time (zero bias, its uncertainty from the config)."""
+        b0 = self.cfg.init_bias_sigma_mps**2
+        ev.kind = "init"
+        k0 = self.cfg.init_scale_sigma**2
+        ev.info = {"x": np.array([*ev.z, 0.0, 0.0, 0.0], float), "p": np.diag([ev.r[0, 0], ev.r[1, 1], b0, b0, k0])}
+
+    def _reinit_due(self) -> bool:
+        """Re-initialise at the newest gated-out fix when the last ``reinit_after`` of them agree with each other."""
+        rej = self._rejected[-self.cfg.reinit_after :]
+        if len(rej) < self.cfg.reinit_after:
+            return False
+        for a, b in itertools.pairwise(rej):
+            moved = self.displacement_m(a.t_s, b.t_s)
+            d = np.asarray(b.z) - np.asarray(a.z) - moved
+            s = a.r + b.r + np.eye(2) * (self.cfg.ground_sigma_mps * abs(b.t_s - a.t_s)) ** 2
+            if float(d @ np.linalg.solve(s, d)) > self.cfg.gate_chi2:
+                return False
+        last = rej[-1]
+        self._make_init(last)
+        self._replay_from(self._insert(last))
+        self._rejected.clear()
+        self.stats["reinit"] += 1
+        self.last_fix_s = last.t_s
+        logger.warning("navigation filter re-initialised: %d consistent fixes disagreed with the track", len(rej))
+        return True
+
+    # ------------------------------------------------------------------------------------------ outputs
+    def state(self, t_s: float) -> tuple[np.ndarray, np.ndarray] | None:
+        """(x, P) at ``t_s``: from the last event at or before it, predicted; None when not initialised then."""
+        st = self._state_at(t_s)
+        return None if st is None else (st.x, st.p)
+
+    def _state_at(self, t_s: float) -> _State | None:
+        st = self._state_before(bisect.bisect_right(self._keys, (t_s, math.inf)))
+        if st is None or st.x is None:
+            return None
+        return self._predict(st, t_s)
+
+    def displacement_m(self, t0_s: float, t1_s: float) -> np.ndarray:
+        """How far the vehicle moved from ``t0_s`` to ``t1_s`` (east, north): the filter's motion where it is
+        initialised, else the motion inputs alone (an air velocity taken as the ground velocity)."""
+        a, b = self.state(t0_s), self.state(t1_s)
+        if a is not None and b is not None:
+            return b[0][:2] - a[0][:2]
+        lo, hi = sorted((t0_s, t1_s))
+        sign = 1.0 if t1_s >= t0_s else -1.0
+        moves = [(e.t_s, e.z) for e in self._events if e.kind in ("air", "ground")]
+        if self._base is not None and self._base.u is not None:
+            moves.insert(0, (self._base.u.t_s, self._base.u.v))
+        total = np.zeros(2)
+        for k, (t, v) in enumerate(moves):
+            t_end = moves[k + 1][0] if k + 1 < len(moves) else math.inf
+            seg_lo, seg_hi = max(lo, t if k else -math.inf), min(hi, t_end)
+            if seg_hi > seg_lo:
+                total += v * (seg_hi - seg_lo)
+        return sign * total
+
+    def estimate(self, t_s: float) -> NavEstimate | None:
+        """The state predicted to ``t_s`` (None before the first fix)."""
+        st = self._state_at(t_s)
+        if st is None:
+            return None
+        v, var = self._vel_var(st.u, t_s)
+        sigma_h = _sigma(st.p[:2, :2])
+        return NavEstimate(
+            t_s=float(t_s),
+            xy_m=(float(st.x[0]), float(st.x[1])),
+            vel_mps=(float(v[0] * (1 + st.x[4]) + st.x[2]), float(v[1] * (1 + st.x[4]) + st.x[3])),
+            bias_mps=(float(st.x[2]), float(st.x[3])),
+            scale=float(st.x[4]),
+            sigma_h_m=sigma_h,
+            sigma_v_mps=math.sqrt(var + _sigma(st.p[2:4, 2:4]) ** 2 + float(st.p[4, 4]) * float(v @ v)),
+            valid=sigma_h <= self.cfg.max_sigma_m,
+            since_fix_s=float(t_s - self.last_fix_s) if self.last_fix_s is not None else math.inf,
+        )
+
+    def _warn_once(self, key: str, msg: str, *args: object) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(msg + " (logged once)", *args)

@@ -1,0 +1,172 @@
+"""The navigation filter: delayed fixes at their acquisition time, output at the current time, gating, wind."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from sarloc.errors import ConfigError
+from sarloc.runtime.navfilter import NavConfig, NavFilter, chi2_2dof
+
+WIND = np.array([0.0, 6.0])  # m/s, blowing north
+AIR = np.array([20.0, -3.0])  # the air-velocity vector: ground velocity (20, 3)
+
+
+def truth(t: float) -> np.ndarray:
+    return (AIR + WIND) * t + np.array([1000.0, 2000.0])
+
+
+def _flight(delay_s: float, seed: int = 0, t_end: float = 300.0, fix_every_s: float = 10.0):
+    """Air-velocity inputs at 10 Hz; a fix every ``fix_every_s`` acquired ``delay_s`` before it is delivered.
+    Returns the filter and the errors of the output at the current time."""
+    rng = np.random.default_rng(seed)
+    f = NavFilter()
+    errs = []
+    for k in range(int(t_end * 10)):
+        t = k / 10
+        f.add_motion(t, "air", tuple(AIR + rng.normal(0, 0.3, 2)))
+        if k % int(fix_every_s * 10) == 0 and t - delay_s >= 0:
+            ta = t - delay_s
+            xy = tuple(truth(ta) + rng.normal(0, 10.0, 2))
+            if f.initialised:
+                f.add_fix(ta, xy, 10.0, now_s=t)
+            else:
+                assert f.add_consensus(ta, xy, 10.0, now_s=t) == (True, "filter initialised")
+        e = f.estimate(t)
+        if e is not None and t > 100:
+            errs.append(np.hypot(*(np.asarray(e.xy_m) - truth(t))))
+    return f, np.asarray(errs)
+
+
+def test_late_fixes_give_current_positions_and_the_wind():
+    f, errs = _flight(delay_s=15.0)
+    # 15 s of delay is 300 m of flight: the output is where the vehicle is now, not where it was
+    assert np.median(errs) < 15.0 and errs.max() < 40.0, (np.median(errs), errs.max())
+    est = f.estimate(300.0)
+    assert np.allclose(est.bias_mps, WIND, atol=1.0)  # the wind is estimated from air velocity + fixes
+    assert np.allclose(est.vel_mps, AIR + WIND, atol=1.0)
+    assert est.valid and est.sigma_h_m < 20.0
+
+
+def test_out_of_order_fix_equals_in_order_processing():
+    def run(order):
+        f = NavFilter()
+        for k in range(200):
+            f.add_motion(k / 10, "ground", (10.0, 0.0))
+        f.add_consensus(1.0, (10.0, 0.0), 5.0, now_s=20.0)
+        for t, xy in order:
+            f.add_fix(t, xy, 5.0, now_s=20.0)
+        return f.estimate(20.0)
+
+    fixes = [(5.0, (52.0, 1.0)), (9.0, (88.0, -2.0)), (14.0, (141.0, 0.5))]
+    a, b = run(fixes), run(fixes[::-1])
+    assert np.allclose(a.xy_m, b.xy_m, atol=1e-9) and math.isclose(a.sigma_h_m, b.sigma_h_m, rel_tol=1e-9)
+
+
+def test_covariance_grows_between_fixes_and_bounds_validity():
+    f = NavFilter(NavConfig(max_sigma_m=50.0))
+    f.add_motion(0.0, "ground", (20.0, 0.0))
+    f.add_consensus(0.0, (0.0, 0.0), 5.0, now_s=0.0)
+    sig = [f.estimate(t).sigma_h_m for t in (0.0, 10.0, 30.0, 60.0)]
+    assert all(b > a for a, b in itertools.pairwise(sig))
+    assert f.estimate(1.0).valid
+    # the motion input stopped at t=0: with white-acceleration noise only, the error outgrows the bound
+    assert not f.estimate(120.0).valid
+    assert f.estimate(120.0).xy_m[0] == pytest.approx(20.0 * 120.0, rel=1e-6)  # constant velocity meanwhile
+
+
+def test_a_wrong_fix_is_gated_and_cannot_move_the_output():
+    f = NavFilter()
+    for k in range(100):
+        f.add_motion(k / 10, "ground", (20.0, 0.0))
+    f.add_consensus(0.0, (0.0, 0.0), 5.0, now_s=0.0)
+    f.add_fix(5.0, (100.0, 0.0), 5.0, now_s=5.0)
+    before = f.estimate(10.0).xy_m
+    ok, why = f.add_fix(8.0, (1160.0, 900.0), 5.0, now_s=10.0)
+    assert not ok and why.startswith("gated")
+    assert f.estimate(10.0).xy_m == before
+    assert f.stats["fixes_gated"] == 1
+
+
+def test_consistent_disagreement_reinitialises():
+    f = NavFilter(NavConfig(reinit_after=3))
+    for k in range(600):
+        f.add_motion(k / 10, "ground", (20.0, 0.0))
+    f.add_consensus(0.0, (0.0, 0.0), 5.0, now_s=0.0)  # a wrong start: the truth is 3 km east
+    changed = [f.add_consensus(t, (3000.0 + 20.0 * t, 0.0), 10.0, now_s=t + 1)[0] for t in (20.0, 30.0)]
+    assert changed == [False, False]
+    changed, why = f.add_consensus(40.0, (3800.0, 0.0), 10.0, now_s=41.0)
+    assert changed and "re-initialised" in why
+    assert np.allclose(f.estimate(50.0).xy_m, (4000.0, 0.0), atol=30.0)
+    assert f.stats["reinit"] == 1
+    # inconsistent disagreements do not: another filter, three wrong places that are not one track
+    g = NavFilter(NavConfig(reinit_after=3))
+    g.add_motion(0.0, "ground", (20.0, 0.0))
+    g.add_consensus(0.0, (0.0, 0.0), 5.0, now_s=0.0)
+    for t, x in ((20.0, 3000.0), (30.0, -2000.0), (40.0, 9000.0)):
+        assert not g.add_consensus(t, (x, 500.0), 10.0, now_s=t)[0]
+
+
+def test_bad_times_and_values_are_refused():
+    f = NavFilter(NavConfig(history_s=60.0))
+    f.add_motion(0.0, "ground", (20.0, 0.0))
+    f.add_consensus(0.0, (0.0, 0.0), 5.0, now_s=0.0)
+    ok, why = f.add_fix(100.0, (2000.0, 0.0), 5.0, now_s=50.0)  # from the future
+    assert not ok and "future" in why and f.stats["fixes_future"] == 1
+    ok, why = f.add_fix(-100.0, (0.0, 0.0), 5.0, now_s=50.0)  # older than the history
+    assert not ok and "older" in why
+    assert not f.add_fix(10.0, (float("nan"), 0.0), 5.0, now_s=50.0)[0]
+    assert not f.add_fix(10.0, (200.0, 0.0), 0.0, now_s=50.0)[0]
+    assert not f.add_motion(10.0, "ground", (float("inf"), 0.0))
+    assert not f.add_motion(10.0, "sideways", (1.0, 0.0))
+    assert f.stats["motion_refused"] == 2
+    # a single window never initialises
+    g = NavFilter()
+    ok, why = g.add_fix(0.0, (0.0, 0.0), 5.0, now_s=0.0)
+    assert not ok and "not initialised" in why and g.estimate(0.0) is None
+
+
+def test_history_is_bounded():
+    f = NavFilter(NavConfig(history_s=30.0))
+    for k in range(3000):
+        f.add_motion(k / 10, "air", (20.0, 0.0))
+    assert len(f._events) <= 30 * 10 + 2
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="gate_chi2"):
+        NavConfig(gate_chi2=0.0)
+    with pytest.raises(ConfigError, match="reinit_after"):
+        NavConfig(reinit_after=0)
+    assert chi2_2dof(0.999) == pytest.approx(13.8155, abs=1e-3)
+
+
+def test_a_speed_scale_error_is_learnt_and_survives_turns():
+    """The airspeed input reads 5 % low (equivalent vs true airspeed): after fixes on two legs the filter knows
+    the scale, so the third leg, without fixes, does not drift the way a wind estimate alone would."""
+    legs = [(0.0, 20.0), (20.0, 0.0), (0.0, -20.0)]  # north, east, south; 100 s each
+    f = NavFilter()
+    pos = np.zeros(2)
+    rng = np.random.default_rng(3)
+    errs = []
+    for leg, air in enumerate(legs):
+        air = np.asarray(air)
+        for k in range(1000):
+            t = leg * 100.0 + k / 10
+            f.add_motion(t, "air", tuple(air))
+            if k:
+                pos = pos + 1.05 * air * 0.1  # the truth: 5 % faster than the input says
+            if leg < 2 and k % 50 == 0:
+                xy = tuple(pos + rng.normal(0, 5.0, 2))
+                if f.initialised:
+                    f.add_fix(t, xy, 5.0, now_s=t)
+                else:
+                    f.add_consensus(t, xy, 5.0, now_s=t)
+            if leg == 2:
+                errs.append(np.hypot(*(np.asarray(f.estimate(t).xy_m) - pos)))
+    est = f.estimate(300.0)
+    assert est.scale == pytest.approx(0.05, abs=0.015)
+    assert max(errs) < 40.0, max(errs)  # 100 s without a fix: 5 % of 2 km would be 100 m
