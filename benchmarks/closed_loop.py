@@ -1,7 +1,8 @@
 """Closed-loop flights with ArduPilot SITL: the autopilot navigates on sarloc alone after GNSS is denied.
 
     python benchmarks/closed_loop.py --vehicle plane --out runs/closed_loop/plane_synth
-    python benchmarks/closed_loop.py --vehicle plane --scene ../shared/data/india_sih1733_1 --out runs/cl/india
+    python benchmarks/closed_loop.py --vehicle plane --scene ../shared/data/india_sih1733_1 --place 28.6 77.2 \
+        --half-size-m 3000 --out runs/closed_loop/plane_india
     python benchmarks/closed_loop.py --analyse runs/closed_loop/plane_synth     # numbers and plots again
 
 Without ``--scene`` a generated scene is made (``sarloc.synth``, seed 21, 1024 x 1024 px at 10 m: 10 x 10 km). The
@@ -31,6 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instance", type=int, default=3, help="SITL -I (ports 5760 + 10 * I)")
     p.add_argument("--synth-px", type=int, default=1024, help="generated scene size, pixels")
     p.add_argument("--synth-gsd-m", type=float, default=10.0, help="generated scene metres per pixel")
+    p.add_argument("--place", type=float, nargs=2, metavar=("LAT", "LON"), default=(47.3769, 8.5417),
+                   help="where to put a scene without geo-reference (its centre; a synthetic placement)")  # fmt: skip
+    p.add_argument("--rtl-hold-s", type=float, default=180.0, help="watch the vehicle this long after RTL")
     p.add_argument("--analyse", metavar="OUT", help="only analyse a recorded flight")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s", datefmt="%X")
@@ -57,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
                 half_size_m=a.half_size_m,
                 alt_m=a.alt_m,
                 instance=a.instance,
+                place_lat_lon=tuple(a.place),
+                rtl_hold_s=a.rtl_hold_s,
             )
             res = run_closed_loop(cfg)
     except SarlocError as e:

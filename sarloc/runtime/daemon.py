@@ -125,6 +125,9 @@ class RunConfig:
 _SUB = {"localizer": LocalizerConfig, "fusion": FusionConfig, "nav": NavConfig}
 _TABLES = ("localizer", "fusion", "nav", "mavlink")
 CLOCKS = ("auto", "unix", "autopilot", "data")
+#: one-sigma of the autopilot's wind estimate when it starts the filter's wind (from GNSS and airspeed until the
+#: denial; partly from sarloc's own positions after it)
+WIND_PRIOR_SIGMA_MPS = 1.5
 MOTIONS = ("auto", "airspeed", "velocity", "strip")
 
 
@@ -487,6 +490,15 @@ class Daemon:
         if t is not None:
             self.nav.add_motion(t, sample[1], sample[2])
 
+    def _wind_prior(self) -> tuple[tuple[float, float], float] | None:
+        """The autopilot's wind estimate (grid frame) as the filter's starting wind, while it is fresh."""
+        w = self.link.wind(max_age_s=5.0) if self.link is not None else None
+        if w is None:
+            return None
+        g = math.radians(self._grid_from_true_deg)  # (east, north) true -> grid
+        e, n = w.east_mps, w.north_mps
+        return (e * math.cos(g) + n * math.sin(g), -e * math.sin(g) + n * math.cos(g)), WIND_PRIOR_SIGMA_MPS
+
     def nav_state(self, now_s: float) -> NavState:
         """The filter's state predicted to wall time ``now_s`` (UNIX) as a :class:`NavState` for the sender."""
         with self._lock:
@@ -661,7 +673,8 @@ class Daemon:
                     displacement=self.nav.displacement_m,
                 )
                 if c.trusted:
-                    changed, why = self.nav.add_consensus(c.t_s, c.xy_m, max(c.sigma_h_m, 1.0) * scale, now)
+                    sigma = max(c.sigma_h_m, 1.0) * scale
+                    changed, why = self.nav.add_consensus(c.t_s, c.xy_m, sigma, now, self._wind_prior())
                     if changed:
                         est = self.nav.estimate(now)
                         logger.info("navigation: %s (%s)", why, c.reason)

@@ -83,7 +83,7 @@ SIGNING_EPOCH_UNIX_S = 1_420_070_400
 FLAVOURS = ("ardupilot", "px4")
 NAV_MESSAGE = {"ardupilot": "GPS_INPUT", "px4": "HIL_GPS"}
 #: What the link reads from the autopilot; each is requested with MAV_CMD_SET_MESSAGE_INTERVAL.
-INBOUND_TYPES = ("ATTITUDE", "VFR_HUD", "GLOBAL_POSITION_INT", "SYSTEM_TIME", "GPS_RAW_INT", "GPS2_RAW")
+INBOUND_TYPES = ("ATTITUDE", "VFR_HUD", "GLOBAL_POSITION_INT", "SYSTEM_TIME", "GPS_RAW_INT", "GPS2_RAW", "WIND")
 #: SYSTEM_TIME is requested at this rate (the clock offset needs no more); the rest at ``stream_rate_hz``.
 SYSTEM_TIME_RATE_HZ = 2.0
 #: A requested stream not heard for this long is requested again (first retry after STREAM_RETRY_MIN_S, doubling
@@ -263,6 +263,15 @@ class SpeedSample(NamedTuple):
 
     mps: float
     rx_mono_s: float
+
+
+class WindSample(NamedTuple):
+    """The autopilot's wind estimate (ArduPilot WIND) as the air's velocity: ``(rx_mono_s, east_mps, north_mps)``,
+    true north. While the GNSS works it comes from GNSS and airspeed; without GNSS, partly from sarloc's positions."""
+
+    rx_mono_s: float
+    east_mps: float
+    north_mps: float
 
 
 class AttitudeSample(NamedTuple):
@@ -707,6 +716,7 @@ class MavlinkLink:
         self._vfr_hud: tuple[float, float] | None = None  # (rx_mono_s, heading_deg)
         self._airspeed: SpeedSample | None = None
         self._groundspeed: SpeedSample | None = None
+        self._wind: WindSample | None = None
         self._position: AutopilotPosition | None = None
         self._clock: ClockSample | None = None
         self._clock_offsets: deque[float] = deque(maxlen=CLOCK_SAMPLES)  # autopilot UNIX time - local wall time
@@ -1280,6 +1290,11 @@ class MavlinkLink:
                     self._groundspeed = SpeedSample(float(m.groundspeed), now)
             elif name in ("GPS_RAW_INT", "GPS2_RAW"):
                 self._check_echo(name, m, now)
+            elif name == "WIND":  # ardupilotmega: where the wind comes from, degrees; speed m/s
+                d, v = float(m.direction), float(m.speed)
+                if math.isfinite(d) and math.isfinite(v) and v >= 0:
+                    r = math.radians(d)
+                    self._wind = WindSample(now, -v * math.sin(r), -v * math.cos(r))
             elif name == "SYSTEM_TIME":
                 self._on_system_time(m, now)
             elif name == "GLOBAL_POSITION_INT":
@@ -1370,6 +1385,13 @@ class MavlinkLink:
         with self._lock:
             a = self._attitude
         return None if a is None else self._fresh(a, a.rx_mono_s, max_age_s)
+
+    def wind(self, max_age_s: float | None = None) -> WindSample | None:
+        """The autopilot's latest WIND estimate (ArduPilot only), or None when older than ``max_age_s`` (default
+        ``stale_after_s``) or never received."""
+        with self._lock:
+            w = self._wind
+        return None if w is None else self._fresh(w, w.rx_mono_s, max_age_s)
 
     def airspeed_mps(self, max_age_s: float | None = None) -> SpeedSample | None:
         """VFR_HUD airspeed as ``(mps, rx_mono_s)``, or None when older than ``max_age_s`` (default

@@ -58,7 +58,8 @@ class NavConfig:
             motion stream stopped): the input's one-sigma grows by this times its age.
         bias_sigma_mps_per_s: random-walk rate of the wind / velocity-bias state, (m/s) per sqrt(s).
         init_velocity_sigma_mps: one-sigma of the velocity when no motion input is known.
-        init_bias_sigma_mps: one-sigma of the wind / bias at initialisation.
+        init_bias_sigma_mps: one-sigma of the wind at initialisation (air-velocity input).
+        init_ground_bias_sigma_mps: one-sigma of the velocity bias at initialisation (ground-velocity input).
         init_scale_sigma: one-sigma of the input's speed-scale error at initialisation (0.05 = 5 %).
         scale_sigma_per_s: random-walk rate of the scale error, per sqrt(s).
         airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis.
@@ -79,6 +80,7 @@ class NavConfig:
     bias_sigma_mps_per_s: float = 0.05
     init_velocity_sigma_mps: float = 15.0
     init_bias_sigma_mps: float = 5.0
+    init_ground_bias_sigma_mps: float = 0.5
     init_scale_sigma: float = 0.05
     scale_sigma_per_s: float = 0.0005
     airspeed_sigma_mps: float = 1.0
@@ -88,7 +90,7 @@ class NavConfig:
     reinit_after: int = 3
     history_s: float = 180.0
     future_tolerance_s: float = 1.0
-    max_sigma_m: float = 100.0
+    max_sigma_m: float = 200.0
     max_gap_s: float = 5.0
 
     def __post_init__(self) -> None:
@@ -100,6 +102,7 @@ class NavConfig:
             "bias_sigma_mps_per_s",
             "init_velocity_sigma_mps",
             "init_bias_sigma_mps",
+            "init_ground_bias_sigma_mps",
             "init_scale_sigma",
             "scale_sigma_per_s",
             "airspeed_sigma_mps",
@@ -333,6 +336,9 @@ class NavFilter:
             return f"fix from the future ({t_s - now_s:.1f} s ahead of now)"
         if t_s < self._oldest_s() or t_s < now_s - self.cfg.history_s:
             self.stats["fixes_too_old"] += 1
+            self._warn_once(
+                "old", "a fix %.1f s older than now was refused (beyond history_s; clock jump?)", now_s - t_s
+            )
             return f"fix older than the history ({now_s - t_s:.1f} s > {self.cfg.history_s:g} s)"
         return None
 
@@ -371,10 +377,23 @@ class NavFilter:
         self._prune(now_s)
         return True, "applied"
 
-    def add_consensus(self, t_s: float, xy_m: tuple[float, float], sigma_m: float, now_s: float) -> tuple[bool, str]:
+    def add_consensus(
+        self,
+        t_s: float,
+        xy_m: tuple[float, float],
+        sigma_m: float,
+        now_s: float,
+        bias_prior: tuple[tuple[float, float], float] | None = None,
+    ) -> tuple[bool, str]:
         """A position that several windows agree on: initialises the filter, or, while the filter disagrees with
         ``reinit_after`` consecutive mutually consistent ones, re-initialises it. Otherwise it changes nothing
-        (its windows enter through :meth:`add_fix`). Returns (state changed, reason)."""
+        (its windows enter through :meth:`add_fix`). Returns (state changed, reason).
+
+        Args:
+            bias_prior: ``((east, north), sigma)`` of the wind to start from (e.g. the autopilot's wind estimate
+                while it still had GNSS); default zero with ``init_bias_sigma_mps``. Ignored for a ground-velocity
+                input.
+        """
         xy = np.asarray(xy_m, float)
         bad = self._check_fix(t_s, xy, sigma_m, now_s)
         if bad is not None:
@@ -382,8 +401,9 @@ class NavFilter:
         ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {})
         d2 = self.innovation(t_s, xy_m, sigma_m)
         if d2 is None:
-            self._make_init(ev)
-            self._replay_from(self._insert(ev))
+            i = self._insert(ev)
+            self._make_init(ev, self._input_before(i), bias_prior)
+            self._replay_from(i)
             self.stats["fixes_applied"] += 1
             self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
             self._prune(now_s)
@@ -397,12 +417,20 @@ class NavFilter:
             return True, "filter re-initialised after consistent disagreeing consensus fixes"
         return False, f"disagrees with the track (Mahalanobis^2 {d2:.1f}); {len(self._rejected)} in a row"
 
-    def _make_init(self, ev: _Event) -> None:
-        """Turn fix event ``ev`` into an initialisation at its time (zero bias, its uncertainty from the config)."""
-        b0 = self.cfg.init_bias_sigma_mps**2
-        ev.kind = "init"
+    def _make_init(self, ev: _Event, u: _Input | None, bias_prior=None) -> None:
+        """Turn fix event ``ev`` into an initialisation at its time (bias from ``bias_prior`` or zero; its
+        uncertainty depends on the motion input ``u`` in force: a wind for an air velocity, a small bias for a
+        ground velocity)."""
+        ground = u is not None and u.kind == "ground"
+        b0 = (self.cfg.init_ground_bias_sigma_mps if ground else self.cfg.init_bias_sigma_mps) ** 2
+        b = (0.0, 0.0)
+        if bias_prior is not None and not ground:
+            (be, bn), bs = bias_prior
+            if all(math.isfinite(v) for v in (be, bn, bs)) and bs > 0:
+                b, b0 = (float(be), float(bn)), min(float(bs) ** 2, b0)
         k0 = self.cfg.init_scale_sigma**2
-        ev.info = {"x": np.array([*ev.z, 0.0, 0.0, 0.0], float), "p": np.diag([ev.r[0, 0], ev.r[1, 1], b0, b0, k0])}
+        ev.kind = "init"
+        ev.info = {"x": np.array([*ev.z, *b, 0.0], float), "p": np.diag([ev.r[0, 0], ev.r[1, 1], b0, b0, k0])}
 
     def _reinit_due(self) -> bool:
         """Re-initialise at the newest gated-out fix when the last ``reinit_after`` of them agree with each other."""
@@ -416,8 +444,9 @@ class NavFilter:
             if float(d @ np.linalg.solve(s, d)) > self.cfg.gate_chi2:
                 return False
         last = rej[-1]
-        self._make_init(last)
-        self._replay_from(self._insert(last))
+        i = self._insert(last)
+        self._make_init(last, self._input_before(i))
+        self._replay_from(i)
         self._rejected.clear()
         self.stats["reinit"] += 1
         self.last_fix_s = last.t_s

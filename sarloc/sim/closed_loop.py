@@ -26,6 +26,7 @@ which the daemon uses as ``clock = unix`` (the autopilot's clock is SITL's, star
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -441,13 +442,33 @@ def analyse(out_dir: str | Path, plots: bool = True) -> dict[str, Any]:
     e = e_all[after & (est[:, 0] <= truth[-1, 0])]
     res["denied_s"] = float(truth[-1, 0] - t_deny)
     res["denied_until_rtl_s"] = float(t_end - t_deny) if t_end else None
-    res["autopilot_error_m"] = {
-        "median": _pct(e, 50),
-        "p99": _pct(e, 99),
-        "max": float(e.max()) if len(e) else None,
-        "median_px": _pct(e / gsd, 50),
-        "p99_px": _pct(e / gsd, 99),
-        "before_denial_median": _pct(e_all[~after], 50),
+
+    def stats(err: np.ndarray) -> dict[str, float | None]:
+        return {
+            "median": _pct(err, 50),
+            "p99": _pct(err, 99),
+            "max": float(err.max()) if len(err) else None,
+            "median_px": _pct(err / gsd, 50),
+            "p99_px": _pct(err / gsd, 99),
+        }
+
+    res["autopilot_error_m"] = {**stats(e), "before_denial_median": _pct(e_all[~after], 50)}
+    if t_end:  # the mission itself, and the return home (a plane circles over home: no SAR strips then)
+        in_mission = after & (est[:, 0] <= t_end)
+        res["autopilot_error_mission_m"] = stats(e_all[in_mission])
+        res["autopilot_error_rtl_m"] = stats(e_all[est[:, 0] > t_end])
+    # silent position resets: a step of the autopilot's position beyond what its own velocity explains
+    vel = {r["wall_s"]: (r["vx"] * 0.01, r["vy"] * 0.01) for r in gpi}
+    steps = []
+    for (t0, x0, y0), (t1, x1, y1) in itertools.pairwise(est):
+        vn, ve = vel.get(t0, (0.0, 0.0))
+        steps.append((t1, float(np.hypot(x1 - x0 - ve * (t1 - t0), y1 - y0 - vn * (t1 - t0)))))
+    st_after = [d for t, d in steps if t >= t_deny + 2.0]
+    st_switch = [d for t, d in steps if t_deny <= t < t_deny + 2.0]
+    res["autopilot_position_steps_m"] = {
+        "at_switch_max": max(st_switch) if st_switch else None,
+        "after_switch_max": max(st_after) if st_after else None,
+        "after_switch_over_5m": sum(d > 5.0 for d in st_after),
     }
     # EKF and GPS events after the denial
     texts = [(t, s) for t, _, s in ev.get("statustexts", []) if t >= t_deny]
@@ -519,10 +540,12 @@ def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev) -> list[st
     hx, hy = float(home_xy[0]), float(home_xy[1])
     (x0, x1), (y0, y1) = (np.asarray(v, float) for v in f.pixel_to_metric([0.0, f.width_px], [0.0, f.height_px]))
     x0, x1, y0, y1 = x0 - hx, x1 - hx, y0 - hy, y1 - hy
-    img = np.asarray(scene.optical_gray, float)
-    lo, hi = np.percentile(img, (2, 98))
     fig, ax = plt.subplots(figsize=(7, 7))
-    ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), cmap="gray", extent=(x0, x1, y1, y0), origin="upper")
+    source = str((scene.meta.get("placement") or {}).get("source_scene", scene.path))
+    if "shared/data" not in source:  # research-only scenes are never drawn: their results are numbers only
+        img = np.asarray(scene.optical_gray, float)
+        lo, hi = np.percentile(img, (2, 98))
+        ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), cmap="gray", extent=(x0, x1, y1, y0))
     ax.plot(truth[:, 1] - hx, truth[:, 2] - hy, "-", color="#2ca02c", lw=1.2, label="truth (simulator)")
     m = est[:, 0] >= t_deny
     ax.plot(est[~m, 1] - hx, est[~m, 2] - hy, ".", color="#1f77b4", ms=1.5, label="autopilot estimate, GNSS")
@@ -532,6 +555,10 @@ def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev) -> list[st
     ax.plot(truth[i, 1] - hx, truth[i, 2] - hy, "kx", ms=10, label="GNSS denied")
     ax.annotate("N", xy=(0.95, 0.95), xytext=(0.95, 0.86), xycoords="axes fraction", ha="center",
                 arrowprops={"arrowstyle": "-|>", "color": "w"}, color="w")  # fmt: skip
+    span = np.concatenate([truth[:, 1:] - (hx, hy), est[:, 1:] - (hx, hy)])
+    lo_xy, hi_xy = span.min(axis=0) - 800.0, span.max(axis=0) + 800.0
+    ax.set_xlim(lo_xy[0], hi_xy[0])
+    ax.set_ylim(lo_xy[1], hi_xy[1])
     ax.set_xlabel("east of home (m)")
     ax.set_ylabel("north of home (m)")
     ax.set_aspect("equal")

@@ -640,7 +640,8 @@ def test_stream_requests_retry_missing_and_follow_a_reboot(links, caplog):
             ap.mav.global_position_int_send(0, round(LAT * 1e7), round(LON * 1e7), 0, 0, 0, 0, 0, 0)
             ap.mav.gps_raw_int_send(0, 3, round(LAT * 1e7), round(LON * 1e7), 0, 100, 100, 0, 0, 10)
             ap.mav.system_time_send(0, boot_ms)
-            assert poll_until(link, lambda k=k: link.stats["received"] == 5 * (k + 1))
+            ap.mav.wind_send(270.0, 5.0, 0.0)  # from the west, 5 m/s
+            assert poll_until(link, lambda k=k: link.stats["received"] == 6 * (k + 1))
             mono.t += (2.5, 2.5, 1.6)[k]
             link.poll()
             if k == 1:  # GPS2_RAW's retry interval doubled to 4 s; the others are fresh (< 3 s)
@@ -648,6 +649,8 @@ def test_stream_requests_retry_missing_and_follow_a_reboot(links, caplog):
             else:  # only the one still missing is asked for again
                 assert requests() == {ids["GPS2_RAW"]: 1.25e5}
         assert link.stats["autopilot_reboots"] == 0
+        w = link.wind(max_age_s=10.0)  # the air moves east
+        assert w is not None and w.east_mps == pytest.approx(5.0) and w.north_mps == pytest.approx(0.0, abs=1e-9)
 
         ap.mav.system_time_send(0, 1_200)  # boot time went back: the autopilot rebooted and forgot the intervals
         assert poll_until(link, lambda: link.stats["autopilot_reboots"] == 1)

@@ -170,3 +170,20 @@ def test_a_speed_scale_error_is_learnt_and_survives_turns():
     est = f.estimate(300.0)
     assert est.scale == pytest.approx(0.05, abs=0.015)
     assert max(errs) < 40.0, max(errs)  # 100 s without a fix: 5 % of 2 km would be 100 m
+
+
+def test_a_wind_prior_starts_the_filter_closer():
+    """The autopilot's wind estimate (while it had GNSS) as the starting wind: the first minute without fixes drifts
+    less than from a zero wind with 5 m/s of uncertainty."""
+
+    def drift(prior):
+        f = NavFilter()
+        for k in range(700):
+            f.add_motion(k / 10, "air", tuple(AIR))
+        f.add_consensus(0.0, tuple(truth(0.0)), 10.0, now_s=1.0, bias_prior=prior)
+        est = f.estimate(60.0)
+        return np.hypot(*(np.asarray(est.xy_m) - truth(60.0))), est.sigma_h_m
+
+    (e0, s0), (e1, s1) = drift(None), drift(((0.0, 6.0), 1.0))
+    assert e0 > 300.0 and e1 < 5.0  # 6 m/s of wind for 60 s
+    assert s1 < s0 / 3

@@ -36,6 +36,7 @@ def test_plane_flies_on_sarloc_after_gnss_denial(sitl_dir, tmp_path):
         deny_after_s=20.0,
         instance=9,
         timeout_s=600.0,
+        rtl_hold_s=20.0,
     )
     res = run_closed_loop(cfg)
     assert res["denied"], res
