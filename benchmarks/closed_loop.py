@@ -35,6 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--place", type=float, nargs=2, metavar=("LAT", "LON"), default=(47.3769, 8.5417),
                    help="where to put a scene without geo-reference (its centre; a synthetic placement)")  # fmt: skip
     p.add_argument("--rtl-hold-s", type=float, default=180.0, help="watch the vehicle this long after RTL")
+    p.add_argument("--motion", choices=["airspeed", "velocity", "strip", "auto"], help="the daemon's motion input")
     p.add_argument("--analyse", metavar="OUT", help="only analyse a recorded flight")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s", datefmt="%X")
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
                 instance=a.instance,
                 place_lat_lon=tuple(a.place),
                 rtl_hold_s=a.rtl_hold_s,
+                motion=a.motion,
             )
             res = run_closed_loop(cfg)
     except SarlocError as e:

@@ -14,7 +14,8 @@ beyond ``[nav] max_sigma_m``, and once more on exit.
 
 Motion between fixes (``[nav] motion``): the autopilot's heading and airspeed (``airspeed``: ATTITUDE + VFR_HUD,
 independent of the positions sarloc sends; the filter estimates the wind), the autopilot's ground velocity
-(``velocity``: built partly from sarloc's own positions, so slower to notice a drift), the strips' metadata (``strip``:
+(``velocity``: only with an independent velocity source such as optical flow; without GNSS and without one it
+is built from sarloc's own positions and the loop drifts), the strips' metadata (``strip``:
 heading and along-track speed), or ``auto`` (airspeed when the autopilot reports it, else the strips).
 
 Clock (``clock``): window times come from the strips' ``t0_s`` and row rate. ``unix``: they are UNIX times from a

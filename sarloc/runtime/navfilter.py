@@ -77,7 +77,7 @@ class NavConfig:
     """
 
     accel_sigma_mps2: float = 0.5
-    bias_sigma_mps_per_s: float = 0.05
+    bias_sigma_mps_per_s: float = 0.02
     init_velocity_sigma_mps: float = 15.0
     init_bias_sigma_mps: float = 5.0
     init_ground_bias_sigma_mps: float = 0.5

@@ -93,6 +93,9 @@ class ClosedLoopConfig:
         rtl_hold_s: after RTL, watch the vehicle this long (a plane loiters over home; a copter lands).
         extra_params: more autopilot parameters.
         pack: an existing map pack of this scene and export to reuse (default: build one in ``out``).
+        motion: the daemon's motion input (default: ``airspeed`` for the plane, ``strip`` for the copter, which has
+            no airspeed sensor; ``velocity`` would feed the autopilot's velocity, built from sarloc's own positions
+            once the GNSS is gone, back to it).
     """
 
     scene: str
@@ -116,6 +119,7 @@ class ClosedLoopConfig:
     rtl_hold_s: float = 180.0
     extra_params: dict[str, float] = field(default_factory=dict)
     pack: str | None = None
+    motion: str | None = None
 
 
 def _prepare(cfg: ClosedLoopConfig, out: Path):
@@ -163,7 +167,7 @@ def _mission(scene, home: tuple[float, float], cfg: ClosedLoopConfig) -> tuple[l
 
 
 def _daemon_config(cfg: ClosedLoopConfig, export: Path, pack: Path, out: Path, udp_port: int, mav_url: str) -> Path:
-    motion = "airspeed" if cfg.vehicle == "plane" else "velocity"
+    motion = cfg.motion or ("airspeed" if cfg.vehicle == "plane" else "strip")
     text = f"""# sarloc run --config this file: the daemon of the closed loop
 source = "udp://127.0.0.1:{udp_port}"
 export = "{export}"

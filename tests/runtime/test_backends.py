@@ -39,6 +39,7 @@ def test_runtime_imports_and_runs_without_torch(tiny_export):
         import sarloc.runtime.daemon, sarloc.runtime.localizer, sarloc.runtime.fusion, sarloc.runtime.mavlink
         import sarloc.runtime.sources, sarloc.runtime.windows, sarloc.runtime.simulate, sarloc.runtime.report
         import sarloc.runtime.replay, sarloc.refine, sarloc.refine_eval, sarloc.metric, sarloc.demo_flight
+        import sarloc.runtime.navfilter, sarloc.sim.sitl, sarloc.sim.live_strips, sarloc.sim.closed_loop
         sar, opt = b.load_encoder_pair(sys.argv[1], threads=1)
         c, h, w = sar.input_chw
         z = sar(np.zeros((2, c, h, w), np.float32))
