@@ -21,6 +21,37 @@ from pathlib import Path
 from sarloc.errors import SarlocError
 
 
+def _f(v, fmt: str = "{:.1f}") -> str:
+    return "-" if v is None else fmt.format(v)
+
+
+def results_table(results: list[dict]) -> str:
+    """One row per flight: the numbers the closed loop is judged by."""
+    rows = [
+        "| flight | GNSS-denied | switch to sarloc | EKF warnings | availability "
+        "| autopilot error, mission: median / p99 | return home: median / p99 | sent position: median "
+        "| false fixes | fix latency (median) | returned |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        gsd = r.get("map_gsd_m") or 1.0
+        m = r.get("autopilot_error_mission_m") or r.get("autopilot_error_m") or {}
+        h = r.get("autopilot_error_rtl_m") or {}
+        w = r.get("windows") or {}
+        lat = (w.get("latency_acquisition_to_applied_s") or {}).get("median")
+        sent = (r.get("sent_position_error_m") or {}).get("median")
+        rows.append(
+            f"| {r['vehicle']}, {r['scene']} ({gsd:g} m px) | {_f(r.get('denied_s'), '{:.0f} s')} "
+            f"| {_f(r.get('primary_gps_fix_after_denial_s'), '{:.2f} s')} "
+            f"| {len(r.get('ekf_warnings_after_denial', []))} "
+            f"| {_f((r.get('availability') or 0) * 100, '{:.1f} %')} "
+            f"| {_f(m.get('median'))} / {_f(m.get('p99'))} m ({_f(m.get('median_px'))} / {_f(m.get('p99_px'))} px) "
+            f"| {_f(h.get('median'))} / {_f(h.get('p99'))} m | {_f(sent)} m | {w.get('false_applied_gt5px', '-')} "
+            f"of {w.get('applied', '-')} | {_f(lat, '{:.0f} s')} | {'yes' if r.get('returned_home') else 'no'} |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vehicle", choices=["plane", "copter"], default="plane")
@@ -37,10 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rtl-hold-s", type=float, default=180.0, help="watch the vehicle this long after RTL")
     p.add_argument("--motion", choices=["airspeed", "velocity", "strip", "auto"], help="the daemon's motion input")
     p.add_argument("--analyse", metavar="OUT", help="only analyse a recorded flight")
+    p.add_argument("--table", nargs="+", metavar="OUT", help="a markdown table of recorded flights' result.json")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s %(levelname)s %(name)s] %(message)s", datefmt="%X")
     from sarloc.sim.closed_loop import ClosedLoopConfig, analyse, run_closed_loop
 
+    if a.table:
+        print(results_table([json.loads((Path(d) / "result.json").read_text()) for d in a.table]))
+        return 0
     try:
         if a.analyse:
             res = analyse(a.analyse)

@@ -1054,6 +1054,15 @@ class MavlinkLink:
         if not self._echo_warned and now - self._unechoed_since >= self.cfg.echo_timeout_s:
             self._echo_warned = True
             self._stats["echo_missing"] += 1
+            if self._last_heard is None:  # nobody there at all (a demo, a wrong port): say that, not "check GPSn"
+                logger.warning(
+                    "nothing heard from autopilot %d/%d on %s for %s s: the positions sent are not acknowledged",
+                    self.cfg.autopilot_system,
+                    self.cfg.autopilot_component,
+                    self.cfg.url,
+                    _fmt_s(now - self._unechoed_since),
+                )
+                return
             n = self.cfg.gps_id + 1
             check = f"GPS{n}_TYPE=14" if self.cfg.flavour == "ardupilot" else "MAV_USEHILGPS=1"
             logger.warning(

@@ -293,3 +293,60 @@ def test_fix_from_the_future_is_refused(flight, tmp_path):
     assert stats["nav"]["fixes_future"] > 0 and stats["windows_applied"] == 0
     assert not d.nav.initialised
     assert not d.nav_state(time.time()).valid
+
+
+class _FakeLink:
+    """What the daemon reads from a MavlinkLink, fixed: a plane flying east at 20 m/s equivalent airspeed."""
+
+    def __init__(self, mono: float) -> None:
+        from sarloc.runtime.mavlink import AttitudeSample, AutopilotPosition, SpeedSample, WindSample
+
+        self.pos = AutopilotPosition(mono, 0, 46.0, 1.7, 1150.0, 150.0, (0.0, 20.0, -1.5), 90.0)
+        self.att = AttitudeSample(mono, 90.0)
+        self.asp = SpeedSample(20.0, mono)
+        self.wnd = WindSample(mono, 0.0, 3.0)
+
+    def position_prior(self, max_age_s=None):
+        return self.pos
+
+    def attitude(self, max_age_s=None):
+        return self.att
+
+    def airspeed_mps(self, max_age_s=None):
+        return self.asp
+
+    def wind(self, max_age_s=None):
+        return self.wnd
+
+    def autopilot_clock(self):
+        return None
+
+    def heading_deg(self, max_age_s=None):
+        return 90.0
+
+
+def test_nav_state_fields_for_the_autopilot(flight, tmp_path):
+    """Altitude = field elevation + the autopilot's height above home; no yaw (no independent heading); accuracies
+    from the filter; the airspeed input is converted to true airspeed; invalid before the first position."""
+    from sarloc.runtime.daemon import Daemon, eas_to_tas, load_run_config
+
+    cfg = load_run_config(
+        None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+        out=str(tmp_path / "run"), follow=False, field_elevation_m=1000.0, clock="unix",
+    )  # fmt: skip
+    d = Daemon(cfg)
+    now = time.time()
+    assert not d.nav_state(now).valid  # no position yet: no-fix
+    d.link = _FakeLink(time.monotonic())
+    d.clock.observe_data(now, now)
+    d.nav_state(now)  # one motion input: the air velocity
+    u = d.nav._after[-1].u
+    assert u.kind == "air" and u.v[0] == pytest.approx(20.0 * eas_to_tas(1150.0), rel=0.02)  # east, true airspeed
+    x, y = (float(v) for v in d.loc.pack.centres_m().mean(axis=0))
+    changed, _ = d.nav.add_consensus(now, (x, y), 10.0, now, d._wind_prior())
+    assert changed and d.nav.estimate(now).bias_mps[1] == pytest.approx(3.0, abs=0.2)  # the autopilot's wind
+    st = d.nav_state(now + 0.1)
+    assert st.valid and st.yaw_deg is None
+    assert st.alt_m == pytest.approx(1150.0) and st.vert_accuracy_m is not None
+    assert st.horiz_accuracy_m == pytest.approx(d.nav.estimate(now + 0.1).sigma_h_m, rel=0.05)
+    assert st.vel_ned_mps[1] > 15.0 and st.vel_ned_mps[2] == pytest.approx(-1.5)  # east; the autopilot's climb
