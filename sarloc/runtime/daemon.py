@@ -12,7 +12,7 @@ thread sends the filter's state predicted to *now* at ``gps_rate_hz`` (default 1
 accuracies from the filter covariance; it sends no-fix while the filter has no position or its one-sigma error is
 beyond ``[nav] max_sigma_m``, and once more on exit.
 
-Motion between fixes (``[nav] motion``): the autopilot's heading and airspeed (``airspeed``: ATTITUDE + VFR_HUD,
+Motion between fixes (``motion``): the autopilot's heading and airspeed (``airspeed``: ATTITUDE + VFR_HUD,
 independent of the positions sarloc sends; the filter estimates the wind), the autopilot's ground velocity
 (``velocity``: only with an independent velocity source such as optical flow; without GNSS and without one it
 is built from sarloc's own positions and the loop drifts), the strips' metadata (``strip``:

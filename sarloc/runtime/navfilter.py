@@ -72,8 +72,6 @@ class NavConfig:
         future_tolerance_s: a fix stamped later than "now" by more than this is refused (a clock problem).
         max_sigma_m: the estimate is invalid (the autopilot gets no-fix) while its one-sigma horizontal error is
             larger than this.
-        max_gap_s: motion inputs further apart than this do not bridge the gap (prediction falls back to the
-            constant-velocity model with its process noise).
     """
 
     accel_sigma_mps2: float = 0.5
@@ -91,7 +89,6 @@ class NavConfig:
     history_s: float = 180.0
     future_tolerance_s: float = 1.0
     max_sigma_m: float = 200.0
-    max_gap_s: float = 5.0
 
     def __post_init__(self) -> None:
         from sarloc.errors import ConfigError
@@ -111,7 +108,6 @@ class NavConfig:
             "gate_chi2",
             "history_s",
             "max_sigma_m",
-            "max_gap_s",
         ):
             v = finite_number(getattr(self, name))
             if v is None or v <= 0:
