@@ -25,6 +25,7 @@ requested on SERIAL0 does not make SERIAL2 send anything, which is why the recor
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import math
@@ -47,7 +48,10 @@ from sarloc.errors import SarlocError
 
 logger = logging.getLogger(__name__)
 
-mavlink = mavutil.mavlink
+#: ArduPilot's dialect, always: ``mavutil.mavlink`` is whatever dialect the process set last (``dialect="common"``
+#: anywhere in the process switches it), and EKF_STATUS_REPORT or SIMSTATE do not decode without ardupilotmega
+DIALECT = "ardupilotmega"
+mavlink = importlib.import_module(f"pymavlink.dialects.v20.{DIALECT}")
 
 #: environment variable that overrides the SITL folder
 SITL_DIR_ENV = "SARLOC_SITL_DIR"
@@ -251,7 +255,9 @@ class Vehicle:
         deadline = time.monotonic() + timeout_s
         while True:
             try:
-                conn = mavutil.mavlink_connection(self.url, source_system=255, source_component=190, retries=1)
+                conn = mavutil.mavlink_connection(
+                    self.url, source_system=255, source_component=190, retries=1, dialect=DIALECT
+                )
                 break
             except OSError as e:
                 if time.monotonic() > deadline:
@@ -361,10 +367,13 @@ class Vehicle:
 
     def wait_ekf_ready(self, timeout_s: float = 60.0) -> Any:
         """Wait until EKF3 has an origin (GPS_GLOBAL_ORIGIN) and usable absolute position; return the report."""
-        self.request_message_intervals({"EKF_STATUS_REPORT": 2})
         deadline = time.monotonic() + timeout_s
         origin = report = None
+        asked = -math.inf
         while time.monotonic() < deadline:
+            if report is None and time.monotonic() - asked > 2.0:  # a request sent while it boots can be lost
+                self.request_message_intervals({"EKF_STATUS_REPORT": 2})
+                asked = time.monotonic()
             if origin is None:
                 _send_command(self.conn, mavlink.MAV_CMD_REQUEST_MESSAGE, mavlink.MAVLINK_MSG_ID_GPS_GLOBAL_ORIGIN)
             msg = self.recv(["GPS_GLOBAL_ORIGIN", "EKF_STATUS_REPORT"], 1.0)
@@ -528,7 +537,9 @@ class TelemetryRecorder:
 
     def start(self, timeout_s: float = 30.0) -> TelemetryRecorder:
         """Connect, wait for a heartbeat, request rates and start the reader thread."""
-        self._conn = mavutil.mavlink_connection(self.url, source_system=255, source_component=191, autoreconnect=True)
+        self._conn = mavutil.mavlink_connection(
+            self.url, source_system=255, source_component=191, autoreconnect=True, dialect=DIALECT
+        )
         hb = self._conn.wait_heartbeat(timeout=timeout_s)
         if hb is None:
             raise SarlocError(f"no heartbeat on {self.url} within {timeout_s:g} s")

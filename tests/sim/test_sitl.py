@@ -102,3 +102,40 @@ def test_truth_records_arrive(copter):
     types = {json.loads(line)["type"] for line in rec.path.read_text().splitlines()}
     assert {"truth", "SIM_STATE", "GLOBAL_POSITION_INT", "EKF_STATUS_REPORT", "HEARTBEAT"} <= types
     assert any("EKF3" in text for _, _, text in vehicle.statustexts) or "STATUSTEXT" in types
+
+
+def test_vehicle_decodes_ardupilot_messages_whatever_dialect_the_process_set():
+    """Regression: a `dialect="common"` connection elsewhere in the process switched pymavlink's global dialect, and
+    the harness's links then dropped EKF_STATUS_REPORT (ardupilotmega only): "EKF not ready" in the full suite."""
+    import socket
+    import threading
+
+    from pymavlink import mavutil
+
+    from sarloc.sim.sitl import Vehicle
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ap = mavutil.mavlink_connection(
+        f"udpout:127.0.0.1:{port}", source_system=1, source_component=1, dialect="ardupilotmega"
+    )
+    mavutil.set_dialect("common")
+    stop = threading.Event()
+
+    def autopilot() -> None:
+        while not stop.wait(0.05):
+            ap.mav.heartbeat_send(2, 3, 0, 0, 0)
+            ap.mav.ekf_status_report_send(0x33F, 0.1, 0.1, 0.1, 0.1, 0.1)
+
+    t = threading.Thread(target=autopilot, daemon=True)
+    t.start()
+    try:
+        v = Vehicle(f"udpin:127.0.0.1:{port}", timeout_s=10)
+        msg = v.recv(["EKF_STATUS_REPORT"], 5.0)
+        v.close()
+    finally:
+        stop.set()
+        t.join()
+        ap.close()
+    assert msg is not None and msg.flags == 0x33F
