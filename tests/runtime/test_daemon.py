@@ -350,3 +350,15 @@ def test_nav_state_fields_for_the_autopilot(flight, tmp_path):
     assert st.alt_m == pytest.approx(1150.0) and st.vert_accuracy_m is not None
     assert st.horiz_accuracy_m == pytest.approx(d.nav.estimate(now + 0.1).sigma_h_m, rel=0.05)
     assert st.vel_ned_mps[1] > 15.0 and st.vel_ned_mps[2] == pytest.approx(-1.5)  # east; the autopilot's climb
+
+
+def test_run_restores_the_signal_handlers(flight, tmp_path):
+    from sarloc.runtime.daemon import load_run_config, run
+
+    cfg = load_run_config(
+        None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+        out=str(tmp_path / "run"), follow=False, max_strips=1,
+    )  # fmt: skip
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    run(cfg)
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
