@@ -51,14 +51,14 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
     import torch
 
-    from sarloc.artifacts import atomic_write_json, sha256_file
+    from sarloc.backends.encoders import load_encoder_pair
     from sarloc.calib.quantize import calibrate_export
-    from sarloc.evaluation import EvalConfig, evaluate_dense, evaluate_embeddings
+    from sarloc.core.artifacts import atomic_write_json, sha256_file
+    from sarloc.core.log import setup_logging
+    from sarloc.core.preprocess import crop_windows, prepare_windows
+    from sarloc.core.scene import find_scenes, load_scene, make_queries
+    from sarloc.eval.retrieval import EvalConfig, evaluate_dense, evaluate_embeddings
     from sarloc.export.onnx import export_checkpoint
-    from sarloc.log import setup_logging
-    from sarloc.preprocess import crop_windows, prepare_windows
-    from sarloc.runtime.backends import load_encoder_pair
-    from sarloc.scene import find_scenes, load_scene, make_queries
     from sarloc.trainer.checkpoint import checkpoint_embed_fns, load_checkpoint
 
     setup_logging()

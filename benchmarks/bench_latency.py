@@ -72,8 +72,8 @@ def encoder_latency(
     export: Path, windows: np.ndarray, batches, repeats: int, threads: int, checkpoint: Path | None, work: Path
 ) -> dict:
     """ms per window of each encoder backend at each batch size (prepared windows, same inputs)."""
-    from sarloc.preprocess import prepare_windows
-    from sarloc.runtime.backends import OrtEncoder
+    from sarloc.backends.encoders import OrtEncoder
+    from sarloc.core.preprocess import prepare_windows
 
     out: dict = {}
     fp32 = OrtEncoder(export / "sar_encoder.onnx", threads=threads)
@@ -119,7 +119,7 @@ def _calibrated_int8(export: Path, work: Path) -> Path | None:
     import shutil
 
     from sarloc.calib.quantize import calibrate_export
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     dst = work / "export_int8"
     if (dst / "sar_encoder.int8.onnx").is_file():
@@ -141,8 +141,8 @@ def _calibrated_int8(export: Path, work: Path) -> Path | None:
 
 def _scene_pack_flight(work: Path, export: Path, size: int, seed: int, n_strips: int | None, track: str):
     from sarloc.mappack.build import MapPackConfig, build_map_pack
-    from sarloc.runtime.simulate import simulate_flight
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.sim.flight import simulate_flight
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     d = work / f"scene{size}_s{seed}"
     if not (d / "scene" / "scene.json").is_file():
@@ -280,7 +280,7 @@ def main(argv=None) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(a.threads))
     a.out.mkdir(parents=True, exist_ok=True)
     a.work.mkdir(parents=True, exist_ok=True)
-    from sarloc.artifacts import sha256_file
+    from sarloc.core.artifacts import sha256_file
 
     rss0 = _rss_mb()
     t_all = time.perf_counter()
@@ -338,7 +338,7 @@ def main(argv=None) -> int:
         "memory": {"rss_mb_start": rss0, "rss_mb_peak": rss_peak, "rss_mb_end": _rss_mb()},
         "scaling": scaling,
     }
-    from sarloc.artifacts import atomic_write_json
+    from sarloc.core.artifacts import atomic_write_json
 
     atomic_write_json(a.out / "latency.json", res)
     print("| encoder | " + " | ".join(f"batch {b} ms/window (p50)" for b in a.batches) + " |")

@@ -3,7 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_search.py --out runs/bench_search
 
 For each embedding size (``--dims``, default 704 and 128) and map size (``--sizes``), a synthetic pack
-(``sarloc.mappack.synthetic``: spatially correlated unit-norm float16 embeddings, 80 m stride, 640 m tiles) is
+(``sarloc.sim.packs``: spatially correlated unit-norm float16 embeddings, 80 m stride, 640 m tiles) is
 written to ``--workdir`` and searched with one query at a time (noisy copies of random tiles):
 
 * ``exact``: full scan of the float16 memmap in blocks, raw top-10 (the recall reference);
@@ -70,7 +70,7 @@ def bench_one(pack_dir: Path, n: int, dim: int, a: argparse.Namespace) -> list[d
     """All methods on one synthetic pack."""
     from sarloc.mappack import MapPack, PackSearcher
     from sarloc.mappack.ann import IvfIndex, recall_at_k
-    from sarloc.mappack.synthetic import synthetic_pack, synthetic_queries
+    from sarloc.sim.packs import synthetic_pack, synthetic_queries
 
     man = pack_dir / "pack.json"
     fresh = True
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     import onnxruntime
 
     from sarloc import __version__
-    from sarloc.artifacts import atomic_write_json
+    from sarloc.core.artifacts import atomic_write_json
 
     work = Path(a.workdir)
     results = []

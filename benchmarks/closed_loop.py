@@ -5,7 +5,7 @@
         --half-size-m 3000 --out runs/closed_loop/plane_india
     python benchmarks/closed_loop.py --analyse runs/closed_loop/plane_synth     # numbers and plots again
 
-Without ``--scene`` a generated scene is made (``sarloc.synth``, seed 21, 1024 x 1024 px at 10 m: 10 x 10 km). The
+Without ``--scene`` a generated scene is made (``sarloc.sim.scenes``, seed 21, 1024 x 1024 px at 10 m: 10 x 10 km). The
 model is the shipped demo model (trained on generated scenes only: it never saw any real scene). Prints the result
 JSON (also ``OUT/result.json``) and writes ``OUT/track.png`` and ``OUT/error.png``. Needs ``../shared/sitl``.
 """
@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from sarloc.errors import SarlocError
+from sarloc.core.errors import SarlocError
 
 
 def _f(v, fmt: str = "{:.1f}") -> str:
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             scene = a.scene
             if scene is None:
-                from sarloc.synth import SynthConfig, write_scene
+                from sarloc.sim.scenes import SynthConfig, write_scene
 
                 scene = Path(a.out) / "synth_scene"
                 if not (scene / "scene.json").is_file():

@@ -30,7 +30,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 
 def parts_recall(gallery: np.ndarray, centres: np.ndarray, pool, learned_dim: int, window_px: int) -> dict:
     """R@1 / R@10 / pool recall@200 of the whole embedding, its learned part and its layout part."""
-    from sarloc.evaluation import GalleryGrid
+    from sarloc.core.peaks import GalleryGrid
 
     gg = GalleryGrid(centres)
     parts = {
@@ -57,7 +57,7 @@ def plot(res: dict, path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sarloc.artifacts import atomic_save
+    from sarloc.core.artifacts import atomic_save
 
     scenes = list(res)
     parts = ("whole", "learned", "layout")
@@ -88,7 +88,7 @@ def main(argv=None) -> int:
     ap.add_argument("--from-json", type=Path, help="read the results from this JSON instead of computing them")
     ap.add_argument("--plot", type=Path, help="bar chart of the results (PNG)")
     a = ap.parse_args(argv)
-    from sarloc.refine_eval import PoolData
+    from sarloc.eval.refine import PoolData
     from sarloc.trainer.checkpoint import load_checkpoint
 
     if a.from_json:
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
         print(lines[-1], flush=True)
     print("\n".join(lines))
     if a.json:
-        from sarloc.artifacts import atomic_write_json
+        from sarloc.core.artifacts import atomic_write_json
 
         atomic_write_json(a.json, res)
     if a.plot and res:

@@ -52,11 +52,11 @@ def fly(
     strip_px: int,
     prior_radius_m: float | None,
 ) -> dict:
+    from sarloc.core.scene import load_scene
+    from sarloc.eval.report import format_report, load_fixes, load_truth, plot_track, score_fixes
     from sarloc.mappack.build import MapPackConfig, build_map_pack
     from sarloc.runtime.daemon import load_run_config, run
-    from sarloc.runtime.report import format_report, load_fixes, load_truth, plot_track, score_fixes
-    from sarloc.runtime.simulate import simulate_flight
-    from sarloc.scene import load_scene
+    from sarloc.sim.flight import simulate_flight
 
     d = out / scene
     export = assemble_export(scene, loso, refine, d / "export")
@@ -101,7 +101,7 @@ def fly(
     tot = [sum(w["stage_ms"].values()) for w in wins]
     lat["total"] = {p: float(np.percentile(tot, p)) for p in (50, 95, 99)}
     # window-level accuracy: windows whose implied vehicle position is within 50 m of the truth
-    from sarloc.runtime.report import truth_at
+    from sarloc.eval.report import truth_at
 
     werr = [
         float(np.hypot(*(np.asarray(w["vehicle_xy_m"]) - truth_at(truth, w["t_s"]))))

@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         save()
         print(f"[{name}] {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
 
-    from sarloc.errors import SarlocError
+    from sarloc.core.errors import SarlocError
 
     try:
         model, info = build_encoder(a.checkpoint, seed=0, window_px=a.window_px, calib_batches=2 if a.quick else 8)

@@ -26,10 +26,10 @@ METRICS = ["recall@1", "recall@5", "recall@10", "median_error_m", "ms_per_query"
 
 
 def run(args: argparse.Namespace) -> None:
-    from sarloc.artifacts import atomic_write_json
-    from sarloc.evaluation import EvalConfig, evaluate_cfog
-    from sarloc.log import setup_logging
-    from sarloc.scene import load_scene, make_queries
+    from sarloc.core.artifacts import atomic_write_json
+    from sarloc.core.log import setup_logging
+    from sarloc.core.scene import load_scene, make_queries
+    from sarloc.eval.retrieval import EvalConfig, evaluate_cfog
     from sarloc.trainer.config import resolve_config
     from sarloc.trainer.loop import evaluate_checkpoint, train
 

@@ -5,7 +5,7 @@
 Reads the pools that ``benchmarks/refine_loso.py`` (phase 1b) wrote: for each query, the 200 coarse peaks with
 their retrieval similarity and half-resolution CFOG score. For each held-out scene:
 
-* the logistic shortlister (:class:`sarloc.refine.Shortlister`, as in the full path) is fitted on the other
+* the logistic shortlister (:class:`sarloc.runtime.refine.Shortlister`, as in the full path) is fitted on the other
   scenes' training pools and orders each pool;
 * a :class:`~sarloc.trainer.models.refiner.GraphRefiner` takes that order's top ``--top`` candidates as nodes
   (edges: each node's ``--edges`` nearest on the ground; position embeddings of the offset from the shortlister's
@@ -33,7 +33,7 @@ SCENES = ("china_shuguang", "france_s1s2", "india_sih1733_1", "india_sih1733_2",
 
 
 def _fit_shortlister(pools):
-    from sarloc.refine import Shortlister, shortlist_features
+    from sarloc.runtime.refine import Shortlister, shortlist_features
 
     f = np.concatenate([shortlist_features(p.low, p.sims, p.valid)[p.valid] for p in pools])
     y = np.concatenate([p.hits()[p.valid] for p in pools])
@@ -44,7 +44,7 @@ def _graph_inputs(pool, shortlister, top: int):
     """Top ``top`` of each pool in shortlister order: (query, cands, offsets, extra, hits, valid) tensors."""
     import torch
 
-    from sarloc.refine import shortlist_features
+    from sarloc.runtime.refine import shortlist_features
 
     prob = np.where(pool.valid, shortlister.prob(shortlist_features(pool.low, pool.sims, pool.valid)), -1.0)
     order = np.argsort(-prob, 1, kind="stable")[:, :top]
@@ -82,7 +82,7 @@ def _recall(scores: np.ndarray, pos: np.ndarray) -> dict[str, float]:
 def run_scene(held: str, out: Path, top: int, steps: int, edges: int, seed: int) -> dict:
     import torch
 
-    from sarloc.refine_eval import PoolData
+    from sarloc.eval.refine import PoolData
     from sarloc.trainer.models.refiner import GraphRefiner, RefinerConfig, listwise_loss
 
     others = [s for s in SCENES if s != held and (out / s / "pool_train.npz").is_file()]
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
         cells += [f"{src[m]['recall@1']:.3f} / {src[m]['recall@10']:.3f}" for m in methods]
         print("| " + " | ".join(cells) + " |")
     if a.json:
-        from sarloc.artifacts import atomic_write_json
+        from sarloc.core.artifacts import atomic_write_json
 
         atomic_write_json(a.json, {"config": {k: str(v) for k, v in vars(a).items()}, "results": res})
         print(f"wrote {a.json}")

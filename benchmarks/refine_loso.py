@@ -57,9 +57,9 @@ LABELS = {
 def phase1(scene_name: str, data: Path, loso: Path, out: Path, variant: str, k: int, n_eval: int, n_train: int):
     import torch
 
-    from sarloc.metric import LocalRegistrar
-    from sarloc.refine_eval import dense_gallery, gather
-    from sarloc.scene import load_scene, make_queries
+    from sarloc.core.registration import LocalRegistrar
+    from sarloc.core.scene import load_scene, make_queries
+    from sarloc.eval.refine import dense_gallery, gather
     from sarloc.trainer.checkpoint import checkpoint_embed_fns, load_checkpoint
 
     d = out / scene_name
@@ -99,9 +99,9 @@ def phase1(scene_name: str, data: Path, loso: Path, out: Path, variant: str, k: 
 
 def phase1b(scene_name: str, data: Path, out: Path, pool: int) -> None:
     """Pools of ``pool`` coarse candidates per query with their low-resolution registration (fold-independent)."""
-    from sarloc.metric import ShortlistRegistrar
-    from sarloc.refine_eval import CandidateData, gather_pool
-    from sarloc.scene import load_scene, make_queries
+    from sarloc.core.registration import ShortlistRegistrar
+    from sarloc.core.scene import load_scene, make_queries
+    from sarloc.eval.refine import CandidateData, gather_pool
 
     d = out / scene_name
     sets = {"eval_arbitrary": ("arbitrary", 0), "eval_aligned": ("aligned", 0), "train": ("arbitrary", 1)}
@@ -126,7 +126,7 @@ def phase1b(scene_name: str, data: Path, out: Path, pool: int) -> None:
 
 
 def _sha(p: Path) -> str:
-    from sarloc.artifacts import sha256_file
+    from sarloc.core.artifacts import sha256_file
 
     return sha256_file(p)
 
@@ -144,9 +144,9 @@ def phase2(
 ):
     import torch
 
-    from sarloc.refine import OnnxRefiner
-    from sarloc.refine_eval import CandidateData, evaluate_refined, fit_verifier
-    from sarloc.scene import load_scene
+    from sarloc.core.scene import load_scene
+    from sarloc.eval.refine import CandidateData, evaluate_refined, fit_verifier
+    from sarloc.runtime.refine import OnnxRefiner
     from sarloc.trainer.checkpoint import load_joint_refiner
     from sarloc.trainer.models.refiner import RefinerConfig
     from sarloc.trainer.refiner_train import export_refiner, train_refiner
@@ -209,13 +209,13 @@ def _pool_family(
     """The full path: pool of P -> shortlister -> top-K -> GNN -> full-resolution registration -> verifier.
 
     With ``rescore`` > K, the K are chosen with a narrow full-resolution look at the shortlister's top ``rescore``
-    (:func:`sarloc.refine_eval.rescored_order`), for the training lists too. ``init``: the refiner trained jointly
+    (:func:`sarloc.eval.refine.rescored_order`), for the training lists too. ``init``: the refiner trained jointly
     with the encoder (``steps`` fine-tune it; 0 keeps it).
     """
-    from sarloc.metric import LocalRegistrar, ShortlistRegistrar
-    from sarloc.refine import OnnxRefiner, Shortlister, shortlist_features
-    from sarloc.refine_eval import PoolData, evaluate_refined, finish_pool, fit_verifier
-    from sarloc.scene import load_scene, make_queries
+    from sarloc.core.registration import LocalRegistrar, ShortlistRegistrar
+    from sarloc.core.scene import load_scene, make_queries
+    from sarloc.eval.refine import PoolData, evaluate_refined, finish_pool, fit_verifier
+    from sarloc.runtime.refine import OnnxRefiner, Shortlister, shortlist_features
     from sarloc.trainer.models.refiner import RefinerConfig
     from sarloc.trainer.refiner_train import export_refiner, train_refiner
 
@@ -335,7 +335,7 @@ def table(out: Path, loso: Path) -> str:
 
 def summary(outs: list[Path], loso: Path, kind: str = "arbitrary") -> str:
     """One compact table comparing several runs (output folders) of this script, per held-out scene."""
-    from sarloc.refine_eval import PoolData
+    from sarloc.eval.refine import PoolData
 
     cols = [
         ("pool recall@200", None),

@@ -25,12 +25,12 @@ import numpy as np
 def main(argv=None) -> int:
     import psutil
 
-    from sarloc.demo_flight import MODEL_DIR
+    from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
     from sarloc.mappack.build import MapPackConfig, build_map_pack
     from sarloc.runtime.daemon import Daemon, load_run_config
-    from sarloc.runtime.simulate import simulate_flight
-    from sarloc.runtime.sources import StripFile
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.runtime.strips import StripFile
+    from sarloc.sim.flight import simulate_flight
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=100_000)

@@ -9,13 +9,13 @@ import sys
 from pathlib import Path
 
 from sarloc import __version__
-from sarloc.errors import ConfigError, SarlocError, brief
+from sarloc.core.errors import ConfigError, SarlocError, brief
 
 logger = logging.getLogger("sarloc.cli")
 
 
 def _cmd_synth(a: argparse.Namespace) -> int:
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     cfg = SynthConfig(width_px=a.width_px, height_px=a.height_px, gsd_m=a.gsd_m, seed=a.seed)
     out = write_scene(Path(a.out), cfg, force=a.force)
@@ -102,9 +102,9 @@ def _print_table(res: dict) -> None:
 
 
 def _cmd_eval(a: argparse.Namespace) -> int:
-    from sarloc.artifacts import atomic_write_json
-    from sarloc.evaluation import EvalConfig, evaluate_cfog
-    from sarloc.scene import load_scene, make_queries
+    from sarloc.core.artifacts import atomic_write_json
+    from sarloc.core.scene import load_scene, make_queries
+    from sarloc.eval.retrieval import EvalConfig, evaluate_cfog
 
     ecfg = EvalConfig(window_px=a.window_px, stride_px=a.stride_px, queries=a.queries, seed=a.seed)
     if a.method == "cfog":
@@ -116,7 +116,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
     elif getattr(a, "pack", None):
         if not a.onnx:
             raise SarlocError("sarloc eval --pack PACK needs --onnx EXPORT_DIR (its SAR encoder queries the pack)")
-        from sarloc.mappack.evaluate import evaluate_pack
+        from sarloc.eval.mappack import evaluate_pack
 
         res = evaluate_pack(
             a.pack,
@@ -143,7 +143,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
             threshold=a.threshold,
         )
     elif a.onnx:
-        from sarloc.export.evaluate import evaluate_onnx
+        from sarloc.eval.export import evaluate_onnx
 
         res = evaluate_onnx(a.onnx, a.scene, ecfg, precision=a.precision, backend=a.backend)
     else:
@@ -160,7 +160,7 @@ def _cmd_eval(a: argparse.Namespace) -> int:
 
 
 def _cmd_train_refiner(a: argparse.Namespace) -> int:
-    from sarloc.scene import find_scenes
+    from sarloc.core.scene import find_scenes
     from sarloc.trainer.refiner_train import refine_checkpoint
 
     scenes = find_scenes(a.data)
@@ -193,18 +193,11 @@ def _cmd_figures(a: argparse.Namespace) -> int:
 
 def _cmd_demo(a: argparse.Namespace) -> int:
     if a.make_model:
-        from sarloc.demo_flight import make_demo_model
+        from sarloc.demo import make_demo_model
 
         print(make_demo_model(steps=a.steps or 400))
         return 0
-    if a.train:
-        from sarloc.demo import run_demo
-
-        res = run_demo(a.out, steps=a.steps, seed=a.seed)
-        _print_table(res)
-        print(f"results in {Path(a.out) / 'eval.json'}")
-        return 0
-    from sarloc.demo_flight import run_flight_demo
+    from sarloc.demo import run_flight_demo
 
     rep = run_flight_demo(a.out, mavlink_url=None if a.no_mavlink else a.mavlink)
     print(f"report in {Path(a.out) / 'report.json'}" + (f", track plot {rep['plot']}" if rep.get("plot") else ""))
@@ -233,10 +226,10 @@ def _cmd_calib(a: argparse.Namespace) -> int:
     for p in out.values():
         print(p)
     if a.guard_scene:
-        from sarloc.artifacts import atomic_write_json
-        from sarloc.evaluation import EvalConfig
-        from sarloc.export.evaluate import int8_accuracy_guard
-        from sarloc.export.layout import model_path, read_model_manifest
+        from sarloc.backends.layout import model_path, read_model_manifest
+        from sarloc.core.artifacts import atomic_write_json
+        from sarloc.eval.export import int8_accuracy_guard
+        from sarloc.eval.retrieval import EvalConfig
 
         w = int(read_model_manifest(model_path(a.onnx_dir, "sar"))["window_px"])
         guard = int8_accuracy_guard(a.onnx_dir, a.guard_scene, EvalConfig(window_px=w, queries=a.queries))
@@ -303,7 +296,7 @@ def _cmd_map_verify(a: argparse.Namespace) -> int:
 
     man = verify_map_pack(a.pack)
     if a.encoder:
-        from sarloc.export.layout import model_path, read_model_manifest
+        from sarloc.backends.layout import model_path, read_model_manifest
 
         p = Path(a.encoder)
         MapPack(Path(a.pack), sar_manifest=read_model_manifest(model_path(p, "sar") if p.is_dir() else p))
@@ -443,9 +436,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--mavlink", default="udpout:127.0.0.1:14550", help="where the daemon sends MAVLink")
     d.add_argument("--no-mavlink", action="store_true")
     d.add_argument("--make-model", action="store_true", help="re-train the shipped demo model (needs sarloc[train])")
-    d.add_argument("--train", action="store_true", help="the training demo instead: synth scenes, train, evaluate")
-    d.add_argument("--steps", type=int, default=None, help="training steps (--train, --make-model)")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--steps", type=int, default=None, help="training steps (--make-model)")
     d.set_defaults(fn=_cmd_demo)
 
     x = sub.add_parser("export", help="export the encoders to ONNX (one per modality), verified against PyTorch")
@@ -509,7 +500,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
 
 
 def _cmd_replay(a: argparse.Namespace) -> int:
-    from sarloc.runtime.replay import replay
+    from sarloc.eval.replay import replay
 
     res = replay(a.records, a.out, compare=not a.no_compare)
     print(json.dumps(res))
@@ -517,7 +508,7 @@ def _cmd_replay(a: argparse.Namespace) -> int:
 
 
 def _cmd_simulate(a: argparse.Namespace) -> int:
-    from sarloc.runtime.simulate import simulate_flight
+    from sarloc.sim.flight import simulate_flight
 
     out = simulate_flight(
         a.scene,
@@ -539,8 +530,8 @@ def _cmd_simulate(a: argparse.Namespace) -> int:
 
 
 def _cmd_report(a: argparse.Namespace) -> int:
-    from sarloc.artifacts import atomic_write_json
-    from sarloc.runtime.report import format_report, load_fixes, load_truth, plot_track, score_fixes
+    from sarloc.core.artifacts import atomic_write_json
+    from sarloc.eval.report import format_report, load_fixes, load_truth, plot_track, score_fixes
 
     truth = load_truth(a.truth)
     fixes, _ = load_fixes(a.fixes)
@@ -551,7 +542,7 @@ def _cmd_report(a: argparse.Namespace) -> int:
     if a.plot:
         basemap, frame = None, None
         if a.scene:
-            from sarloc.scene import load_scene
+            from sarloc.core.scene import load_scene
 
             sc = load_scene(a.scene)
             basemap, frame = sc.optical_gray, sc.frame
@@ -612,7 +603,7 @@ def _add_runtime_parsers(sub) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point. Known user errors print one line and return 1; bugs raise."""
-    from sarloc.log import setup_logging
+    from sarloc.core.log import setup_logging
 
     args = build_parser().parse_args(argv)
     setup_logging(verbose=args.verbose, quiet=args.quiet)

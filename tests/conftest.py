@@ -32,7 +32,7 @@ def shared_scene(name: str) -> Path:
 @pytest.fixture(scope="session")
 def synth_scene(tmp_path_factory) -> Path:
     """A 256x256 generated scene folder (seed 3)."""
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     out = tmp_path_factory.mktemp("synth") / "scene"
     return write_scene(out, SynthConfig(width_px=256, height_px=256, seed=3))
@@ -41,7 +41,7 @@ def synth_scene(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def synth_scenes(tmp_path_factory) -> Path:
     """A folder holding two generated scene folders."""
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     root = tmp_path_factory.mktemp("synths")
     for seed in (1, 2):
@@ -110,10 +110,11 @@ def export_copy(tiny_export, tmp_path) -> Path:
 def demo_flight(root: Path, scene_seed: int, heading_deg: float, flight_seed: int, n_strips: int = 3) -> Path:
     """A generated 512 x 512 scene, its map pack (shipped demo model) and a straight simulated flight under
     ``root`` (``scene/``, ``pack/``, ``strips/``); returns ``root``."""
-    from sarloc.demo_flight import MODEL_DIR, MODEL_FILES
+    from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
+    from sarloc.backends.layout import DEMO_MODEL_FILES as MODEL_FILES
     from sarloc.mappack.build import MapPackConfig, build_map_pack
-    from sarloc.runtime.simulate import simulate_flight
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.sim.flight import simulate_flight
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     missing = [f for f in MODEL_FILES if not (MODEL_DIR / f).is_file()]
     assert not missing, f"the shipped demo model lacks {missing}; run `sarloc demo --make-model`"
@@ -134,7 +135,7 @@ def demo_flight(root: Path, scene_seed: int, heading_deg: float, flight_seed: in
 
 def run_args(flight: Path, out: Path, *extra: str, pack: Path | None = None) -> list[str]:
     """`sarloc run` arguments for a :func:`demo_flight` folder with the shipped demo model, plus ``extra``."""
-    from sarloc.demo_flight import MODEL_DIR
+    from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
 
     src = f"dir://{flight / 'strips'}"
     return ["run", "--source", src, "--export", str(MODEL_DIR), "--pack", str(pack or flight / "pack"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from sarloc.artifacts import atomic_save, atomic_write_json
+from sarloc.core.artifacts import atomic_save, atomic_write_json
 
 
 def test_atomic_outputs_follow_the_umask(tmp_path):

@@ -6,8 +6,8 @@ import cv2
 import numpy as np
 import pytest
 
-from sarloc.classical import CFOGConfig, DenseMatcher, cfog, to_gray
-from sarloc.errors import SarlocError
+from sarloc.core.cfog import CFOGConfig, DenseMatcher, cfog, to_gray
+from sarloc.core.errors import SarlocError
 
 
 def _textured(size: int = 300, seed: int = 0) -> np.ndarray:

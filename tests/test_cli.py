@@ -63,13 +63,3 @@ def test_help(cmd):
     with pytest.raises(SystemExit) as e:
         main(cmd)
     assert e.value.code == 0
-
-
-@pytest.mark.slow
-def test_demo_main_job(tmp_path):
-    pytest.importorskip("torch")
-    from sarloc.demo import run_demo
-
-    res = run_demo(tmp_path / "demo", steps=3)
-    assert {"aligned", "arbitrary", "arbitrary_overlap50", "arbitrary_cfog"} <= set(res)
-    assert (tmp_path / "demo" / "eval.json").is_file() and (tmp_path / "demo" / "run" / "checkpoint.pt").is_file()

@@ -20,7 +20,7 @@ def _load():
 def test_parts_recall_separates_the_two_parts():
     """On a 40 x 40 gallery every 8 px, the learned part identifies each query's place and the layout part is
     pure noise: the learned part alone and the whole embedding find every place, the layout part almost none."""
-    from sarloc.refine_eval import PoolData
+    from sarloc.eval.refine import PoolData
 
     mod = _load()
     rng = np.random.default_rng(0)

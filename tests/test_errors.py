@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sarloc.errors import ArtifactError, ConfigError, SarlocError, SceneError, one_line
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError, SceneError, one_line
 
 
 @pytest.mark.parametrize("cls", [SarlocError, SceneError, ConfigError, ArtifactError])
@@ -28,7 +28,7 @@ def test_plain_message_is_unchanged():
 
 def test_manifest_value_with_line_break_gives_one_line_error(tmp_path):
     """Regression (CI, fuzz seed): a manifest sha256 "line\\nbreak.png" made a two-line ArtifactError."""
-    from sarloc.export.layout import manifest_path, read_model_manifest
+    from sarloc.backends.layout import manifest_path, read_model_manifest
 
     onnx = tmp_path / "m.onnx"
     onnx.write_bytes(b"not the exported model")

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from conftest import write_plain_scene
 
-from sarloc.evaluation import EvalConfig, evaluate_cfog, evaluate_embeddings
-from sarloc.preprocess import PreprocessConfig, crop_windows, prepare_windows
-from sarloc.scene import load_scene, make_queries
+from sarloc.core.preprocess import PreprocessConfig, crop_windows, prepare_windows
+from sarloc.core.scene import load_scene, make_queries
+from sarloc.eval.retrieval import EvalConfig, evaluate_cfog, evaluate_embeddings
 
 
 def _oracle_scene(tmp_path):
@@ -72,7 +72,7 @@ def test_prepare_windows_handles_nan_and_shapes():
 
 
 def test_grid_peaks_hand_made_and_gallery_grid():
-    from sarloc.evaluation import GalleryGrid, grid_peaks
+    from sarloc.core.peaks import GalleryGrid, grid_peaks
 
     g = np.full((6, 8), -np.inf, np.float32)
     g[1, 1], g[1, 2], g[4, 6], g[5, 0] = 0.9, 0.8, 0.7, 0.95

@@ -39,8 +39,8 @@ from test_fuzz_parsers import (
     write,
 )
 
-from sarloc.artifacts import sha256_bytes
-from sarloc.errors import SarlocError
+from sarloc.core.artifacts import sha256_bytes
+from sarloc.core.errors import SarlocError
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::DeprecationWarning", "ignore::PendingDeprecationWarning", "ignore::RuntimeWarning", "ignore::UserWarning"
@@ -107,7 +107,7 @@ ENGINE_BYTES = b"PLAN not a real engine"
 
 
 def _engine_manifest() -> dict[str, Any]:
-    from sarloc.export.engine import ENGINE_KIND
+    from sarloc.backends.tensorrt import ENGINE_KIND
 
     man = {
         k: copy.deepcopy(TINY_MAN[k]) for k in ("modality", "input", "output", "embed_dim", "window_px", "preprocess")
@@ -134,8 +134,8 @@ def _engine_manifest() -> dict[str, Any]:
 
 
 def _engine_case(work: Path, man_text: bytes | str, verify: bool) -> None:
-    from sarloc.export.engine import GpuInfo, check_engine_manifest, read_engine_manifest
-    from sarloc.export.layout import input_chw
+    from sarloc.backends.layout import input_chw
+    from sarloc.backends.tensorrt import GpuInfo, check_engine_manifest, read_engine_manifest
 
     d = work / "engine"
     d.mkdir(exist_ok=True)
@@ -198,8 +198,8 @@ def test_timing_cache_manifest(work, data, cache):
 @pytest.fixture(scope="module")
 def calib_base(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
     from sarloc.calib.dataset import build_calibration_set
-    from sarloc.preprocess import PreprocessConfig
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.core.preprocess import PreprocessConfig
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     root = tmp_path_factory.mktemp("calib")
     scene = write_scene(root / "scene", SynthConfig(width_px=128, height_px=128, seed=4))
@@ -209,7 +209,7 @@ def calib_base(tmp_path_factory) -> tuple[Path, dict[str, bytes]]:
 
 def _calib_case(calib_base, files: dict[str, bytes]) -> None:
     from sarloc.calib.dataset import calibration_problems, read_calibration_manifest
-    from sarloc.preprocess import PreprocessConfig
+    from sarloc.core.preprocess import PreprocessConfig
 
     d, _ = calib_base
     d.mkdir(exist_ok=True)
@@ -341,7 +341,7 @@ def _check_stats(stats: Any) -> None:
 @fuzz(1000)
 @given(text=record_lines(), threshold=st.sampled_from([None, 0.5]))
 def test_report_fixes(work, text, threshold):
-    from sarloc.runtime.report import format_report, load_fixes, score_fixes
+    from sarloc.eval.report import format_report, load_fixes, score_fixes
 
     p = write(work / "records.jsonl", text)
     outcome("run records: load_fixes (sarloc report)", lambda: load_fixes(p))
@@ -354,7 +354,7 @@ def test_report_fixes(work, text, threshold):
 @fuzz(1000)
 @given(data=st.data())
 def test_report_truth(work, data):
-    from sarloc.runtime.report import load_truth, score_fixes
+    from sarloc.eval.report import load_truth, score_fixes
 
     raw = data.draw(st.one_of(mutated(TRUTH, 4).map(to_json_text), json_text_damage(json.dumps(TRUTH))))
     p = write(work / "truth.json", raw)
@@ -366,8 +366,8 @@ def test_report_truth(work, data):
 @fuzz(1000)
 @given(text=record_lines())
 def test_replay_and_resume_records(work, text):
+    from sarloc.eval.replay import compare_fixes, read_records, session_config
     from sarloc.runtime.daemon import RunConfig, done_strips
-    from sarloc.runtime.replay import compare_fixes, read_records, session_config
 
     p = write(work / "records.jsonl", text)
     recs = outcome("run records: read_records (sarloc replay)", lambda: read_records(p))

@@ -1,7 +1,7 @@
 """Property-based fuzzing of every parser and loader (reliability issue; see docs/reliability.md).
 
 Each parser gets >= 1,000 generated cases per run. The property is the same everywhere: a bad input gives a
-one-line :class:`sarloc.errors.SarlocError` (or a subclass) or a counted drop, never another exception and never a
+one-line :class:`sarloc.core.errors.SarlocError` (or a subclass) or a counted drop, never another exception and never a
 hang (every case runs under a SIGALRM deadline, and size limits are small). Inputs are small and derived from
 tiny valid artefacts built once per module: images, a scene folder, strips and frames, a 500-tile map pack, a
 tiny ONNX model and the shipped demo model, ``examples/onboard.toml``, the verifier / shortlister / refiner
@@ -36,19 +36,12 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-import sarloc.scene as scene_mod
-from sarloc.errors import SarlocError
-from sarloc.runtime.sources import (
-    FRAME_HEADER,
-    MAGIC,
-    FrameDecoder,
-    StripFile,
-    encode_frame,
-    meta_from_dict,
-    read_sidecar,
-)
+import sarloc.core.scene as scene_mod
+from sarloc.core.errors import SarlocError
+from sarloc.core.scene import load_scene, read_image
+from sarloc.runtime.frames import FRAME_HEADER, MAGIC, FrameDecoder, encode_frame
+from sarloc.runtime.strips import StripFile, meta_from_dict, read_sidecar
 from sarloc.runtime.types import StripMeta
-from sarloc.scene import load_scene, read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "sarloc" / "demo_model"
@@ -769,7 +762,7 @@ def test_frame_decoder_garbage_loses_no_frame(garbage, frames):
 
 @pytest.fixture(scope="module")
 def pack_base(work) -> tuple[Path, dict[str, bytes]]:
-    from sarloc.mappack.synthetic import synthetic_pack
+    from sarloc.sim.packs import synthetic_pack
 
     src = work / "pack_src"
     synthetic_pack(src, 500, dim=16)
@@ -849,7 +842,7 @@ def test_map_pack_npy_damaged(work, pack_base, data):
     if kind == "missing":
         del new[name]
     if data.draw(st.booleans()):  # keep the manifest's sha256 consistent so the shape checks are reached
-        from sarloc.artifacts import sha256_bytes
+        from sarloc.core.artifacts import sha256_bytes
 
         man = json.loads(files["pack.json"])
         man["files"][name] = sha256_bytes(bytes(b))
@@ -877,7 +870,7 @@ TINY_ONNX = _tiny_onnx()
 
 
 def _tiny_manifest(model: bytes) -> dict[str, Any]:
-    from sarloc.artifacts import sha256_bytes
+    from sarloc.core.artifacts import sha256_bytes
 
     man = json.loads((DEMO / "sar_encoder.json").read_text())
     man.update(sha256=sha256_bytes(model), embed_dim=64, window_px=8, file="m.onnx")
@@ -893,7 +886,7 @@ ONNX_MAN_PARSER = "ONNX manifests: OrtEncoder (manifest JSON)"
 
 
 def _check_encoder(enc: Any) -> None:
-    from sarloc.runtime.backends import OrtEncoder
+    from sarloc.backends.encoders import OrtEncoder
 
     if isinstance(enc, OrtEncoder):
         c, h, w = enc.input_chw
@@ -902,7 +895,7 @@ def _check_encoder(enc: Any) -> None:
 
 
 def _encoder_case(work: Path, parser: str, model: bytes, man: Any, verify: bool = True, **known) -> None:
-    from sarloc.runtime.backends import OrtEncoder
+    from sarloc.backends.encoders import OrtEncoder
 
     d = work / "onnx"
     d.mkdir(exist_ok=True)
@@ -914,7 +907,7 @@ def _encoder_case(work: Path, parser: str, model: bytes, man: Any, verify: bool 
 @fuzz(880)
 @given(data=st.data())
 def test_ort_encoder_damaged_model(work, data):
-    from sarloc.artifacts import sha256_bytes
+    from sarloc.core.artifacts import sha256_bytes
 
     kind = data.draw(st.sampled_from(["cut", "flip", "flip", "bytes"]))
     b = bytearray(TINY_ONNX)
@@ -1069,7 +1062,7 @@ SHORTLISTER_JSON = json.loads((DEMO / "shortlister.json").read_text())
 
 
 def _check_verifier(v: Any) -> None:
-    from sarloc.refine import Verifier
+    from sarloc.runtime.refine import Verifier
 
     if isinstance(v, Verifier):
         v.prob(np.zeros((2, len(v.FEATURES))))  # usable
@@ -1079,7 +1072,7 @@ def _check_verifier(v: Any) -> None:
 @fuzz(1000)
 @given(data=st.data())
 def test_verifier_and_shortlister_load(work, data):
-    from sarloc.refine import Shortlister, Verifier
+    from sarloc.runtime.refine import Shortlister, Verifier
 
     cls, base = data.draw(st.sampled_from([(Verifier, VERIFIER_JSON), (Shortlister, SHORTLISTER_JSON)]))
     kind = data.draw(st.sampled_from(["mutated", "mutated", "mutated", "field", "text", "json"]))
@@ -1108,8 +1101,8 @@ REFINER_JSON = json.loads((DEMO / "refiner.json").read_text())
 @fuzz(1000)
 @given(data=st.data())
 def test_onnx_refiner_manifest(work, data):
-    from sarloc.artifacts import sha256_bytes
-    from sarloc.refine import OnnxRefiner
+    from sarloc.core.artifacts import sha256_bytes
+    from sarloc.runtime.refine import OnnxRefiner
 
     model = TINY_ONNX
     if data.draw(st.integers(0, 3)) == 0:
@@ -1278,7 +1271,7 @@ def test_mavlink_poll_real_udp(datagrams):
 
 
 def test_fixed_bug_run_config_huge_int(tmp_path):
-    from sarloc.errors import ConfigError
+    from sarloc.core.errors import ConfigError
     from sarloc.runtime.daemon import load_run_config
 
     text = f'source = "a"\nexport = "b"\npack = "c"\nqueue_blocks = {HUGE_INT_TEXT}\n'
@@ -1287,7 +1280,7 @@ def test_fixed_bug_run_config_huge_int(tmp_path):
 
 
 def test_fixed_bug_run_config_deep_nesting(tmp_path):
-    from sarloc.errors import ConfigError
+    from sarloc.core.errors import ConfigError
     from sarloc.runtime.daemon import load_run_config
 
     text = 'source = "a"\nexport = "b"\npack = "c"\nx = ' + "[" * 3000 + "]" * 3000 + "\n"
@@ -1296,7 +1289,7 @@ def test_fixed_bug_run_config_deep_nesting(tmp_path):
 
 
 def test_fixed_bug_run_config_string_stride(tmp_path):
-    from sarloc.errors import ConfigError
+    from sarloc.core.errors import ConfigError
     from sarloc.runtime.daemon import load_run_config
 
     with pytest.raises(ConfigError):
@@ -1304,8 +1297,8 @@ def test_fixed_bug_run_config_string_stride(tmp_path):
 
 
 def test_fixed_bug_model_manifest_int_sha256(tmp_path):
-    from sarloc.errors import ArtifactError
-    from sarloc.runtime.backends import OrtEncoder
+    from sarloc.backends.encoders import OrtEncoder
+    from sarloc.core.errors import ArtifactError
 
     write(tmp_path / "m.onnx", TINY_ONNX)
     write(tmp_path / "m.json", json.dumps({**TINY_MAN, "sha256": 1}))
@@ -1314,7 +1307,7 @@ def test_fixed_bug_model_manifest_int_sha256(tmp_path):
 
 
 def test_fixed_bug_scene_crs_without_lonlat_transform(tmp_path):
-    from sarloc.errors import SceneError
+    from sarloc.core.errors import SceneError
 
     _write_scene_images(tmp_path)
     write(tmp_path / "scene.json", json.dumps({**SCENE_GEO, "crs": "IAU_2015:30100"}))

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from sarloc.errors import SceneError
-from sarloc.geo import GeoFrame, TileGrid, px_from_m, utm_epsg_for
+from sarloc.core.errors import SceneError
+from sarloc.core.geo import GeoFrame, TileGrid, px_from_m, utm_epsg_for
 
 
 def test_metric_frame_without_crs_is_east_north():

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sarloc.classical import DenseMatcher, cfog, cfog_norm_mean
-from sarloc.errors import SarlocError
-from sarloc.metric import LocalRegistrar, RegistrationConfig
-from sarloc.scene import load_scene
+from sarloc.core.cfog import DenseMatcher, cfog, cfog_norm_mean
+from sarloc.core.errors import SarlocError
+from sarloc.core.registration import LocalRegistrar, RegistrationConfig
+from sarloc.core.scene import load_scene
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_featureless_window_and_bad_config(scene):
 
 
 def test_shortlist_registrar_ranks_the_true_candidate_first(scene):
-    from sarloc.metric import ShortlistRegistrar
+    from sarloc.core.registration import ShortlistRegistrar
 
     x0, y0 = 96, 110
     win = scene.sar_gray[y0 : y0 + 64, x0 : x0 + 64]
@@ -85,7 +85,7 @@ def test_shortlist_registrar_ranks_the_true_candidate_first(scene):
 def test_narrow_rescore_keeps_half_the_shortlist_and_promotes_the_true_candidate(scene):
     """The truth ranked 7th by the shortlist (outside K=4) comes into the K after the narrow full-resolution look;
     the shortlist's first K // 2 stay in front; the order is a permutation of the pool."""
-    from sarloc.metric import ShortlistRegistrar, narrow_rescore
+    from sarloc.core.registration import ShortlistRegistrar, narrow_rescore
 
     x0, y0 = 96, 110
     win = scene.sar_gray[y0 : y0 + 64, x0 : x0 + 64]

@@ -7,17 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from sarloc.errors import ArtifactError, SarlocError
-from sarloc.refine import (
-    FEATURES,
-    Candidates,
-    Verifier,
-    candidate_features,
-    dense_candidates,
-    expected_calibration_error,
-    reliability,
-    rerank,
-)
+from sarloc.core.errors import ArtifactError, SarlocError
+from sarloc.eval.rerank import dense_candidates, expected_calibration_error, reliability, rerank
+from sarloc.runtime.refine import FEATURES, Candidates, Verifier, candidate_features
 
 
 def _unit(x):

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 from conftest import shared_scene, write_plain_scene
 
-from sarloc.errors import SceneError
-from sarloc.scene import find_scenes, load_scene, make_queries, normalise_optical, normalise_sar, read_image
+from sarloc.core.errors import SceneError
+from sarloc.core.scene import find_scenes, load_scene, make_queries, normalise_optical, normalise_sar, read_image
 
 
 def _arrays(h=96, w=128, seed=0):

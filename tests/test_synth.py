@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from sarloc.errors import SarlocError
-from sarloc.synth import CLASS_NAMES, FIELD_CLASSES, SynthConfig, generate_scene, make_preview, write_scene
+from sarloc.core.errors import SarlocError
+from sarloc.sim.scenes import CLASS_NAMES, FIELD_CLASSES, SynthConfig, generate_scene, make_preview, write_scene
 
 WATER = CLASS_NAMES.index("water")
 SIZE = 256
@@ -94,7 +94,7 @@ def test_write_scene(tmp_path: Path) -> None:
     assert meta["geotransform"] == [500000.0, 10.0, 0.0, 4000000.0, 0.0, -10.0]
     assert meta["gsd_m"] == [10.0, 10.0]
     assert meta["co_registration_px"] == 0
-    assert meta["source"] == {"generator": "sarloc.synth", "seed": 5, "version": 1}
+    assert meta["source"] == {"generator": "sarloc.sim.scenes", "seed": 5, "version": 1}
     assert meta["license"] == "generated; CC0"
     # the files hold the generated arrays (optical stored as RGB despite cv2's BGR)
     ref = generate_scene(cfg)

@@ -2,7 +2,7 @@
 
 A calibration set is a folder, versioned like any artefact::
 
-    CALIB/sar.npy           (N, C, H, W) float32 SAR windows, prepared (sarloc.preprocess)
+    CALIB/sar.npy           (N, C, H, W) float32 SAR windows, prepared (sarloc.core.preprocess)
     CALIB/optical.npy       (N, C, H, W) float32 optical tiles, prepared
     CALIB/scene_index.npy   (N,) int32: which scene each row comes from (same layout for both modalities)
     CALIB/manifest.json     scenes (name, path, image sha256), n_per_scene, window_px, preprocessing, seed,
@@ -23,7 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import (
+from sarloc.backends.layout import MODALITIES
+from sarloc.core.artifacts import (
     atomic_save,
     atomic_write_json,
     load_npy,
@@ -32,9 +33,8 @@ from sarloc.artifacts import (
     sha256_bytes,
     sha256_file,
 )
-from sarloc.errors import ArtifactError, ConfigError, SceneError
-from sarloc.export.layout import MODALITIES
-from sarloc.preprocess import PreprocessConfig, crop_windows, prepare_windows
+from sarloc.core.errors import ArtifactError, ConfigError, SceneError
+from sarloc.core.preprocess import PreprocessConfig, crop_windows, prepare_windows
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def build_calibration_set(
         SceneError: a scene is missing, unreadable or smaller than the window.
         ConfigError: ``n_per_scene`` < 1.
     """
-    from sarloc.scene import find_scenes, load_scene
+    from sarloc.core.scene import find_scenes, load_scene
 
     if n_per_scene < 1:
         raise ConfigError(f"n_per_scene must be >= 1, got {n_per_scene}")
@@ -250,7 +250,7 @@ def ensure_calibration_set(
 
     A set that exists but is stale, or was drawn from other scenes / counts / seed, is rebuilt with a warning.
     """
-    from sarloc.scene import find_scenes
+    from sarloc.core.scene import find_scenes
 
     out = Path(out_path)
     if not (out / MANIFEST).is_file():

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import atomic_write_bytes, atomic_write_json, make_manifest, sha256_file
+from sarloc.backends.layout import MODALITIES, ONNX_KIND, input_chw, manifest_path, model_path, read_model_manifest
 from sarloc.calib.dataset import (
     DEFAULT_N_PER_SCENE,
     build_calibration_set,
@@ -25,9 +25,9 @@ from sarloc.calib.dataset import (
     ensure_calibration_set,
     read_calibration_manifest,
 )
-from sarloc.errors import ArtifactError, ConfigError, SarlocError
-from sarloc.export.layout import MODALITIES, ONNX_KIND, input_chw, manifest_path, model_path, read_model_manifest
-from sarloc.preprocess import PreprocessConfig
+from sarloc.core.artifacts import atomic_write_bytes, atomic_write_json, make_manifest, sha256_file
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError
+from sarloc.core.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 

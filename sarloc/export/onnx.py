@@ -1,7 +1,7 @@
 """ONNX export of the encoder branches with self-verification (check_model + ONNX Runtime vs PyTorch parity).
 
 One model per modality (``ModalityEncoder``): input ``windows`` (batch, C, H, W) float32 prepared by
-``sarloc.preprocess.prepare_windows``, output ``embeddings`` (batch, D) unit-norm float32, ``batch`` a named
+``sarloc.core.preprocess.prepare_windows``, output ``embeddings`` (batch, D) unit-norm float32, ``batch`` a named
 dynamic axis. Batch norm is folded into the convolutions by the exporter. Nothing is written unless the model
 passes ``onnx.checker.check_model(full_check=True)`` and matches PyTorch within the stated tolerance.
 
@@ -13,20 +13,16 @@ turn ``index_add`` into a scatter without add-reduction (silently wrong), so any
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import logging
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import atomic_write_bytes, atomic_write_json, make_manifest, sha256_bytes, sha256_file
-from sarloc.errors import ArtifactError, ConfigError, SarlocError, SceneError
-from sarloc.export.layout import (
+from sarloc.backends.layout import (
     BATCH_AXIS,
     DEFAULT_OPSET,
     EXPORT_KIND,
@@ -37,9 +33,15 @@ from sarloc.export.layout import (
     manifest_path,
     model_filename,
 )
-from sarloc.preprocess import PreprocessConfig, crop_windows, prepare_windows
+from sarloc.core.artifacts import atomic_write_bytes, atomic_write_json, make_manifest, sha256_bytes, sha256_file
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError, SceneError
+from sarloc.core.log import quiet
+from sarloc.core.preprocess import PreprocessConfig, crop_windows, prepare_windows
 
 logger = logging.getLogger(__name__)
+
+#: loggers of the ONNX exporters, silenced (with their warnings) during an export
+ONNX_EXPORT_LOGGERS = ("torch.onnx", "onnxscript", "onnx_ir")
 
 DEFAULT_TOLERANCE = 1e-4
 """Max abs difference allowed between ONNX Runtime and PyTorch unit-norm embeddings (FP32)."""
@@ -59,7 +61,7 @@ def sample_windows(
     """Prepared windows for parity checks: real ones from a scene when given, else from a generated scene.
 
     Args:
-        scene_dir: a scene folder, or None for a synthetic scene (``sarloc.synth``, seed ``seed``).
+        scene_dir: a scene folder, or None for a synthetic scene (``sarloc.sim.scenes``, seed ``seed``).
         window_px: window side, pixels.
         prep: preprocessing of the model (from its config).
         n: windows per modality.
@@ -68,16 +70,16 @@ def sample_windows(
     Returns:
         ``({"sar": (n, C, H, W), "optical": (n, C, H, W)} float32, source)``; ``source`` names the scene.
     """
-    from sarloc.scene import normalise_optical, normalise_sar, to_single_band
+    from sarloc.core.scene import normalise_optical, normalise_sar, to_single_band
 
     if scene_dir is not None:
-        from sarloc.scene import load_scene
+        from sarloc.core.scene import load_scene
 
         scene = load_scene(scene_dir)
         grays = {"sar": scene.sar_gray, "optical": scene.optical_gray}
         source = f"scene:{scene.name}"
     else:
-        from sarloc.synth import SynthConfig, generate_scene
+        from sarloc.sim.scenes import SynthConfig, generate_scene
 
         side = max(256, 2 * window_px)
         synth = generate_scene(SynthConfig(width_px=side, height_px=side, seed=seed))
@@ -201,22 +203,6 @@ def resolve_exporter(exporter: str = "auto", opset: int = DEFAULT_OPSET) -> str:
     return "legacy"
 
 
-@contextlib.contextmanager
-def _quiet_exporter() -> Iterator[None]:
-    """Silence the exporters' deprecation/tracer warnings and torch.onnx's info chatter for one export."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "onnxscript", "onnx_ir")]
-    old = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for lg, level in zip(loggers, old, strict=True):
-            lg.setLevel(level)
-
-
 def _export_proto(module, example, exporter: str, opset: int, what: str = "model"):
     """Trace ``module`` on ``example`` -> onnx.ModelProto with input ``windows`` / output ``embeddings``."""
     try:
@@ -233,7 +219,7 @@ def _run_exporter(module, example, exporter: str, opset: int):
     import onnx
     import torch
 
-    with torch.no_grad(), _quiet_exporter():
+    with torch.no_grad(), quiet(*ONNX_EXPORT_LOGGERS):
         if exporter == "dynamo":
             batch = torch.export.Dim(BATCH_AXIS, min=1, max=65536)
             prog = torch.onnx.export(

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.errors import ArtifactError, SarlocError
+from sarloc.core.errors import ArtifactError, SarlocError
 
 logger = logging.getLogger(__name__)
 

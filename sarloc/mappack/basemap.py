@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from sarloc.errors import SarlocError, brief
-from sarloc.geo import utm_epsg_for
+from sarloc.core.errors import SarlocError, brief
+from sarloc.core.geo import utm_epsg_for
 
 logger = logging.getLogger(__name__)
 
@@ -270,7 +270,7 @@ def open_basemap(source: str | Path, gsd_m: float | None = None, metric_crs: str
     """
     source = Path(source)
     if source.is_dir():
-        from sarloc.scene import load_scene
+        from sarloc.core.scene import load_scene
 
         scene = load_scene(source)
         fr = scene.frame

@@ -18,8 +18,9 @@ from typing import Any
 import numpy as np
 
 from sarloc import __version__
-from sarloc.artifacts import atomic_path, atomic_write_json, make_manifest, sha256_file
-from sarloc.errors import ConfigError, SarlocError
+from sarloc.core.artifacts import atomic_path, atomic_write_json, make_manifest, sha256_file
+from sarloc.core.errors import ConfigError, SarlocError
+from sarloc.core.preprocess import PreprocessConfig, crop_windows, prepare_windows
 from sarloc.mappack.basemap import open_basemap
 from sarloc.mappack.pack import (
     BASEMAP_NAME,
@@ -31,7 +32,6 @@ from sarloc.mappack.pack import (
     TILES_NAME,
     save_npy,
 )
-from sarloc.preprocess import PreprocessConfig, crop_windows, prepare_windows
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ class MapPackConfig:
             metres per pixel (tile_m / window_px). None: the basemap's native resolution.
         stride_m: step between tile centres, metres (overrides ``stride_px``).
         stride_px: step between tile centres, grid pixels (default: window_px // 8, the dense gallery that
-            ``sarloc.evaluation.evaluate_dense`` shows to work).
+            ``sarloc.eval.retrieval.evaluate_dense`` shows to work).
         min_valid_frac: tiles with a smaller fraction of valid (not nodata) pixels are skipped.
         batch: tiles per encoder call.
         block_tiles: tiles per side of a read block (memory bound while building).
@@ -86,10 +86,10 @@ def _open_encoder(encoder: Any, threads: int):
     else:
         p = Path(encoder)
         if p.is_dir():
-            from sarloc.export.layout import model_path
+            from sarloc.backends.layout import model_path
 
             p = model_path(p, "optical")
-        from sarloc.runtime.backends import OrtEncoder
+        from sarloc.backends.encoders import OrtEncoder
 
         enc = OrtEncoder(p, threads=threads)
     if enc.manifest.get("modality") != "optical":
@@ -161,7 +161,7 @@ def build_map_pack(
 def _build(bm, enc, out_dir: Path, cfg: MapPackConfig, window: int, dim: int, prep, progress: bool, source) -> Path:
     from tqdm import tqdm
 
-    from sarloc.geo import TileGrid
+    from sarloc.core.geo import TileGrid
 
     g = bm.grid
     if cfg.stride_m is not None:
@@ -292,7 +292,7 @@ def _build(bm, enc, out_dir: Path, cfg: MapPackConfig, window: int, dim: int, pr
 def _write_basemap_image(bm, path: Path, strip_rows: int = 1024) -> Path:
     """The basemap's luminance on the pack grid as a float16 ``.npy`` (NaN = no data), written in row strips.
 
-    The runtime's metric refinement registers SAR windows against it (:class:`sarloc.metric.LocalRegistrar`);
+    The runtime's metric refinement registers SAR windows against it (:class:`sarloc.core.registration.LocalRegistrar`);
     it is read through a memory map, so only the crops around candidates are paged in.
     """
     g = bm.grid

@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import load_npy, read_json, sha256_file, verify_files
-from sarloc.errors import ArtifactError
+from sarloc.core.artifacts import load_npy, read_json, sha256_file, verify_files
+from sarloc.core.errors import ArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def pack_info(pack_dir: str | Path) -> dict[str, Any]:
 
 def save_npy(path: str | Path, arr: np.ndarray) -> Path:
     """Write ``arr`` as .npy atomically (no pickles), whatever the suffix of the temporary file."""
-    from sarloc.artifacts import atomic_save
+    from sarloc.core.artifacts import atomic_save
 
     def _write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

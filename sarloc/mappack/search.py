@@ -6,7 +6,7 @@
 * :class:`GridIndex` is a uniform grid over tile centres: the tiles within R metres of a prior position are found
   by visiting the cells that overlap the disc.
 * :func:`nms_metres` keeps the best candidates whose centres are more than a radius apart (Chebyshev, like
-  ``sarloc.evaluation.nms_peaks``, in metres): on a dense gallery, neighbouring tiles score alike and would fill
+  ``sarloc.core.peaks``, in metres): on a dense gallery, neighbouring tiles score alike and would fill
   the top-K with one place.
 * :class:`PackSearcher` combines them for a :class:`~sarloc.mappack.pack.MapPack`.
 """
@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sarloc.errors import SarlocError
+from sarloc.core.errors import SarlocError
 
 DEFAULT_BLOCK_ROWS = 32768
 
@@ -487,10 +487,10 @@ class PackSearcher:
         """Top-``k`` peaks of one query over the pack's tile grid (whole map or a prior disc), with NMS.
 
         Every tile in scope is scored (blocks of the memmap), the scores are laid on the tile grid and the peaks
-        taken with :func:`sarloc.evaluation.grid_peaks` (local maxima within the NMS radius, greedy): unlike
+        taken with :func:`sarloc.core.peaks.grid_peaks` (local maxima within the NMS radius, greedy): unlike
         :meth:`search`, any number of well-separated peaks can be asked for (a pool of 200 for the shortlist).
         """
-        from sarloc.evaluation import grid_peaks
+        from sarloc.core.peaks import grid_peaks
 
         q = _as_queries(query, self.pack.dim)
         g = self.pack.manifest["grid"]

@@ -28,7 +28,7 @@ acquisition time seen, advanced by the wall clock since; ``auto``: ``unix`` when
 Records (one JSON object per line, flushed at once, fsync'd at every strip end): ``start`` (config, artifact
 hashes), ``window``, ``fix``, ``nav`` (the filter's state about once a second and at every initialisation),
 ``error``, ``stop`` (counters, fix availability). Every line is written with a single ``write`` call in append mode;
-a reader (:func:`sarloc.runtime.report.load_fixes`) tolerates a truncated last line after a crash.
+a reader (:func:`sarloc.eval.report.load_fixes`) tolerates a truncated last line after a crash.
 
 Stopping: SIGTERM / SIGINT stop the source at once; what was read is processed, the current strip's fix is written
 and a last no-fix goes to the autopilot (a second signal stops at once). Restarting with ``resume = true`` skips
@@ -52,12 +52,12 @@ from typing import Any
 import numpy as np
 import tomllib
 
-from sarloc.errors import ConfigError, SarlocError, brief
+from sarloc.core.config import build_dataclass
+from sarloc.core.errors import ConfigError, SarlocError, brief
 from sarloc.runtime.fusion import FusionConfig, SlidingWindows, strip_consensus
 from sarloc.runtime.localizer import Localizer, LocalizerConfig
 from sarloc.runtime.navfilter import NavConfig, NavFilter
 from sarloc.runtime.types import Fix, NavState, WindowFix, heading_vectors
-from sarloc.typed_config import build_dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -891,6 +891,7 @@ def _est_record(est) -> dict[str, Any]:
         "vel_mps": list(est.vel_mps),
         "bias_mps": list(est.bias_mps),
         "scale": est.scale,
+        "heading_offset_deg": est.heading_offset_deg,
         "sigma_h_m": _finite_or_none(est.sigma_h_m),
         "sigma_v_mps": _finite_or_none(est.sigma_v_mps),
         "valid": est.valid,
@@ -899,7 +900,7 @@ def _est_record(est) -> dict[str, Any]:
 
 def _grid_convergence_deg(crs: str, pack) -> float:
     """Grid heading minus true heading at the pack's centre (0 with a warning when the CRS cannot tell)."""
-    from sarloc.geo import grid_convergence_deg
+    from sarloc.core.geo import grid_convergence_deg
 
     try:
         x0, y0 = (float(v) for v in pack.centres_m().mean(axis=0))

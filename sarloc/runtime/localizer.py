@@ -17,16 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
-from sarloc.errors import ArtifactError, SarlocError
-from sarloc.metric import LocalRegistrar, RegistrationConfig, ShortlistRegistrar, narrow_rescore
-from sarloc.preprocess import prepare_windows
-from sarloc.refine import (
+from sarloc.core.errors import ArtifactError, SarlocError
+from sarloc.core.preprocess import prepare_windows
+from sarloc.core.registration import LocalRegistrar, RegistrationConfig, ShortlistRegistrar, narrow_rescore
+from sarloc.runtime.refine import (
     Candidates,
     OnnxRefiner,
     Shortlister,
     Verifier,
     candidate_features,
-    rerank,
+    candidate_scores,
     shortlist_features,
 )
 
@@ -45,9 +45,8 @@ class LocalizerConfig:
         search_px: local registration search radius, pack pixels.
         rescore: with a pool, look at the shortlist's top ``rescore`` at full resolution (a +-4 px registration
             around each low-resolution position) and pass on its first K // 2 plus the best K - K // 2 of the rest
-            (:func:`sarloc.metric.narrow_rescore`; about 1.25 ms per candidate; 0: off).
+            (:func:`sarloc.core.registration.narrow_rescore`; about 1.25 ms per candidate; 0: off).
         batch: windows per encoder call.
-        rerank: re-ranker ("gnn" when a refiner is loaded, else "none").
     """
 
     k: int = 10
@@ -56,7 +55,6 @@ class LocalizerConfig:
     search_px: int = 32
     rescore: int = 0
     batch: int = 32
-    rerank: str | None = None
 
 
 @dataclass
@@ -77,10 +75,10 @@ class Localizer:
     """Embed + search + refine + verify for windows on a map pack's grid.
 
     Args:
-        encoder: the SAR encoder (:class:`~sarloc.runtime.backends.OrtEncoder` or ``TrtEncoder``).
+        encoder: the SAR encoder (:class:`~sarloc.backends.encoders.OrtEncoder` or ``TrtEncoder``).
         pack: an opened :class:`~sarloc.mappack.pack.MapPack` (checked against ``encoder``).
-        refiner: optional :class:`~sarloc.refine.OnnxRefiner` (its parent must be the encoder's checkpoint).
-        verifier: optional :class:`~sarloc.refine.Verifier` (same rule); without it nothing is trusted.
+        refiner: optional :class:`~sarloc.runtime.refine.OnnxRefiner` (its parent must be the encoder's checkpoint).
+        verifier: optional :class:`~sarloc.runtime.refine.Verifier` (same rule); without it nothing is trusted.
     """
 
     def __init__(
@@ -111,7 +109,6 @@ class Localizer:
                 f"comes from {str(ckpt)[:12]}; use the verifier shipped with this model"
             )
         self.encoder, self.pack, self.refiner, self.verifier, self.cfg = encoder, pack, refiner, verifier, cfg
-        self.rerank_name = cfg.rerank or ("gnn" if refiner is not None else "none")
         if self.refiner is not None and self.refiner.k != cfg.k:
             raise SarlocError(f"refiner {refiner.path.name} takes K={refiner.k} candidates; set k = {refiner.k}")
         self.searcher = PackSearcher(pack)
@@ -149,8 +146,8 @@ class Localizer:
         verify_pack: bool = True,
     ) -> Localizer:
         """Load the SAR encoder of an export folder, the pack, and the refiner/verifier found in the export."""
+        from sarloc.backends.encoders import load_encoder
         from sarloc.mappack.pack import MapPack
-        from sarloc.runtime.backends import load_encoder
 
         export_dir = Path(export_dir)
         enc = load_encoder(export_dir, "sar", precision=precision, backend=backend)
@@ -194,7 +191,7 @@ class Localizer:
             self.stats["backend_errors"] += 1
             if self.fallback_onnx is None or self.stats["backend_fallbacks"]:
                 raise SarlocError(f"SAR encoder failed at run time ({type(e).__name__}: {e}); no fallback left") from e
-            from sarloc.runtime.backends import OrtEncoder
+            from sarloc.backends.encoders import OrtEncoder
 
             logger.error(
                 "SAR encoder %r failed (%s: %s); falling back to ONNX Runtime on the CPU (%s)",
@@ -268,7 +265,7 @@ class Localizer:
         if len(res.rows) == 0:
             return WindowResult(None, None, 0.0, -1.0, False, float("inf"), res.candidates, stage)
         c, rows, valid = self._candidates(q, res)
-        scores = rerank(c, self.rerank_name, self.refiner if self.rerank_name == "gnn" else None)
+        scores = candidate_scores(c, self.refiner)
         t2 = time.perf_counter()
         centres = self.pack.tile_centres_px(rows)
         if self.registrar is not None:

@@ -43,9 +43,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from sarloc.errors import ConfigError, SarlocError, brief
+from sarloc.core.config import finite_number
+from sarloc.core.errors import ConfigError, SarlocError, brief
 from sarloc.runtime.types import NavState
-from sarloc.typed_config import finite_number
 
 logger = logging.getLogger(__name__)
 

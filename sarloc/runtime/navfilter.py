@@ -3,10 +3,15 @@
 A SAR window is localised seconds to tens of seconds after its rows were acquired (a window needs all its rows,
 then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavFilter` bridges the two:
 
-* **State** ``x = (east, north, b_east, b_north, k)`` in the map's metric frame: the position, a slowly varying
+* **State** ``x = (east, north, b_east, b_north, k, d)`` in the map's metric frame: the position, a slowly varying
   bias between the motion input and the ground velocity (the wind when the input is the air-velocity vector; a
-  velocity bias otherwise), and a scale error of the input's speed (an airspeed calibration error, a true-airspeed
-  conversion left over). The ground velocity is ``(1 + k) u + b``, ``u`` the motion input in force.
+  velocity bias otherwise), a scale error of the input's speed (an airspeed calibration error, a true-airspeed
+  conversion left over) and a heading error ``d`` of the input (radians, clockwise: an autopilot's yaw without
+  GNSS is off by a few degrees, most after turns). The ground velocity is ``(1 + k) R(d) u + b``, linearised as
+  ``(1 + k) u + d (u_north, -u_east) + b``, ``u`` the motion input in force. The heading error's uncertainty grows
+  with time and with every turn of the input (``heading_turn_fraction`` of the angle turned): the fixes that
+  follow a turn tell a heading error (a drift across the track that turns with the vehicle) from a wind (a drift
+  fixed on the ground).
 * **Prediction from a motion input** (a time-stamped velocity; each one holds until the next): ``airspeed`` - the
   autopilot's heading and true airspeed (independent of the positions sarloc sends, so no feedback loop; ``b``
   is the wind); ``ground`` - a ground velocity (the strip metadata's heading and along-track speed, or the
@@ -40,8 +45,10 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["NavConfig", "NavEstimate", "NavFilter", "chi2_2dof"]
 
-_N = 5  # east, north, bias east, bias north, input scale error
-_H_POS = np.hstack([np.eye(2), np.zeros((2, 3))])
+_N = 6  # east, north, bias east, bias north, input scale error, input heading error (rad, clockwise)
+_H_POS = np.hstack([np.eye(2), np.zeros((2, _N - 2))])
+_MIN_TURN_SPEED_MPS = 3.0  # below this an input's direction means little: no turn is counted
+_TURN_STEP_RAD = math.radians(10.0)  # a turn is counted once the input has turned this far from the reference
 
 
 def chi2_2dof(p: float) -> float:
@@ -62,6 +69,10 @@ class NavConfig:
         init_ground_bias_sigma_mps: one-sigma of the velocity bias at initialisation (ground-velocity input).
         init_scale_sigma: one-sigma of the input's speed-scale error at initialisation (0.05 = 5 %).
         scale_sigma_per_s: random-walk rate of the scale error, per sqrt(s).
+        init_heading_sigma_deg: one-sigma of the input's heading error at initialisation, degrees.
+        heading_sigma_deg_per_s: random-walk rate of the heading error, degrees per sqrt(s).
+        heading_turn_fraction: the heading error's one-sigma grows by this fraction of every turn of the input (an
+            autopilot's yaw lags after a turn without GNSS: 5-6 % of a 90-180 degree turn in ArduPlane SITL).
         airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis.
         ground_sigma_mps: one-sigma of a ground-velocity input, per axis.
         correlation_s: correlation time of the input's errors: the position variance grows by
@@ -81,6 +92,9 @@ class NavConfig:
     init_ground_bias_sigma_mps: float = 0.5
     init_scale_sigma: float = 0.05
     scale_sigma_per_s: float = 0.0005
+    init_heading_sigma_deg: float = 3.0
+    heading_sigma_deg_per_s: float = 0.05
+    heading_turn_fraction: float = 0.05
     airspeed_sigma_mps: float = 1.0
     ground_sigma_mps: float = 1.0
     correlation_s: float = 1.0
@@ -91,8 +105,8 @@ class NavConfig:
     max_sigma_m: float = 200.0
 
     def __post_init__(self) -> None:
-        from sarloc.errors import ConfigError
-        from sarloc.typed_config import finite_number
+        from sarloc.core.config import finite_number
+        from sarloc.core.errors import ConfigError
 
         for name in (
             "accel_sigma_mps2",
@@ -102,6 +116,9 @@ class NavConfig:
             "init_ground_bias_sigma_mps",
             "init_scale_sigma",
             "scale_sigma_per_s",
+            "init_heading_sigma_deg",
+            "heading_sigma_deg_per_s",
+            "heading_turn_fraction",
             "airspeed_sigma_mps",
             "ground_sigma_mps",
             "correlation_s",
@@ -126,7 +143,8 @@ class NavEstimate:
     Attributes:
         t_s: the time of the estimate (data clock).
         xy_m: (east, north); vel_mps: ground velocity (v_east, v_north); bias_mps: wind / velocity bias;
-        scale: the input's speed-scale error ``k``.
+        scale: the input's speed-scale error ``k``; heading_offset_deg: the input's heading error ``d``, degrees
+            (clockwise: the true course is this much clockwise of the input's).
         sigma_h_m: one-sigma horizontal error (square root of the largest eigenvalue of the position covariance).
         sigma_v_mps: one-sigma ground-velocity error per axis (the input's and the bias's).
         valid: initialised and ``sigma_h_m <= max_sigma_m``.
@@ -138,6 +156,7 @@ class NavEstimate:
     vel_mps: tuple[float, float]
     bias_mps: tuple[float, float]
     scale: float
+    heading_offset_deg: float
     sigma_h_m: float
     sigma_v_mps: float
     valid: bool
@@ -170,6 +189,12 @@ class _State:
     x: np.ndarray
     p: np.ndarray
     u: _Input | None
+    turn_ref: np.ndarray | None = None  # the input direction the last turn was measured from
+
+
+def _perp(v: np.ndarray) -> np.ndarray:
+    """d(R(d) v)/dd at d = 0 for a clockwise rotation of (east, north) by d: ``(v_north, -v_east)``."""
+    return np.array([v[1], -v[0]])
 
 
 def _sigma(p2: np.ndarray) -> float:
@@ -218,14 +243,32 @@ class NavFilter:
         v, var = self._vel_var(st.u, st.t_s + dt / 2.0)
         f = np.eye(_N)
         f[0, 2] = f[1, 3] = dt
-        f[0:2, 4] = v * dt  # position moves by ((1 + k) u + b) dt: linear in the state for a known input
+        f[0:2, 4] = v * dt  # position moves by ((1 + k) u + d perp(u) + b) dt: linear in the state for a known u
+        f[0:2, 5] = _perp(v) * dt
         x = f @ st.x
         x[:2] += v * dt
         q = np.zeros((_N, _N))
         q[0, 0] = q[1, 1] = var * min(self.cfg.correlation_s, dt) * dt
         q[2, 2] = q[3, 3] = self.cfg.bias_sigma_mps_per_s**2 * dt
         q[4, 4] = self.cfg.scale_sigma_per_s**2 * dt
-        return _State(t_s, x, f @ st.p @ f.T + q, st.u)
+        q[5, 5] = math.radians(self.cfg.heading_sigma_deg_per_s) ** 2 * dt
+        return dataclasses.replace(st, t_s=t_s, x=x, p=f @ st.p @ f.T + q)
+
+    def _turned(self, st: _State, u: _Input) -> _State:
+        """Grow the heading error's variance by ``heading_turn_fraction`` of the turn since the last input."""
+        prev = st.turn_ref
+        if float(np.hypot(*u.v)) < _MIN_TURN_SPEED_MPS:
+            return st
+        if prev is None:
+            return dataclasses.replace(st, turn_ref=u.v)
+        turn = abs(math.atan2(prev[0] * u.v[1] - prev[1] * u.v[0], float(prev @ u.v)))
+        if turn < _TURN_STEP_RAD:  # measured from a held reference: the input's noise is not a turn
+            return st
+        p = st.p.copy()
+        # one-sigma grows linearly with the angle turned (a yaw error proportional to the turn, like a gyro scale
+        # error), not with its square root: a 90 degree turn at 10 Hz is many small steps
+        p[5, 5] = (math.sqrt(p[5, 5]) + self.cfg.heading_turn_fraction * turn) ** 2
+        return dataclasses.replace(st, p=p, turn_ref=u.v)
 
     @staticmethod
     def _update(st: _State, ev: _Event) -> _State:
@@ -236,7 +279,7 @@ class NavFilter:
         k = st.p @ h.T @ np.linalg.inv(s)
         ikh = np.eye(_N) - k @ h
         p = ikh @ st.p @ ikh.T + k @ ev.r @ k.T  # Joseph form: stays symmetric positive definite
-        return _State(st.t_s, st.x + k @ y, 0.5 * (p + p.T), st.u)
+        return dataclasses.replace(st, x=st.x + k @ y, p=0.5 * (p + p.T))
 
     # ------------------------------------------------------------------------------------------ history
     def _state_before(self, i: int) -> _State | None:
@@ -260,8 +303,10 @@ class NavFilter:
                     st = _State(ev.t_s, None, None, u)
                 else:
                     st = dataclasses.replace(self._predict(st, ev.t_s), u=u)
+                    st = self._turned(st, u)
             elif ev.kind == "init":
-                st = _State(ev.t_s, ev.info["x"], ev.info["p"], None if st is None else st.u)
+                u0 = None if st is None else st.u
+                st = _State(ev.t_s, ev.info["x"], ev.info["p"], u0, None if u0 is None else u0.v)
             elif st is not None and st.x is not None:
                 st = self._update(self._predict(st, ev.t_s), ev)  # decisions stand: a replay never re-gates
             self._after[j] = st
@@ -425,8 +470,9 @@ class NavFilter:
             if all(math.isfinite(v) for v in (be, bn, bs)) and bs > 0:
                 b, b0 = (float(be), float(bn)), min(float(bs) ** 2, b0)
         k0 = self.cfg.init_scale_sigma**2
+        d0 = math.radians(self.cfg.init_heading_sigma_deg) ** 2
         ev.kind = "init"
-        ev.info = {"x": np.array([*ev.z, *b, 0.0], float), "p": np.diag([ev.r[0, 0], ev.r[1, 1], b0, b0, k0])}
+        ev.info = {"x": np.array([*ev.z, *b, 0.0, 0.0], float), "p": np.diag([ev.r[0, 0], ev.r[1, 1], b0, b0, k0, d0])}
 
     def _reinit_due(self) -> bool:
         """Re-initialise at the newest gated-out fix when the last ``reinit_after`` of them agree with each other."""
@@ -487,14 +533,18 @@ class NavFilter:
             return None
         v, var = self._vel_var(st.u, t_s)
         sigma_h = _sigma(st.p[:2, :2])
+        vel = v * (1 + st.x[4]) + st.x[5] * _perp(v) + st.x[2:4]
         return NavEstimate(
             t_s=float(t_s),
             xy_m=(float(st.x[0]), float(st.x[1])),
-            vel_mps=(float(v[0] * (1 + st.x[4]) + st.x[2]), float(v[1] * (1 + st.x[4]) + st.x[3])),
+            vel_mps=(float(vel[0]), float(vel[1])),
             bias_mps=(float(st.x[2]), float(st.x[3])),
             scale=float(st.x[4]),
+            heading_offset_deg=math.degrees(float(st.x[5])),
             sigma_h_m=sigma_h,
-            sigma_v_mps=math.sqrt(var + _sigma(st.p[2:4, 2:4]) ** 2 + float(st.p[4, 4]) * float(v @ v)),
+            sigma_v_mps=math.sqrt(
+                var + _sigma(st.p[2:4, 2:4]) ** 2 + (float(st.p[4, 4]) + float(st.p[5, 5])) * float(v @ v)
+            ),
             valid=sigma_h <= self.cfg.max_sigma_m,
             since_fix_s=float(t_s - self.last_fix_s) if self.last_fix_s is not None else math.inf,
         )

@@ -30,8 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.errors import SarlocError
-from sarloc.typed_config import finite_number
+from sarloc.core.config import finite_number
+from sarloc.core.errors import SarlocError
 
 
 @dataclass(frozen=True)

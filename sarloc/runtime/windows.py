@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from sarloc.errors import SarlocError
+from sarloc.core.errors import SarlocError
 from sarloc.runtime.types import Strip, StripMeta, heading_vectors
 
 logger = logging.getLogger(__name__)

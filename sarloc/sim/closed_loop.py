@@ -42,8 +42,8 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import atomic_write_json
-from sarloc.errors import SarlocError
+from sarloc.core.artifacts import atomic_write_json
+from sarloc.core.errors import SarlocError
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,9 @@ class ClosedLoopConfig:
 
 def _prepare(cfg: ClosedLoopConfig, out: Path):
     """The (placed) scene, its map pack and the home position."""
-    from sarloc.demo_flight import MODEL_DIR
+    from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
+    from sarloc.core.scene import load_scene
     from sarloc.mappack.build import MapPackConfig, build_map_pack
-    from sarloc.scene import load_scene
     from sarloc.sim.live_strips import geo_place_scene
 
     scene = load_scene(cfg.scene)
@@ -206,7 +206,7 @@ class _Feeder:
     def __init__(self, scene, cfg: ClosedLoopConfig, url: str) -> None:
         import pyproj
 
-        from sarloc.geo import grid_convergence_deg
+        from sarloc.core.geo import grid_convergence_deg
         from sarloc.sim.live_strips import StripCutter, StripCutterConfig, UdpStripFeeder
 
         crs = scene.frame.metric_crs
@@ -536,7 +536,7 @@ def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev) -> list[st
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from sarloc.scene import load_scene
+    from sarloc.core.scene import load_scene
 
     paths = []
     scene = load_scene(ev["scene"])

@@ -7,13 +7,13 @@ truth sample to a :class:`StripCutter`, send the blocks it returns to the onboar
 
 Geometry: exactly the strip convention of :mod:`sarloc.runtime.types`. A strip starts at a pushed sample ``t0_s``
 with the vehicle's true course there as its heading ``psi`` and ``row_rate_hz = speed_at_start / gsd_m``. Strip
-pixel ``(i, j)`` (array index; continuous centre ``(i + .5, j + .5)``, as in :mod:`sarloc.runtime.simulate`) holds
+pixel ``(i, j)`` (array index; continuous centre ``(i + .5, j + .5)``, as in :mod:`sarloc.sim.flight`) holds
 the scene SAR, bilinearly interpolated, at::
 
     ground = vehicle(t0_s + (j + .5) / row_rate_hz) + ((i + .5 - W / 2) * gsd_m + across_offset_m) * right(psi)
 
 with ``vehicle(t)`` linearly interpolated between the pushed samples. On a straight, constant-speed flight this is
-exactly what :func:`~sarloc.runtime.simulate.simulate_flight` cuts, and a window of the strip maps back to the
+exactly what :func:`~sarloc.sim.flight.simulate_flight` cuts, and a window of the strip maps back to the
 true vehicle position with :func:`~sarloc.runtime.windows.vehicle_from_window`. On a curved or accelerating flight
 the rows still follow the true vehicle (motion errors a real SAR would have to compensate); the strip ends when
 the course leaves ``heading +- max_turn_deg`` or the speed changes by more than ``max_speed_change``.
@@ -42,14 +42,13 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from sarloc.artifacts import atomic_write_json
-from sarloc.errors import ConfigError, SarlocError
-from sarloc.geo import GeoFrame, utm_epsg_for
-from sarloc.runtime.simulate import metric_to_pixel, pixel_metric_affine, sample_metric
-from sarloc.runtime.sources import UDP_MAX_BYTES, encode_frames
+from sarloc.core.artifacts import atomic_write_json
+from sarloc.core.config import finite_number
+from sarloc.core.errors import ConfigError, SarlocError
+from sarloc.core.geo import GeoFrame, metric_to_pixel, pixel_metric_affine, sample_metric, utm_epsg_for
+from sarloc.core.scene import Scene, load_scene
+from sarloc.runtime.frames import UDP_MAX_BYTES, encode_frames
 from sarloc.runtime.types import Strip, StripMeta, heading_vectors
-from sarloc.scene import Scene, load_scene
-from sarloc.typed_config import finite_number
 
 logger = logging.getLogger(__name__)
 
@@ -184,7 +183,7 @@ class StripCutter:
     """Cuts SAR strips from a scene along a trajectory that arrives sample by sample (see the module docstring).
 
     Args:
-        scene: a scene folder or a loaded :class:`~sarloc.scene.Scene` (its ``sar_gray`` and ``frame``).
+        scene: a scene folder or a loaded :class:`~sarloc.core.scene.Scene` (its ``sar_gray`` and ``frame``).
         cfg: parameters; None = the defaults.
 
     Raises:
@@ -585,7 +584,7 @@ def geo_place_scene(
     """Give an un-georeferenced scene a synthetic position: a UTM CRS with its image centre at (lat, lon).
 
     The scene's metric frame without CRS is ``(col * gsd_x, -row * gsd_y)`` (x east, y north, origin at the
-    top-left corner; see :mod:`sarloc.geo`). The new ``scene.json`` keeps that orientation and pixel size and adds
+    top-left corner; see :mod:`sarloc.core.geo`). The new ``scene.json`` keeps that orientation and pixel size and adds
     a north-up geotransform ``[x0, gsd_x, 0, y0, 0, -gsd_y]`` in the WGS84 UTM zone of (lon, lat), so that metric
     positions shift by ``(x0, y0)`` (recorded as ``placement.offset_m``) and pixels keep their meaning. Images are
     symlinked to the originals (absolute targets; never copied), so their sha256 entries still hold.

@@ -44,7 +44,7 @@ from typing import IO, Any
 
 from pymavlink import mavutil
 
-from sarloc.errors import SarlocError
+from sarloc.core.errors import SarlocError
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ from typing import Any
 
 import torch
 
-from sarloc.artifacts import atomic_save, atomic_write_json, make_manifest, read_json, sha256_file
-from sarloc.errors import ArtifactError, ConfigError
+from sarloc.core.artifacts import atomic_save, atomic_write_json, make_manifest, read_json, sha256_file
+from sarloc.core.errors import ArtifactError, ConfigError
 from sarloc.trainer.config import TrainConfig
 from sarloc.trainer.models.encoder import CrossModalEncoder
 
@@ -97,7 +97,7 @@ def load_checkpoint(path: str | Path) -> tuple[CrossModalEncoder, TrainConfig, d
 
 
 def checkpoint_embed_fns(model: CrossModalEncoder):
-    """Numpy embedding functions (sar, optical) over a torch model, for :mod:`sarloc.evaluation`."""
+    """Numpy embedding functions (sar, optical) over a torch model, for :mod:`sarloc.eval.retrieval`."""
 
     def make(modality: str):
         @torch.no_grad()

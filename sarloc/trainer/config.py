@@ -6,11 +6,11 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from sarloc.errors import ConfigError
-from sarloc.preprocess import PreprocessConfig
+from sarloc.core.config import build_dataclass
+from sarloc.core.errors import ConfigError
+from sarloc.core.preprocess import PreprocessConfig
 from sarloc.trainer.data.pairs import AugmentConfig
 from sarloc.trainer.models.encoder import EncoderConfig
-from sarloc.typed_config import build_dataclass
 
 ALIGN_MODES = ("none", "wasserstein", "classifier")
 METRIC_LOSSES = ("infonce", "triplet", "both")

@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sarloc.artifacts import atomic_save
-from sarloc.evaluation import embed_all
-from sarloc.geo import TileGrid
-from sarloc.preprocess import crop_windows
-from sarloc.scene import load_scene, make_queries
+from sarloc.core.artifacts import atomic_save
+from sarloc.core.geo import TileGrid
+from sarloc.core.preprocess import crop_windows
+from sarloc.core.scene import load_scene, make_queries
+from sarloc.eval.retrieval import embed_all
 from sarloc.trainer.checkpoint import checkpoint_embed_fns, load_checkpoint
 
 

@@ -13,7 +13,7 @@ that scene, like the coarse search's NMS peaks over a map:
   for the choice, the embeddings keep their gradient); when none of them is a positive, the best positive replaces
   the last one (post-hoc training drops lists without a positive; the forced one keeps every list useful);
 * a candidate is positive when its centre lies in the window-sized box around i's true centre (the evaluation's
-  rule, :meth:`sarloc.refine_eval.CandidateData.positives`);
+  rule, :meth:`sarloc.eval.refine.CandidateData.positives`);
 * positions: (east, north) of the optical window centres in tile units, offsets from the list's top-1, with a
   random rotation and flip per step (the map has no preferred direction), as in post-hoc training;
 * a scene with fewer than ``k`` windows in the batch pads its lists with copies of the last candidate, marked

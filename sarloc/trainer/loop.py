@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from sarloc.artifacts import atomic_write_json, sha256_bytes
-from sarloc.scene import Scene, find_scenes, load_scene
+from sarloc.core.artifacts import atomic_write_json, sha256_bytes
+from sarloc.core.scene import Scene, find_scenes, load_scene
 from sarloc.trainer.checkpoint import save_checkpoint
 from sarloc.trainer.config import TrainConfig
 from sarloc.trainer.data.pairs import PairSampler
@@ -294,7 +294,7 @@ def evaluate_checkpoint(
     dense_stride_px: int | None = 8,
     layout_only: bool = False,
 ) -> dict[str, Any]:
-    """Load a checkpoint and evaluate coarse retrieval on one scene (see :mod:`sarloc.evaluation`).
+    """Load a checkpoint and evaluate coarse retrieval on one scene (see :mod:`sarloc.eval.retrieval`).
 
     Keys of the result: ``aligned`` and ``arbitrary`` (non-overlapping tile gallery, or ``eval_cfg.stride_px``),
     ``arbitrary_overlap50`` (50%-overlap gallery) and ``arbitrary_dense`` (gallery every ``dense_stride_px``
@@ -303,8 +303,8 @@ def evaluate_checkpoint(
     """
     from dataclasses import replace
 
-    from sarloc.evaluation import evaluate_dense, evaluate_embeddings
-    from sarloc.scene import make_queries
+    from sarloc.core.scene import make_queries
+    from sarloc.eval.retrieval import evaluate_dense, evaluate_embeddings
     from sarloc.trainer.checkpoint import checkpoint_embed_fns, load_checkpoint
 
     model, cfg, info = load_checkpoint(ckpt)

@@ -1,6 +1,7 @@
 """Training and ONNX export of the graph refiner (post-hoc, on a frozen encoder's candidate lists).
 
-Training data are candidate lists (:class:`sarloc.refine.Candidates`) with a label per candidate (its centre lies
+Training data are candidate lists (:class:`sarloc.runtime.refine.Candidates`) with a label per candidate (its centre
+lies
 within half a tile of the query's true centre), gathered on scenes the refiner is not evaluated on. The loss is a
 listwise softmax cross-entropy (:func:`~sarloc.trainer.models.refiner.listwise_loss`).
 """
@@ -13,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sarloc.artifacts import atomic_save, atomic_write_json, make_manifest, sha256_file
-from sarloc.errors import SarlocError
-from sarloc.refine import REFINER_KIND, Candidates
+from sarloc.core.artifacts import atomic_save, atomic_write_json, make_manifest, sha256_file
+from sarloc.core.errors import SarlocError
+from sarloc.runtime.refine import REFINER_KIND, Candidates
 from sarloc.trainer.joint import augment_offsets
 from sarloc.trainer.models.refiner import GraphRefiner, RefinerConfig, listwise_loss
 
@@ -111,7 +112,7 @@ def export_refiner(
     import onnx
     import onnxruntime as ort
 
-    from sarloc.export.onnx import _quiet_exporter
+    from sarloc.core.log import quiet
 
     cfg = model.cfg
     if cfg.extra_features:
@@ -127,7 +128,7 @@ def export_refiner(
     )
     wrapped = _Export(model).eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with _quiet_exporter():
+    with quiet("torch.onnx", "onnxscript", "onnx_ir"):
         prog = torch.onnx.export(
             wrapped,
             ex,
@@ -181,11 +182,11 @@ def _gather_scene(
 ):
     """Candidate lists of a scene; with ``pool`` also the pool of P candidates (and, given a shortlister, the
     shortlisted top-K lists instead of the coarse top-K)."""
-    from sarloc.evaluation import embed_all
-    from sarloc.metric import LocalRegistrar, ShortlistRegistrar
-    from sarloc.preprocess import crop_windows
-    from sarloc.refine_eval import dense_gallery, finish_pool, gather, gather_pool
-    from sarloc.scene import load_scene, make_queries
+    from sarloc.core.preprocess import crop_windows
+    from sarloc.core.registration import LocalRegistrar, ShortlistRegistrar
+    from sarloc.core.scene import load_scene, make_queries
+    from sarloc.eval.refine import dense_gallery, finish_pool, gather, gather_pool
+    from sarloc.eval.retrieval import embed_all
     from sarloc.trainer.checkpoint import checkpoint_embed_fns
 
     scene = load_scene(scene_dir)
@@ -229,7 +230,7 @@ def refine_checkpoint(
     """
     from tqdm import tqdm
 
-    from sarloc.refine import OnnxRefiner
+    from sarloc.runtime.refine import OnnxRefiner
     from sarloc.trainer.checkpoint import load_checkpoint, load_joint_refiner
 
     checkpoint = Path(checkpoint)
@@ -244,9 +245,9 @@ def refine_checkpoint(
     out = Path(out_dir) if out_dir else checkpoint.parent
     model, cfg, _ = load_checkpoint(checkpoint)
     parent = sha256_file(checkpoint)
-    from sarloc.metric import LocalRegistrar
-    from sarloc.refine import Shortlister, shortlist_features
-    from sarloc.refine_eval import finish_pool, fit_verifier
+    from sarloc.core.registration import LocalRegistrar
+    from sarloc.eval.refine import finish_pool, fit_verifier
+    from sarloc.runtime.refine import Shortlister, shortlist_features
 
     pools = []
     for sd in tqdm(scene_dirs, desc="candidate pools", unit="scene"):
@@ -286,9 +287,10 @@ def evaluate_checkpoint_refined(
     The refiner and verifier default to ``refiner.onnx`` / ``verifier.json`` beside the checkpoint; the refiner's
     and verifier's parent hash must be the checkpoint's.
     """
-    from sarloc.errors import ArtifactError
-    from sarloc.refine import RERANKERS, OnnxRefiner, Verifier
-    from sarloc.refine_eval import evaluate_refined
+    from sarloc.core.errors import ArtifactError
+    from sarloc.eval.refine import evaluate_refined
+    from sarloc.eval.rerank import RERANKERS
+    from sarloc.runtime.refine import OnnxRefiner, Verifier
     from sarloc.trainer.checkpoint import load_checkpoint
 
     checkpoint = Path(checkpoint)
@@ -323,7 +325,7 @@ def evaluate_checkpoint_refined(
             res[f"{kind}/{name}"] = m
     spath = checkpoint.parent / "shortlister.json"
     if spath.is_file() and ref is not None and ver is not None and rerank_name in (None, "gnn"):
-        from sarloc.refine import Shortlister
+        from sarloc.runtime.refine import Shortlister
 
         sl = Shortlister.load(spath)
         if sl.parent_sha256 != parent:

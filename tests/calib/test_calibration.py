@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from sarloc.artifacts import sha256_file  # noqa: E402
+from sarloc.backends.encoders import OrtEncoder  # noqa: E402
+from sarloc.backends.layout import read_model_manifest  # noqa: E402
 from sarloc.calib.dataset import (  # noqa: E402
     build_calibration_set,
     calibration_feed,
@@ -18,11 +19,10 @@ from sarloc.calib.dataset import (  # noqa: E402
 )
 from sarloc.calib.quantize import _session, calibrate_export, check_feed, model_input_specs, quantize_int8  # noqa: E402
 from sarloc.cli import main  # noqa: E402
-from sarloc.errors import ArtifactError, SarlocError  # noqa: E402
-from sarloc.export.layout import read_model_manifest  # noqa: E402
+from sarloc.core.artifacts import sha256_file  # noqa: E402
+from sarloc.core.errors import ArtifactError, SarlocError  # noqa: E402
+from sarloc.core.preprocess import PreprocessConfig  # noqa: E402
 from sarloc.export.onnx import sample_windows  # noqa: E402
-from sarloc.preprocess import PreprocessConfig  # noqa: E402
-from sarloc.runtime.backends import OrtEncoder  # noqa: E402
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def test_cli_calib_and_guard(export_copy, synth_scenes, synth_scene, capsys, mon
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "sar_encoder.int8.onnx" in printed and (export_copy / "calib" / "manifest.json").is_file()
-    from sarloc.export import evaluate
+    from sarloc.eval import export as evaluate
 
     def fake_guard(export_dir, scene_dir, eval_cfg, max_drop=0.01, threads=0):
         return {"scene": "s", "fp32": {"arbitrary": 0.5}, "int8": {"arbitrary": 0.4}, "drop": 0.1,

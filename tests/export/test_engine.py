@@ -10,24 +10,20 @@ import types
 import numpy as np
 import pytest
 
-from sarloc.artifacts import sha256_file
-from sarloc.cli import main
-from sarloc.errors import ArtifactError, ConfigError, SarlocError
-from sarloc.export import engine as eng
-from sarloc.export.engine import (
+from sarloc.backends.tensorrt import (
     ENGINE_KIND,
     GpuInfo,
-    build_engine,
     check_engine_manifest,
     cuda_api,
     default_engine_path,
     import_tensorrt,
-    plan_build,
-    profile_shapes,
     read_engine_manifest,
-    timing_cache_key,
-    timing_cache_path,
 )
+from sarloc.cli import main
+from sarloc.core.artifacts import sha256_file
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError
+from sarloc.export import engine as eng
+from sarloc.export.engine import build_engine, plan_build, profile_shapes, timing_cache_key, timing_cache_path
 
 TRT10 = {"fp16_flag": True, "int8_flag": True, "strongly_typed": True}
 TRT11 = {"fp16_flag": False, "int8_flag": False, "strongly_typed": True}
@@ -307,9 +303,9 @@ def test_build_engine_refuses_modified_onnx(monkeypatch, tiny_export, tmp_path):
 def test_real_engine_matches_onnx_runtime(tiny_export, tmp_path):
     """Needs TensorRT, a CUDA binding and a GPU: not run on this project's machines (see docs/export.md)."""
     pytest.importorskip("tensorrt")
-    from sarloc.export.engine import current_gpu
+    from sarloc.backends.encoders import OrtEncoder, TrtEncoder
+    from sarloc.backends.tensorrt import current_gpu
     from sarloc.export.onnx import sample_windows
-    from sarloc.runtime.backends import OrtEncoder, TrtEncoder
 
     try:
         current_gpu(0)

@@ -9,11 +9,13 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 pytest.importorskip("onnxruntime")
 
-from sarloc.artifacts import sha256_file  # noqa: E402
+from sarloc.backends.encoders import OrtEncoder  # noqa: E402
+from sarloc.backends.layout import MODALITIES, model_path, read_model_manifest  # noqa: E402
 from sarloc.cli import main  # noqa: E402
-from sarloc.errors import ArtifactError, ConfigError, SarlocError  # noqa: E402
+from sarloc.core.artifacts import sha256_file  # noqa: E402
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError  # noqa: E402
+from sarloc.core.preprocess import PreprocessConfig  # noqa: E402
 from sarloc.export import onnx as export_onnx  # noqa: E402
-from sarloc.export.layout import MODALITIES, model_path, read_model_manifest  # noqa: E402
 from sarloc.export.onnx import (  # noqa: E402
     check_parity,
     export_checkpoint,
@@ -21,8 +23,6 @@ from sarloc.export.onnx import (  # noqa: E402
     resolve_exporter,
     sample_windows,
 )
-from sarloc.preprocess import PreprocessConfig  # noqa: E402
-from sarloc.runtime.backends import OrtEncoder  # noqa: E402
 from sarloc.trainer.checkpoint import checkpoint_embed_fns, load_checkpoint  # noqa: E402
 from sarloc.trainer.models.encoder import CrossModalEncoder, EncoderConfig  # noqa: E402
 

@@ -8,7 +8,7 @@ import pytest
 from conftest import shared_scene
 
 from sarloc.cli import main
-from sarloc.errors import ArtifactError, SarlocError
+from sarloc.core.errors import ArtifactError, SarlocError
 from sarloc.mappack import MapPack, MapPackConfig, PackSearcher, build_map_pack, pack_info, verify_map_pack
 
 pytest.importorskip("onnxruntime")
@@ -35,7 +35,7 @@ def _write_geotiff_4326(scene_dir, path, nodata_left_cols=0):
     from rasterio.transform import Affine
     from rasterio.warp import Resampling, calculate_default_transform, reproject
 
-    from sarloc.scene import load_scene
+    from sarloc.core.scene import load_scene
 
     sc = load_scene(scene_dir)
     gt = sc.frame.geotransform
@@ -56,7 +56,7 @@ def _write_geotiff_4326(scene_dir, path, nodata_left_cols=0):
 
 
 def test_scene_pack_layout_geometry_and_unit_norm(scene_pack, synth_scene, tiny_export):
-    from sarloc.scene import load_scene
+    from sarloc.core.scene import load_scene
 
     pack = MapPack(scene_pack, verify=True)
     man = pack.manifest
@@ -78,8 +78,8 @@ def test_scene_pack_layout_geometry_and_unit_norm(scene_pack, synth_scene, tiny_
     np.testing.assert_allclose(t["lon_deg"], lon, atol=1e-9)
     np.testing.assert_allclose(t["lat_deg"], lat, atol=1e-9)
     # the pack's embeddings are the optical encoder's on the scene's tiles
-    from sarloc.preprocess import crop_windows, prepare_windows
-    from sarloc.runtime.backends import OrtEncoder
+    from sarloc.backends.encoders import OrtEncoder
+    from sarloc.core.preprocess import crop_windows, prepare_windows
 
     enc = OrtEncoder(tiny_export / "optical_encoder.onnx", threads=1)
     origins = np.stack([t["col"][:8] * 16, t["row"][:8] * 16], axis=1)
@@ -160,7 +160,7 @@ def test_manifest_file_name_that_is_no_pack_file_is_refused(pack_copy, name):
 
 
 def test_pack_from_another_export_is_refused(scene_pack, tiny_export):
-    from sarloc.export.layout import read_model_manifest
+    from sarloc.backends.layout import read_model_manifest
 
     sar = read_model_manifest(tiny_export / "sar_encoder.onnx")
     MapPack(scene_pack, sar_manifest=sar)  # same export: accepted
@@ -216,9 +216,9 @@ def test_cli_map_build_info_verify_and_eval_with_pack(synth_scene, tiny_export, 
 
 
 def test_pack_searcher_on_a_real_pack_finds_the_optical_tile_itself(scene_pack, synth_scene, tiny_export):
-    from sarloc.preprocess import crop_windows, prepare_windows
-    from sarloc.runtime.backends import OrtEncoder
-    from sarloc.scene import load_scene
+    from sarloc.backends.encoders import OrtEncoder
+    from sarloc.core.preprocess import crop_windows, prepare_windows
+    from sarloc.core.scene import load_scene
 
     pack = MapPack(scene_pack)
     sc = load_scene(synth_scene)
@@ -249,7 +249,7 @@ def test_geographic_scene_folder_is_warped(tiny_export, tmp_path):
     pytest.importorskip("rasterio")
     from conftest import write_plain_scene
 
-    from sarloc.synth import SynthConfig, generate_scene
+    from sarloc.sim.scenes import SynthConfig, generate_scene
 
     arrs = generate_scene(SynthConfig(width_px=160, height_px=160, seed=5))
     gt = [1.70, 1.3e-4, 0.0, 46.0, 0.0, -0.9e-4]  # about 10 m x 10 m at 46 N, but not square in degrees
@@ -271,7 +271,7 @@ def test_projected_geotiff_on_its_own_grid_equals_the_scene_folder_pack(scene_pa
     rasterio = pytest.importorskip("rasterio")
     from rasterio.transform import from_origin
 
-    from sarloc.scene import load_scene
+    from sarloc.core.scene import load_scene
 
     sc = load_scene(synth_scene)
     gt = sc.frame.geotransform

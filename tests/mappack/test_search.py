@@ -7,11 +7,11 @@ import textwrap
 import numpy as np
 import pytest
 
-from sarloc.errors import SarlocError
+from sarloc.core.errors import SarlocError
 from sarloc.mappack import GridIndex, MapPack, PackSearcher, exact_topk, nms_metres
 from sarloc.mappack.ann import IvfIndex, recall_at_k
 from sarloc.mappack.search import BlockScorer
-from sarloc.mappack.synthetic import synthetic_pack, synthetic_queries
+from sarloc.sim.packs import synthetic_pack, synthetic_queries
 
 
 @pytest.fixture(scope="module")
@@ -139,7 +139,7 @@ def test_mappack_imports_without_torch():
         import sys
         sys.modules["torch"] = None
         import sarloc.mappack, sarloc.mappack.build, sarloc.mappack.pack, sarloc.mappack.search
-        import sarloc.mappack.ann, sarloc.mappack.basemap, sarloc.mappack.evaluate, sarloc.mappack.synthetic
+        import sarloc.mappack.ann, sarloc.mappack.basemap, sarloc.eval.mappack, sarloc.sim.packs
         for heavy in ("torch", "rasterio", "onnxruntime", "faiss"):
             assert sys.modules.get(heavy) is None, heavy
         print("ok")

@@ -10,13 +10,13 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 
+from sarloc.backends.encoders import OrtEncoder, load_encoder, load_encoder_pair
+from sarloc.backends.tensorrt import ENGINE_KIND
 from sarloc.cli import main
-from sarloc.errors import ArtifactError, ConfigError, SarlocError
-from sarloc.evaluation import EvalConfig
-from sarloc.export.engine import ENGINE_KIND
-from sarloc.export.evaluate import evaluate_onnx, int8_accuracy_guard
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError
+from sarloc.eval.export import evaluate_onnx, int8_accuracy_guard
+from sarloc.eval.retrieval import EvalConfig
 from sarloc.export.onnx import sample_windows
-from sarloc.runtime.backends import OrtEncoder, load_encoder, load_encoder_pair
 
 
 @pytest.fixture(scope="module")
@@ -31,15 +31,15 @@ def test_runtime_imports_and_runs_without_torch(tiny_export):
         import sys
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         import numpy as np
-        import sarloc.runtime.backends as b
-        import sarloc.export.engine, sarloc.export.layout, sarloc.export.evaluate
-        import sarloc.calib.dataset, sarloc.calib.quantize
-        import sarloc.mappack.build, sarloc.mappack.pack, sarloc.mappack.search, sarloc.mappack.ann
-        import sarloc.evaluation, sarloc.classical, sarloc.scene, sarloc.geo, sarloc.preprocess
-        import sarloc.runtime.daemon, sarloc.runtime.localizer, sarloc.runtime.fusion, sarloc.runtime.mavlink
-        import sarloc.runtime.sources, sarloc.runtime.windows, sarloc.runtime.simulate, sarloc.runtime.report
-        import sarloc.runtime.replay, sarloc.refine, sarloc.refine_eval, sarloc.metric, sarloc.demo_flight
-        import sarloc.runtime.navfilter, sarloc.sim.sitl, sarloc.sim.live_strips, sarloc.sim.closed_loop
+        import importlib, pkgutil
+        import sarloc
+        import sarloc.backends.encoders as b
+        names = []
+        for m in pkgutil.walk_packages(sarloc.__path__, "sarloc."):
+            if not m.name.startswith(("sarloc.trainer", "sarloc._")):  # the trainer is PyTorch
+                importlib.import_module(m.name)
+                names.append(m.name)
+        assert {"sarloc.runtime.daemon", "sarloc.core.cfog", "sarloc.sim.closed_loop", "sarloc.cli"} <= set(names)
         sar, opt = b.load_encoder_pair(sys.argv[1], threads=1)
         c, h, w = sar.input_chw
         z = sar(np.zeros((2, c, h, w), np.float32))
@@ -128,7 +128,7 @@ def test_auto_backend_falls_back_to_onnx_runtime(export_copy, monkeypatch, caplo
     # an engine is present but TensorRT is not: the same fallback, naming the install
     engine = export_copy / "sar_encoder.engine"
     engine.write_bytes(b"PLAN")
-    from sarloc.artifacts import sha256_file
+    from sarloc.core.artifacts import sha256_file
 
     onnx_man = json.loads((export_copy / "sar_encoder.json").read_text())
     man = {k: onnx_man[k] for k in ("modality", "input", "output", "embed_dim", "window_px", "preprocess")}
@@ -186,7 +186,7 @@ def test_cli_eval_onnx_and_int8_guard(export_copy, synth_scene, synth_scenes, tm
     assert strict["passed"] is False
     # an INT8 model left over from an earlier export is refused once the FP32 model is re-exported
     onnx = pytest.importorskip("onnx")
-    from sarloc.artifacts import sha256_file
+    from sarloc.core.artifacts import sha256_file
 
     fp32 = export_copy / "sar_encoder.onnx"
     proto = onnx.load(str(fp32))
@@ -204,8 +204,9 @@ def test_cli_eval_onnx_and_int8_guard(export_copy, synth_scene, synth_scenes, tm
 def test_trt_encoder_on_gpu(tiny_export, tmp_path, windows):
     """Needs TensorRT, a CUDA binding and a GPU: not run on this project's machines (see docs/export.md)."""
     pytest.importorskip("tensorrt")
-    from sarloc.export.engine import build_engine, current_gpu
-    from sarloc.runtime.backends import TrtEncoder
+    from sarloc.backends.encoders import TrtEncoder
+    from sarloc.backends.tensorrt import current_gpu
+    from sarloc.export.engine import build_engine
 
     try:
         current_gpu(0)

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from conftest import demo_flight, run_args, subprocess_env
 
-from sarloc.demo_flight import MODEL_DIR
-from sarloc.errors import ConfigError
+from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
+from sarloc.core.errors import ConfigError
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ NO_TORCH_RUN = textwrap.dedent(
 def test_run_without_torch_sends_mavlink_and_replays_identically(flight, tmp_path):
     from pymavlink import mavutil
 
-    from sarloc.runtime.replay import replay
-    from sarloc.runtime.report import load_truth, score_fixes, truth_at
+    from sarloc.eval.replay import replay
+    from sarloc.eval.report import load_truth, score_fixes, truth_at
 
     port = _free_udp_port()
     rx = mavutil.mavlink_connection(f"udpin:127.0.0.1:{port}", source_system=255, dialect="common")
@@ -113,8 +113,8 @@ def test_run_without_torch_sends_mavlink_and_replays_identically(flight, tmp_pat
 def test_strip_that_matches_nothing_abstains(flight, tmp_path):
     """Strips of another generated scene (not in the pack): windows and fixes are untrusted, nothing is sent."""
     from sarloc.runtime.daemon import load_run_config, run
-    from sarloc.runtime.simulate import simulate_flight
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.sim.flight import simulate_flight
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     other = write_scene(tmp_path / "other", SynthConfig(width_px=384, height_px=384, seed=77))
     simulate_flight(
@@ -205,7 +205,7 @@ def test_config_errors(tmp_path):
 
 def test_compare_fixes_handles_any_json_values():
     """Regression (exploring fuzz run): an integer beyond the float range raised OverflowError in compare_fixes."""
-    from sarloc.runtime.replay import compare_fixes
+    from sarloc.eval.replay import compare_fixes
 
     rec = {"type": "fix", "strip_id": "s", "t_s": 10**400, "xy_m": [float("nan"), ["a"]], "confidence": 0.5}
     assert compare_fixes([rec], [rec]) == []

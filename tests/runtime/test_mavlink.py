@@ -26,7 +26,7 @@ from pymavlink import mavutil
 from pymavlink.dialects.v20 import ardupilotmega as D
 
 import sarloc.runtime.mavlink as mv
-from sarloc.errors import ConfigError
+from sarloc.core.errors import ConfigError
 from sarloc.runtime.mavlink import (
     MavlinkConfig,
     MavlinkLink,

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from sarloc.errors import ConfigError
+from sarloc.core.errors import ConfigError
 from sarloc.runtime.navfilter import NavConfig, NavFilter, chi2_2dof
 
 WIND = np.array([0.0, 6.0])  # m/s, blowing north
@@ -168,8 +168,10 @@ def test_a_speed_scale_error_is_learnt_and_survives_turns():
             if leg == 2:
                 errs.append(np.hypot(*(np.asarray(f.estimate(t).xy_m) - pos)))
     est = f.estimate(300.0)
-    assert est.scale == pytest.approx(0.05, abs=0.015)
-    assert max(errs) < 40.0, max(errs)  # 100 s without a fix: 5 % of 2 km would be 100 m
+    # two legs do not fully tell a scale from a heading error and a wind (the turn between them makes the heading
+    # error uncertain again): the scale is partly learnt, and the third leg drifts well under the 100 m of 5 % of 2 km
+    assert est.scale == pytest.approx(0.05, abs=0.02)
+    assert max(errs) < 70.0, max(errs)
 
 
 def test_a_wind_prior_starts_the_filter_closer():
@@ -187,3 +189,59 @@ def test_a_wind_prior_starts_the_filter_closer():
     (e0, s0), (e1, s1) = drift(None), drift(((0.0, 6.0), 1.0))
     assert e0 > 300.0 and e1 < 5.0  # 6 m/s of wind for 60 s
     assert s1 < s0 / 3
+
+
+def _rot_cw(v: np.ndarray, deg: float) -> np.ndarray:
+    a = math.radians(deg)
+    return np.array([v[0] * math.cos(a) + v[1] * math.sin(a), -v[0] * math.sin(a) + v[1] * math.cos(a)])
+
+
+def _legs_with_heading_error(cfg: NavConfig, err_deg: float = 4.0):
+    """Air inputs whose heading reads ``err_deg`` anticlockwise of the truth; fixes on the first two legs (north,
+    east), none on the third (south). Returns the filter and the errors on the third leg."""
+    legs = [(0.0, 20.0), (20.0, 0.0), (0.0, -20.0)]
+    f = NavFilter(cfg)
+    pos = np.zeros(2)
+    rng = np.random.default_rng(5)
+    errs = []
+    for leg, air in enumerate(legs):
+        air = np.asarray(air)
+        for k in range(1000):
+            t = leg * 100.0 + k / 10
+            f.add_motion(t, "air", tuple(air))
+            if k:
+                pos = pos + _rot_cw(air, err_deg) * 0.1
+            if leg < 2 and k % 50 == 0:
+                xy = tuple(pos + rng.normal(0, 5.0, 2))
+                if f.initialised:
+                    f.add_fix(t, xy, 5.0, now_s=t)
+                else:
+                    f.add_consensus(t, xy, 5.0, now_s=t)
+            if leg == 2:
+                errs.append(np.hypot(*(np.asarray(f.estimate(t).xy_m) - pos)))
+    return f, np.asarray(errs)
+
+
+def test_a_heading_error_of_the_input_is_learnt_and_not_taken_for_a_wind():
+    """A yaw that reads 4 degrees off (an autopilot without GNSS): learnt as a heading error it turns with the
+    vehicle, so the third leg, without fixes, stays close; taken for a wind (the filter without the heading state)
+    it flips sides at the turn and the error grows by about 2 x 20 m/s x sin 4 deg = 2.8 m/s."""
+    f, errs = _legs_with_heading_error(NavConfig())
+    assert f.estimate(300.0).heading_offset_deg == pytest.approx(4.0, abs=1.5)  # two legs: partly a wind
+    assert max(errs) < 90.0, max(errs)
+    no_heading = NavConfig(init_heading_sigma_deg=1e-6, heading_sigma_deg_per_s=1e-9, heading_turn_fraction=1e-9)
+    _, errs0 = _legs_with_heading_error(no_heading)
+    assert max(errs0) > 4 * max(errs) and max(errs0) > 300.0, (max(errs0), max(errs))
+
+
+def test_a_turn_grows_the_heading_uncertainty_in_proportion():
+    f = NavFilter()
+    for k in range(100):
+        f.add_motion(k / 10, "air", (0.0, 20.0))
+    f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
+    p0 = f.state(9.9)[1][5, 5]
+    for k, deg in enumerate(np.linspace(0, 90, 31)):  # a 90 degree turn in 3 s
+        f.add_motion(10.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
+    p1 = f.state(13.0)[1][5, 5]
+    grown = math.degrees(math.sqrt(p1)) - math.degrees(math.sqrt(p0))
+    assert grown == pytest.approx(NavConfig().heading_turn_fraction * 90.0, rel=0.1), grown

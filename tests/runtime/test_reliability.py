@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import demo_flight, run_args, subprocess_env
 
-from sarloc.demo_flight import MODEL_DIR
+from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,8 @@ def test_tampered_pack_is_refused_at_start(flight, tmp_path):
 
 def test_burst_on_a_network_source_drops_oldest_and_survives(flight, tmp_path):
     from sarloc.runtime.daemon import run
-    from sarloc.runtime.sources import StripFile, send_strip_udp
+    from sarloc.runtime.strips import StripFile
+    from sarloc.sim.senders import send_strip_udp
 
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -154,8 +155,8 @@ def test_burst_on_a_network_source_drops_oldest_and_survives(flight, tmp_path):
 def test_localizer_rescore_option_runs_and_keeps_the_fixes(flight):
     """``LocalizerConfig.rescore`` (full-resolution look at the shortlist's top N) localises the same windows at
     least as well here (windows cut from the scene's SAR at known places), and its time shows in the shortlist."""
+    from sarloc.core.scene import load_scene
     from sarloc.runtime.localizer import Localizer, LocalizerConfig
-    from sarloc.scene import load_scene
 
     sar = load_scene(flight / "scene").sar_gray
     origins = np.random.default_rng(1).integers(0, min(sar.shape) - 64, (8, 2))

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 from conftest import write_plain_scene
 
-from sarloc.errors import ConfigError, SarlocError
-from sarloc.runtime.report import format_report, load_truth, plot_track, score_fixes, truth_at
-from sarloc.runtime.simulate import TRACKS, simulate_flight
+from sarloc.core.errors import ConfigError, SarlocError
+from sarloc.core.scene import load_scene
+from sarloc.eval.report import format_report, load_truth, plot_track, score_fixes, truth_at
 from sarloc.runtime.sources import open_source
-from sarloc.scene import load_scene
+from sarloc.sim.flight import TRACKS, simulate_flight
 
 
 def inverse_gt(gt, x, y):
@@ -271,7 +271,7 @@ def test_plot_track_writes_a_png(flight, scene, tmp_path):
 
 
 def test_geographic_frame_round_trip_and_flight(tmp_path):
-    from sarloc.runtime.simulate import metric_to_pixel, pixel_metric_affine
+    from sarloc.core.geo import metric_to_pixel, pixel_metric_affine
 
     rng = np.random.default_rng(1)
     sar = np.exp(rng.normal(0, 0.3, (160, 160))).astype(np.float32)

@@ -13,25 +13,13 @@ import tifffile
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sarloc.errors import SarlocError
-from sarloc.runtime.sources import (
-    FRAME_HEADER,
-    MAGIC,
-    DirSource,
-    FrameDecoder,
-    StripFile,
-    TcpSource,
-    TcpStripServer,
-    UdpSource,
-    encode_frame,
-    encode_frames,
-    meta_from_dict,
-    open_source,
-    send_strip_tcp,
-    send_strip_udp,
-)
+from sarloc.core.errors import SarlocError
+from sarloc.core.scene import normalise_sar
+from sarloc.runtime.frames import FRAME_HEADER, MAGIC, FrameDecoder, encode_frame, encode_frames
+from sarloc.runtime.sources import DirSource, TcpSource, UdpSource, open_source
+from sarloc.runtime.strips import StripFile, meta_from_dict
 from sarloc.runtime.types import Strip, StripMeta
-from sarloc.scene import normalise_sar
+from sarloc.sim.senders import TcpStripServer, send_strip_tcp, send_strip_udp
 
 SIDE = {"gsd_m": 2.0, "heading_deg": 37.0, "t0_s": 1_700_000_000.0, "row_rate_hz": 10.0}
 

@@ -7,10 +7,10 @@ import cv2
 import numpy as np
 import pytest
 
-from sarloc.errors import SarlocError
-from sarloc.runtime.report import load_truth, truth_at
-from sarloc.runtime.simulate import simulate_flight
-from sarloc.runtime.sources import StripFile
+from sarloc.core.errors import SarlocError
+from sarloc.core.scene import load_scene
+from sarloc.eval.report import load_truth, truth_at
+from sarloc.runtime.strips import StripFile
 from sarloc.runtime.types import Strip, StripMeta
 from sarloc.runtime.windows import (
     WindowBatch,
@@ -19,7 +19,7 @@ from sarloc.runtime.windows import (
     vehicle_from_window,
     window_ground_xy,
 )
-from sarloc.scene import load_scene
+from sarloc.sim.flight import simulate_flight
 
 WIN, MAP_GSD = 32, 10.0
 

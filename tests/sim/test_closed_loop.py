@@ -24,7 +24,7 @@ def sitl_dir():
 
 def test_plane_flies_on_sarloc_after_gnss_denial(sitl_dir, tmp_path):
     from sarloc.sim.closed_loop import ClosedLoopConfig, run_closed_loop
-    from sarloc.synth import SynthConfig, write_scene
+    from sarloc.sim.scenes import SynthConfig, write_scene
 
     scene = write_scene(tmp_path / "scene", SynthConfig(width_px=640, height_px=640, seed=21))
     cfg = ClosedLoopConfig(

@@ -10,14 +10,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sarloc.errors import ConfigError, SarlocError
-from sarloc.runtime.simulate import DEFAULT_T_START_S, sample_metric, simulate_flight
-from sarloc.runtime.sources import FrameDecoder, UdpSource, encode_frames
+from sarloc.core.errors import ConfigError, SarlocError
+from sarloc.core.geo import sample_metric
+from sarloc.core.scene import load_scene
+from sarloc.runtime.frames import FrameDecoder, encode_frames
+from sarloc.runtime.sources import UdpSource
 from sarloc.runtime.types import Strip, heading_vectors
 from sarloc.runtime.windows import WindowStream, vehicle_from_window, window_ground_xy
-from sarloc.scene import load_scene
+from sarloc.sim.flight import DEFAULT_T_START_S, simulate_flight
 from sarloc.sim.live_strips import StripCutter, StripCutterConfig, UdpStripFeeder, geo_place_scene
-from sarloc.synth import SynthConfig, write_scene
+from sarloc.sim.scenes import SynthConfig, write_scene
 
 DT_S = 0.0625  # binary-exact sample period: sample times t0 + k * DT_S are exact
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from sarloc.errors import SarlocError
+from sarloc.core.errors import SarlocError
 from sarloc.sim.sitl import (
     SITL_DIR_ENV,
     Sitl,

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from sarloc.cli import main, read_config_json
-from sarloc.errors import ConfigError
+from sarloc.core.errors import ConfigError
 from sarloc.trainer.config import TrainConfig, resolve_config
 
 

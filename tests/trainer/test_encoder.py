@@ -2,7 +2,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sarloc.errors import ConfigError  # noqa: E402
+from sarloc.core.errors import ConfigError  # noqa: E402
 from sarloc.trainer.models.efficientnet_lite import block_stride, lite0_block_specs  # noqa: E402
 from sarloc.trainer.models.encoder import CrossModalEncoder, EncoderConfig, ModalityEncoder  # noqa: E402
 

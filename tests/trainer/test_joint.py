@@ -9,7 +9,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sarloc.errors import ArtifactError, ConfigError, SarlocError  # noqa: E402
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError  # noqa: E402
 from sarloc.trainer.checkpoint import load_checkpoint, load_joint_refiner  # noqa: E402
 from sarloc.trainer.config import resolve_config  # noqa: E402
 from sarloc.trainer.joint import augment_offsets, in_batch_lists, joint_refiner_loss, make_refiner  # noqa: E402
@@ -98,7 +98,7 @@ def test_config_validates_refiner_fields():
 @pytest.mark.slow
 def test_joint_training_writes_a_refiner_and_train_refiner_uses_it(synth_scene, tmp_path):
     from sarloc.cli import main
-    from sarloc.refine import OnnxRefiner
+    from sarloc.runtime.refine import OnnxRefiner
     from sarloc.trainer.loop import train
 
     cfg = resolve_config("smoke", steps=8, batch_size=16, refiner_weight=0.5, refiner_k=6)

@@ -6,8 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from sarloc.errors import ArtifactError
-from sarloc.refine import Candidates, OnnxRefiner, rerank
+from sarloc.core.errors import ArtifactError
+from sarloc.eval.rerank import rerank
+from sarloc.runtime.refine import Candidates, OnnxRefiner
 from sarloc.trainer.models.refiner import GraphRefiner, RefinerConfig, fourier_position, knn_mask, listwise_loss
 from sarloc.trainer.refiner_train import export_refiner, train_refiner
 

@@ -8,9 +8,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from sarloc.errors import ArtifactError, ConfigError  # noqa: E402
-from sarloc.evaluation import EvalConfig  # noqa: E402
-from sarloc.scene import load_scene  # noqa: E402
+from sarloc.core.errors import ArtifactError, ConfigError  # noqa: E402
+from sarloc.core.scene import load_scene  # noqa: E402
+from sarloc.eval.retrieval import EvalConfig  # noqa: E402
 from sarloc.trainer.checkpoint import load_checkpoint  # noqa: E402
 from sarloc.trainer.config import TrainConfig, resolve_config  # noqa: E402
 from sarloc.trainer.data.pairs import PairSampler  # noqa: E402

@@ -11,9 +11,9 @@ from dataclasses import asdict, dataclass, field
 import cv2
 import numpy as np
 
-from sarloc.errors import ConfigError
-from sarloc.preprocess import PreprocessConfig, prepare_windows
-from sarloc.scene import Scene
+from sarloc.core.errors import ConfigError
+from sarloc.core.preprocess import PreprocessConfig, prepare_windows
+from sarloc.core.scene import Scene
 
 
 @dataclass(frozen=True)

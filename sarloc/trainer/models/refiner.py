@@ -4,7 +4,7 @@ Graph (one per query, fixed size so that it exports to ONNX with static shapes):
 
 * nodes: the K candidates, each described by the element-wise product of the query and candidate embeddings
   (projected), its similarity to the query, its similarity minus the best one, optional extra per-candidate
-  features (e.g. the local registration score of :mod:`sarloc.metric`), and a **position embedding** of its
+  features (e.g. the local registration score of :mod:`sarloc.core.registration`), and a **position embedding** of its
   offset on the ground (Fourier features of the offset from the reference point, in tile units);
 * edges: each candidate to its ``edges`` nearest candidates on the ground (plus itself);
 * message passing: ``layers`` blocks of multi-head attention restricted to the edges, with a learned bias from

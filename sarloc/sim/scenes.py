@@ -32,7 +32,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from sarloc.errors import ConfigError, SarlocError
+from sarloc.core.errors import ConfigError, SarlocError
 
 __all__ = [
     "CLASS_NAMES",
@@ -1072,7 +1072,7 @@ def write_scene(
         "geotransform": [x0, gsd, 0.0, y0, 0.0, -gsd],
         "gsd_m": [gsd, gsd],
         "co_registration_px": 0,
-        "source": {"generator": "sarloc.synth", "seed": seed, "version": _FORMAT_VERSION},
+        "source": {"generator": "sarloc.sim.scenes", "seed": seed, "version": _FORMAT_VERSION},
         "license": "generated; CC0",
     }
     _atomic_write(out_dir / "scene.json", (json.dumps(meta, indent=2) + "\n").encode("utf-8"))

@@ -14,7 +14,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sarloc.errors import ArtifactError, ConfigError, SarlocError
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError
 
 FIX_KEYS = ("strip_id", "t_s", "xy_m", "trusted", "confidence", "n_inliers", "n_windows", "accepted")
 

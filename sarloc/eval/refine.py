@@ -2,7 +2,7 @@
 
 :func:`gather` runs coarse retrieval (SAR query windows against a dense optical gallery, top-K NMS peaks) and
 registers every candidate locally; :func:`evaluate_refined` scores each re-ranker alone (R@k of its order, error of
-its top-1 centre) and with metric verification (the :class:`~sarloc.refine.Verifier` picks the candidate, the
+its top-1 centre) and with metric verification (the :class:`~sarloc.runtime.refine.Verifier` picks the candidate, the
 position is its registered sub-pixel centre), plus a reliability table of the confidence.
 
 Rules: a candidate is a hit when the true window centre lies in the window-sized box around it (the rule of the
@@ -17,22 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sarloc.errors import SarlocError
-from sarloc.evaluation import KS, EmbedFn, embed_all
-from sarloc.geo import TileGrid
-from sarloc.metric import LocalRegistrar
-from sarloc.preprocess import PreprocessConfig, crop_windows
-from sarloc.refine import (
-    Candidates,
-    OnnxRefiner,
-    Verifier,
-    candidate_features,
-    dense_candidates,
-    expected_calibration_error,
-    reliability,
-    rerank,
-)
-from sarloc.scene import QuerySet, Scene
+from sarloc.core.errors import SarlocError
+from sarloc.core.geo import TileGrid
+from sarloc.core.preprocess import PreprocessConfig, crop_windows
+from sarloc.core.registration import LocalRegistrar
+from sarloc.core.scene import QuerySet, Scene
+from sarloc.eval.rerank import dense_candidates, expected_calibration_error, reliability, rerank
+from sarloc.eval.retrieval import KS, EmbedFn, embed_all
+from sarloc.runtime.refine import Candidates, OnnxRefiner, Verifier, candidate_features
 
 
 @dataclass
@@ -221,7 +213,7 @@ def gather_pool(
     shortlister_reg,
 ) -> PoolData:
     """P coarse NMS peaks per query and their low-resolution registration (:class:`ShortlistRegistrar`)."""
-    from sarloc.evaluation import GalleryGrid
+    from sarloc.core.peaks import GalleryGrid
 
     w = queries.window_px
     gal, centres = gallery
@@ -262,11 +254,11 @@ def finish_pool(
 ) -> CandidateData:
     """Top-K of each pool by the shortlister, registered at full resolution: a :class:`CandidateData`.
 
-    With ``rescore`` > K (and ``low_reg``, the :class:`~sarloc.metric.ShortlistRegistrar` the pool was scored
+    With ``rescore`` > K (and ``low_reg``, the :class:`~sarloc.core.registration.ShortlistRegistrar` the pool was scored
     with), the K are the shortlister's first K // 2 plus the best K - K // 2 of the rest of its top ``rescore``
-    by a narrow full-resolution registration (:func:`sarloc.metric.narrow_rescore`).
+    by a narrow full-resolution registration (:func:`sarloc.core.registration.narrow_rescore`).
     """
-    from sarloc.refine import shortlist_features
+    from sarloc.runtime.refine import shortlist_features
 
     p = shortlister.prob(shortlist_features(pool.low, pool.sims, pool.valid))
     p = np.where(pool.valid, p, -1.0)
@@ -276,7 +268,7 @@ def finish_pool(
     if rescore > k:
         if low_reg is None:
             raise SarlocError("finish_pool: rescore needs the ShortlistRegistrar (low_reg)")
-        from sarloc.metric import narrow_rescore
+        from sarloc.core.registration import narrow_rescore
 
         rows = []
         for i in range(len(qwins)):

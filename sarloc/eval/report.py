@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import atomic_save
-from sarloc.errors import SarlocError, brief
-from sarloc.typed_config import finite_number
+from sarloc.core.artifacts import atomic_save
+from sarloc.core.config import finite_number
+from sarloc.core.errors import SarlocError, brief
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ _T_TOL_S = 1e-6
 
 
 def load_truth(path: str | Path) -> dict[str, Any]:
-    """Read and check a ``truth.json`` written by :func:`sarloc.runtime.simulate.simulate_flight`.
+    """Read and check a ``truth.json`` written by :func:`sarloc.sim.flight.simulate_flight`.
 
     Raises:
         SarlocError: missing, malformed or without strips.
@@ -247,7 +247,7 @@ def plot_track(
         fixes: JSONL path or fix records.
         truth: ``truth.json`` path or the loaded truth.
         basemap: (H, W) or (H, W, 3) image drawn underneath in map pixels, or None (axes in metres then).
-        frame: the map's :class:`sarloc.geo.GeoFrame` (metric -> pixel), or None to use the truth's affine.
+        frame: the map's :class:`sarloc.core.geo.GeoFrame` (metric -> pixel), or None to use the truth's affine.
         out_png: output file (written atomically).
 
     Raises:
@@ -263,7 +263,7 @@ def plot_track(
 
     if basemap is not None:
         if frame is not None:
-            from sarloc.runtime.simulate import metric_to_pixel
+            from sarloc.core.geo import metric_to_pixel
 
             def to_plot(xy: np.ndarray) -> np.ndarray:
                 c, r = metric_to_pixel(frame, xy[:, 0], xy[:, 1])

@@ -1,14 +1,13 @@
-"""From a ranked candidate list to a position with a confidence (torch-free; shared by eval and the runtime).
+"""From a ranked candidate list to a position with a confidence (torch-free).
 
 Stages, per query window:
 
 1. **Candidates**: the top-K places of coarse retrieval (dense gallery + NMS, or a map pack search): their
    embeddings, similarities and positions (:class:`Candidates`).
-2. **Re-ranking** (:func:`rerank`): ``none`` (coarse order), ``qe`` (alpha query expansion over the candidates),
-   ``kreciprocal`` (k-reciprocal Jaccard re-ranking within the candidate set), ``spatial`` (a vote: each candidate
-   is supported by the others near it on the ground, weighted by their similarity), ``gnn`` (the learned graph
-   refiner, :mod:`sarloc.trainer.models.refiner`, run through ONNX Runtime: :class:`OnnxRefiner`).
-3. **Metric refinement** (:class:`sarloc.metric.LocalRegistrar`): each candidate is registered locally (CFOG
+2. **Scoring** (:func:`candidate_scores`): the learned graph refiner (:mod:`sarloc.trainer.models.refiner`, run
+   through ONNX Runtime: :class:`OnnxRefiner`) when the export has one, else the coarse similarities. (Research
+   re-rankers live in :mod:`sarloc.eval.rerank`.)
+3. **Metric refinement** (:class:`sarloc.core.registration.LocalRegistrar`): each candidate is registered locally (CFOG
    correlation within +-12 px), giving a sub-pixel position and peak scores.
 4. **Verification and confidence** (:class:`Verifier`): a logistic model over per-candidate features (re-ranker
    log-probability, registration score, its sharpness and its margin over the other candidates) gives, for each
@@ -18,7 +17,6 @@ Stages, per query window:
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import math
@@ -28,12 +26,11 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.artifacts import atomic_write_json, make_manifest, sha256_file
-from sarloc.errors import ArtifactError, SarlocError
+from sarloc.core.artifacts import atomic_write_json, make_manifest, sha256_file
+from sarloc.core.errors import ArtifactError, SarlocError
 
 logger = logging.getLogger(__name__)
 
-RERANKERS = ("none", "qe", "kreciprocal", "spatial", "gnn")
 VERIFIER_KIND = "sarloc.verifier"
 REFINER_KIND = "sarloc.refiner"
 
@@ -71,97 +68,10 @@ class Candidates:
         return Candidates(self.query[idx], self.emb[idx], self.sims[idx], self.xy[idx], self.valid[idx])
 
 
-def dense_candidates(
-    gallery: np.ndarray, centres_px: np.ndarray, qemb: np.ndarray, k: int, window_px: int
-) -> tuple[Candidates, np.ndarray]:
-    """Top-K NMS peaks of each query over a dense gallery (see :func:`sarloc.evaluation.nms_peaks`).
-
-    Args:
-        gallery: (N, D) gallery embeddings; centres_px: (N, 2) their centres (col, row), map pixels.
-        qemb: (Q, D) query embeddings. k: candidates. window_px: tile side (NMS radius = half of it).
-
-    Returns:
-        (candidates with xy in tile units east/north, (Q, K, 2) candidate centres in map pixels).
-    """
-    from sarloc.evaluation import GalleryGrid
-
-    gg = GalleryGrid(centres_px)
-    q, d = qemb.shape
-    emb = np.zeros((q, k, d), np.float32)
-    sims = np.full((q, k), -1.0, np.float32)
-    px = np.zeros((q, k, 2))
-    valid = np.zeros((q, k), bool)
-    for i in range(q):
-        s = gallery @ qemb[i]
-        pk = gg.peaks(s, k, window_px / 2.0)
-        n = len(pk)
-        emb[i, :n], sims[i, :n], px[i, :n], valid[i, :n] = gallery[pk], s[pk], centres_px[pk], True
-        if n < k:  # pad with the last peak (masked out by ``valid``)
-            emb[i, n:], px[i, n:] = emb[i, n - 1], px[i, n - 1]
-    xy = np.stack([px[..., 0], -px[..., 1]], -1) / float(window_px)
-    return Candidates(qemb.astype(np.float32), emb, sims, xy, valid), px
-
-
-# ---------------------------------------------------------------------------------------------- re-rankers
-def _qe_scores(c: Candidates, n: int = 3, alpha: float = 3.0) -> np.ndarray:
-    """Alpha query expansion: q' = normalise(q + sum_i max(s_i, 0)^alpha c_i over the top-n), re-scored."""
-    w = np.clip(c.sims[:, :n], 0, None) ** alpha * c.valid[:, :n]
-    q2 = c.query + np.einsum("qk,qkd->qd", w, c.emb[:, :n])
-    q2 /= np.linalg.norm(q2, axis=1, keepdims=True) + 1e-12
-    return np.einsum("qd,qkd->qk", q2, c.emb)
-
-
-def _kreciprocal_scores(c: Candidates, k1: int = 4, lam: float = 0.5) -> np.ndarray:
-    """k-reciprocal re-ranking (Zhong et al. 2017) restricted to the query and its candidates.
-
-    Within the set {query} + candidates, R(i) = the elements that are in i's k1 nearest and have i among theirs;
-    the Jaccard distance between the query's and each candidate's reciprocal sets (soft, similarity-weighted)
-    is mixed with the original distance: d* = (1 - lam) * Jaccard + lam * (1 - s).
-    """
-    q, k, _ = c.emb.shape
-    out = np.empty((q, k), np.float32)
-    for i in range(q):
-        x = np.concatenate([c.query[i : i + 1], c.emb[i]], 0)
-        s = x @ x.T
-        s[1:, 1:][~c.valid[i]] = -1.0
-        nn = np.argsort(-s, axis=1)[:, : k1 + 1]
-        member = np.zeros_like(s, bool)
-        np.put_along_axis(member, nn, True, axis=1)
-        recip = member & member.T
-        v = np.where(recip, np.exp(s), 0.0)
-        v /= v.sum(1, keepdims=True)
-        jac = 1.0 - np.minimum(v[0], v[1:]).sum(1) / np.maximum(v[0], v[1:]).sum(1)
-        out[i] = -((1 - lam) * jac + lam * (1.0 - s[0, 1:]))
-    return out
-
-
-def _spatial_scores(c: Candidates, sigma_tiles: float = 1.0, beta: float = 0.5) -> np.ndarray:
-    """Spatial-consistency vote: s_i + beta * sum_{j != i} max(s_j, 0) * exp(-d_ij^2 / 2 sigma^2)."""
-    d2 = ((c.xy[:, :, None] - c.xy[:, None]) ** 2).sum(-1)
-    w = np.exp(-d2 / (2 * sigma_tiles**2))
-    w[:, np.arange(c.k), np.arange(c.k)] = 0.0
-    s = np.clip(c.sims, 0, None) * c.valid
-    return c.sims + beta * np.einsum("qij,qj->qi", w, s)
-
-
-def rerank(c: Candidates, method: str, refiner: OnnxRefiner | None = None) -> np.ndarray:
-    """(Q, K) scores of the candidates by ``method`` (higher = better); invalid candidates get -inf."""
-    if method == "none":
-        s = c.sims.astype(np.float64)
-    elif method == "given":  # keep the list's own order (e.g. a shortlist already sorted by its model)
-        s = np.broadcast_to(-np.arange(c.k, dtype=np.float64), c.sims.shape).copy()
-    elif method == "qe":
-        s = _qe_scores(c)
-    elif method == "kreciprocal":
-        s = _kreciprocal_scores(c)
-    elif method == "spatial":
-        s = _spatial_scores(c)
-    elif method == "gnn":
-        if refiner is None:
-            raise SarlocError("re-ranker 'gnn' needs a trained refiner (--refiner REFINER.onnx)")
-        s = refiner(c)
-    else:
-        raise SarlocError(f"unknown re-ranker {method!r}; choose one of {', '.join(RERANKERS)}")
+def candidate_scores(c: Candidates, refiner: OnnxRefiner | None = None) -> np.ndarray:
+    """(Q, K) scores of the candidates, higher = better: the graph refiner's when one is given, else the coarse
+    similarities; invalid candidates get -inf."""
+    s = c.sims.astype(np.float64) if refiner is None else refiner(c)
     return np.where(c.valid, s, -np.inf)
 
 
@@ -380,7 +290,8 @@ class Shortlister(Verifier):
     """Logistic model that orders a large pool of coarse candidates before full-resolution registration.
 
     Features per candidate (:func:`shortlist_features`): the low-resolution registration score
-    (:class:`sarloc.metric.ShortlistRegistrar`), the retrieval similarity, and both relative to the pool's best.
+    (:class:`sarloc.core.registration.ShortlistRegistrar`), the retrieval similarity, and both relative to the pool's
+    best.
     Label when fitting: the candidate is a hit (the truth lies in the window-sized box around it).
     """
 
@@ -395,31 +306,6 @@ def shortlist_features(low: np.ndarray, sims: np.ndarray, valid: np.ndarray) -> 
     return np.stack([lo, si, lo - lo.max(1, keepdims=True), si - si.max(1, keepdims=True)], -1).astype(np.float64)
 
 
-def reliability(prob: np.ndarray, correct: np.ndarray, bins: int = 5) -> list[dict[str, float]]:
-    """Predicted vs observed hit rate in equal-width probability bins (empty bins left out)."""
-    edges = np.linspace(0, 1, bins + 1)
-    out = []
-    for a, b in itertools.pairwise(edges):
-        m = (prob >= a) & ((prob < b) if b < 1 else (prob <= b))
-        if m.any():
-            out.append(
-                {
-                    "bin": f"{a:.1f}-{b:.1f}",
-                    "n": int(m.sum()),
-                    "predicted": float(prob[m].mean()),
-                    "observed": float(np.mean(correct[m])),
-                }
-            )
-    return out
-
-
-def expected_calibration_error(prob: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
-    """Sample-weighted mean |predicted - observed| over equal-width bins."""
-    rows = reliability(prob, correct, bins)
-    n = sum(r["n"] for r in rows)
-    return float(sum(r["n"] * abs(r["predicted"] - r["observed"]) for r in rows) / max(1, n))
-
-
 def softmax_rows(s: np.ndarray) -> np.ndarray:
     z = s - np.max(np.where(np.isfinite(s), s, -np.inf), axis=1, keepdims=True)
     e = np.where(np.isfinite(z), np.exp(z), 0.0)
@@ -428,17 +314,13 @@ def softmax_rows(s: np.ndarray) -> np.ndarray:
 
 __all__ = [
     "FEATURES",
-    "RERANKERS",
     "SHORTLIST_FEATURES",
     "Candidates",
     "OnnxRefiner",
     "Shortlister",
     "Verifier",
     "candidate_features",
-    "dense_candidates",
-    "expected_calibration_error",
-    "reliability",
-    "rerank",
+    "candidate_scores",
     "shortlist_features",
     "softmax_rows",
 ]

@@ -1,6 +1,6 @@
 """Retrieval evaluation through exported artefacts (torch-free) and the INT8 accuracy guard.
 
-The twin of ``sarloc.trainer.loop.evaluate_checkpoint``: the same protocol (``sarloc.evaluation``), with the
+The twin of ``sarloc.trainer.loop.evaluate_checkpoint``: the same protocol (``sarloc.eval.retrieval``), with the
 encoders run by ONNX Runtime (FP32 or INT8) or TensorRT instead of PyTorch.
 """
 
@@ -11,8 +11,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sarloc.evaluation import EvalConfig, evaluate_embeddings
-from sarloc.runtime.backends import load_encoder_pair
+from sarloc.backends.encoders import load_encoder_pair
+from sarloc.eval.retrieval import EvalConfig, evaluate_embeddings
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def evaluate_onnx(
         scene_dir: held-out scene folder.
         eval_cfg: evaluation settings; its window must equal the models' window.
         precision: "fp32", "int8" or "fp16" (TensorRT only).
-        backend: "ort", "trt" or "auto" (see ``sarloc.runtime.backends.load_encoder``).
+        backend: "ort", "trt" or "auto" (see ``sarloc.backends.encoders.load_encoder``).
         kinds: query kinds.
         overlap_arbitrary: also evaluate arbitrary queries against a 50%-overlap gallery.
         providers, threads: ONNX Runtime options.
@@ -46,8 +46,8 @@ def evaluate_onnx(
     Returns:
         The same structure as ``evaluate_checkpoint``: ``{"scene", "export_dir", "precision", kind: metrics}``.
     """
-    from sarloc.errors import SarlocError
-    from sarloc.scene import load_scene, make_queries
+    from sarloc.core.errors import SarlocError
+    from sarloc.core.scene import load_scene, make_queries
 
     sar, opt = load_encoder_pair(export_dir, precision, backend, providers, threads)
     if eval_cfg.window_px != sar.window_px:

@@ -1,7 +1,7 @@
 """Dataclass configs from untrusted mappings (TOML files, JSON ``--config`` files, checkpoints, flags).
 
 One mechanism for every config: unknown keys and values of the wrong type are refused with a one-line
-:class:`~sarloc.errors.ConfigError` that names the key, before a wrong value can fail deep in a run. The
+:class:`~sarloc.core.errors.ConfigError` that names the key, before a wrong value can fail deep in a run. The
 dataclass's own ``__post_init__`` then checks ranges. Torch-free.
 """
 
@@ -13,7 +13,7 @@ import types
 import typing
 from typing import Any, TypeVar
 
-from sarloc.errors import ConfigError
+from sarloc.core.errors import ConfigError
 
 T = TypeVar("T")
 

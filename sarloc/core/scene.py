@@ -16,9 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.errors import SceneError, brief
-from sarloc.geo import GeoFrame, TileGrid
-from sarloc.typed_config import finite_number
+from sarloc.core.config import finite_number
+from sarloc.core.errors import SceneError, brief
+from sarloc.core.geo import GeoFrame, TileGrid
 
 logger = logging.getLogger(__name__)
 
@@ -241,7 +241,7 @@ def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
         if scale not in scales:
             raise SceneError(f"{meta_json}: field '{what}.scale' is {scale!r}; expected one of {', '.join(scales)}")
         if verify_sha256 and entry.get("sha256"):
-            from sarloc.artifacts import sha256_file
+            from sarloc.core.artifacts import sha256_file
 
             f = folder / str(entry.get("file"))
             if f.is_file() and sha256_file(f) != entry["sha256"]:

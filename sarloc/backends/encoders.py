@@ -1,6 +1,6 @@
 """Inference backends for the exported encoders (torch-free): ONNX Runtime and TensorRT.
 
-Both are callables ``(B, C, H, W) float32 -> (B, D) float32`` (an ``EmbedFn`` for ``sarloc.evaluation``), built
+Both are callables ``(B, C, H, W) float32 -> (B, D) float32`` (an ``EmbedFn`` for ``sarloc.eval.retrieval``), built
 from an artefact plus its manifest: the artefact's sha256 is checked against the manifest before loading, and the
 input is checked at the boundary (errors name the input). ``load_encoder_pair`` gives the (SAR, optical) pair
 of an export folder and falls back from TensorRT to ONNX Runtime when an engine is absent or does not match this
@@ -15,9 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.errors import ArtifactError, ConfigError, SarlocError
-from sarloc.export.layout import MODALITIES, check_encoder_fields, input_chw, model_path, read_model_manifest
-from sarloc.preprocess import PreprocessConfig
+from sarloc.backends.layout import MODALITIES, check_encoder_fields, input_chw, model_path, read_model_manifest
+from sarloc.core.errors import ArtifactError, ConfigError, SarlocError
+from sarloc.core.preprocess import PreprocessConfig
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ def check_windows(x: Any, chw: tuple[int, int, int], input_name: str, what: str)
     if x.dtype != np.float32:
         raise SarlocError(
             f"{what}: input {input_name!r} must be float32, got {x.dtype} (prepare windows with "
-            "sarloc.preprocess.prepare_windows)"
+            "sarloc.core.preprocess.prepare_windows)"
         )
     if x.ndim != 4 or tuple(x.shape[1:]) != tuple(chw):
         raise SarlocError(f"{what}: input {input_name!r} must be (B, {', '.join(map(str, chw))}), got {tuple(x.shape)}")
@@ -70,7 +70,7 @@ class _ManifestInfo:
 
     @property
     def preprocess(self) -> PreprocessConfig:
-        """The preprocessing the model expects (``sarloc.preprocess.prepare_windows``)."""
+        """The preprocessing the model expects (``sarloc.core.preprocess.prepare_windows``)."""
         return PreprocessConfig(**self.manifest["preprocess"])
 
     @property
@@ -171,7 +171,7 @@ class TrtEncoder(_ManifestInfo):
     """
 
     def __init__(self, engine_path: str | Path, device: int = 0, allow_other_gpu_model: bool = False) -> None:
-        from sarloc.export.engine import check_engine_manifest, cuda_api, import_tensorrt, read_engine_manifest
+        from sarloc.backends.tensorrt import check_engine_manifest, cuda_api, import_tensorrt, read_engine_manifest
 
         self.path = Path(engine_path)
         self._cuda: Any = None
@@ -291,7 +291,7 @@ def load_encoder(
         providers, threads: ONNX Runtime options (see :class:`OrtEncoder`).
         device: CUDA device for TensorRT.
     """
-    from sarloc.export.engine import default_engine_path
+    from sarloc.backends.tensorrt import default_engine_path
 
     if backend not in BACKENDS:
         raise ConfigError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -331,7 +331,7 @@ def load_encoder_pair(
 ) -> tuple[OrtEncoder | TrtEncoder, OrtEncoder | TrtEncoder]:
     """(SAR encoder, optical encoder) of an export folder, checked to come from one checkpoint.
 
-    See :func:`load_encoder` for the arguments. Both are ``EmbedFn`` callables for ``sarloc.evaluation``.
+    See :func:`load_encoder` for the arguments. Both are ``EmbedFn`` callables for ``sarloc.eval.retrieval``.
 
     Raises:
         ArtifactError: a model missing or modified, or the two models disagree (checkpoint, preprocessing,

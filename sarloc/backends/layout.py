@@ -19,9 +19,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sarloc.artifacts import read_json, sha256_file
-from sarloc.errors import ArtifactError
-from sarloc.preprocess import PreprocessConfig
+from sarloc.core.artifacts import read_json, sha256_file
+from sarloc.core.errors import ArtifactError
+from sarloc.core.preprocess import PreprocessConfig
 
 INPUT_NAME = "windows"
 OUTPUT_NAME = "embeddings"
@@ -31,6 +31,19 @@ PRECISIONS = ("fp32", "int8")
 ONNX_KIND = "sarloc.onnx-encoder"
 EXPORT_KIND = "sarloc.onnx-export"
 DEFAULT_OPSET = 18
+#: the shipped demo model (trained on generated scenes only; ``sarloc demo --make-model`` re-trains it)
+DEMO_MODEL_DIR = Path(__file__).resolve().parents[1] / "demo_model"
+DEMO_MODEL_FILES = (
+    "export.json",
+    "sar_encoder.onnx",
+    "sar_encoder.json",
+    "optical_encoder.onnx",
+    "optical_encoder.json",
+    "refiner.onnx",
+    "refiner.json",
+    "verifier.json",
+    "shortlister.json",
+)
 
 
 def manifest_path(artifact: str | Path) -> Path:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sarloc.errors import SceneError
+from sarloc.core.errors import SarlocError, SceneError
 
 
 def _pyproj():
@@ -225,3 +225,89 @@ def px_from_m(length_m: float, gsd_m: float) -> int:
     if gsd_m <= 0:
         raise SceneError(f"gsd must be positive, got {gsd_m}")
     return max(1, round(length_m / gsd_m))
+
+
+# =============================================================================================================
+# pixel <-> metric
+
+
+def pixel_metric_affine(frame: GeoFrame) -> tuple[np.ndarray, bool]:
+    """Affine ``metric = A @ (col, row, 1)`` of a frame and whether it is exact.
+
+    Exact for frames without CRS and for projected CRSs (any affine geotransform); for geographic CRSs it is a
+    least-squares fit over the image (use :func:`metric_to_pixel` for exact inverse mapping).
+
+    Returns:
+        ``(A, exact)`` with ``A`` (2, 3) float64.
+    """
+    c = np.array([0.0, 1.0, 0.0])
+    r = np.array([0.0, 0.0, 1.0])
+    x, y = frame.pixel_to_metric(c, r)
+    a = np.array([[x[1] - x[0], x[2] - x[0], x[0]], [y[1] - y[0], y[2] - y[0], y[0]]], np.float64)
+    gc, gr = np.meshgrid(np.linspace(0, frame.width_px, 9), np.linspace(0, frame.height_px, 9))
+    gx, gy = frame.pixel_to_metric(gc.ravel(), gr.ravel())
+    design = np.stack([gc.ravel(), gr.ravel(), np.ones(gc.size)], axis=1)
+    resid = np.hypot(design @ a[0] - gx, design @ a[1] - gy)
+    tol = 1e-6 * max(frame.mean_gsd_m, 1e-9)
+    if float(resid.max()) <= tol:
+        return a, True
+    sol, *_ = np.linalg.lstsq(design, np.stack([gx, gy], axis=1), rcond=None)
+    return sol.T.copy(), False
+
+
+def metric_to_pixel(
+    frame: GeoFrame, x_m: np.ndarray, y_m: np.ndarray, affine: tuple[np.ndarray, bool] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Metric (x east, y north) -> continuous pixel (col, row); the inverse of ``frame.pixel_to_metric``.
+
+    Args:
+        affine: the result of :func:`pixel_metric_affine` (computed when None).
+
+    Raises:
+        SarlocError: the frame's pixel -> metric mapping is degenerate or the iteration does not converge.
+    """
+    a, exact = affine if affine is not None else pixel_metric_affine(frame)
+    m = a[:, :2]
+    if abs(np.linalg.det(m)) < 1e-12 * max(float(np.abs(m).max()) ** 2, 1e-300):
+        raise SarlocError(
+            "scene frame: degenerate geotransform (pixel axes are parallel); fix the scene's geotransform"
+        )
+    minv = np.linalg.inv(m)
+    x = np.asarray(x_m, np.float64)
+    y = np.asarray(y_m, np.float64)
+    d = np.stack([x - a[0, 2], y - a[1, 2]], axis=-1)
+    cr = d @ minv.T
+    if exact:
+        return cr[..., 0], cr[..., 1]
+    for _ in range(8):  # Newton steps with the (constant) fitted Jacobian: converges fast for smooth projections
+        fx, fy = frame.pixel_to_metric(cr[..., 0], cr[..., 1])
+        step = np.stack([x - fx, y - fy], axis=-1) @ minv.T
+        cr = cr + step
+        if float(np.abs(step).max(initial=0.0)) < 1e-7:
+            return cr[..., 0], cr[..., 1]
+    raise SarlocError("scene frame: metric -> pixel mapping did not converge; re-project the scene to a metric CRS")
+
+
+def _bilinear(img: np.ndarray, ax: np.ndarray, ay: np.ndarray) -> np.ndarray:
+    """Bilinear samples of ``img`` (H, W) at array coordinates (pixel centres at integers), float64 weights."""
+    h, w = img.shape
+    x0 = np.clip(np.floor(ax), 0, w - 2).astype(np.int64)
+    y0 = np.clip(np.floor(ay), 0, h - 2).astype(np.int64)
+    fx = ax - x0
+    fy = ay - y0
+    im = img.astype(np.float64, copy=False)
+    v = (
+        im[y0, x0] * (1 - fx) * (1 - fy)
+        + im[y0, x0 + 1] * fx * (1 - fy)
+        + im[y0 + 1, x0] * (1 - fx) * fy
+        + im[y0 + 1, x0 + 1] * fx * fy
+    )
+    return v
+
+
+def sample_metric(
+    image: np.ndarray, frame: GeoFrame, x_m: np.ndarray, y_m: np.ndarray, affine: tuple[np.ndarray, bool] | None = None
+) -> np.ndarray:
+    """Bilinear samples of a scene image (H, W) at metric points (float64, same shape as ``x_m``)."""
+    col, row = metric_to_pixel(frame, x_m, y_m, affine)
+    return _bilinear(np.asarray(image), col - 0.5, row - 0.5)

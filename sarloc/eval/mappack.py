@@ -1,6 +1,6 @@
 """Retrieval evaluation against a map pack (torch-free): SAR query windows of a scene searched in a pack.
 
-The pack replaces the gallery that ``sarloc.evaluation`` embeds on the fly: SAR windows of the scene are embedded
+The pack replaces the gallery that ``sarloc.eval.retrieval`` embeds on the fly: SAR windows of the scene are embedded
 by the export's SAR encoder and searched in the pack (exact, geo prior or ANN), with NMS in metres. As in
 ``evaluate_dense``, peak r is a hit when the query's true centre lies in the tile-sized box around it, and the
 error is the ground distance from the best peak's centre to the true centre.
@@ -15,11 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from sarloc.errors import SarlocError
-from sarloc.evaluation import KS, EvalConfig, embed_all
+from sarloc.core.errors import SarlocError
+from sarloc.core.preprocess import crop_windows
+from sarloc.eval.retrieval import KS, EvalConfig, embed_all
 from sarloc.mappack.pack import MapPack
 from sarloc.mappack.search import PackSearcher
-from sarloc.preprocess import crop_windows
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ def evaluate_pack(
         export_dir: the export folder whose SAR encoder matches the pack's optical encoder.
         scene_dir: scene whose SAR windows are the queries.
         eval_cfg: query count, seed and window (must equal the encoder's window).
-        precision, backend: SAR encoder to load (see ``sarloc.runtime.backends.load_encoder``).
+        precision, backend: SAR encoder to load (see ``sarloc.backends.encoders.load_encoder``).
         kinds: query kinds.
         prior_radius_m: simulate a position prior: search only within this radius of the true centre shifted by
             a random offset of up to half the radius (seeded); None = whole pack.
@@ -67,10 +67,10 @@ def evaluate_pack(
         threads: ONNX Runtime threads.
 
     Returns:
-        ``{"scene", "pack", kind: metrics}`` with the keys of ``sarloc.evaluation.summarise``.
+        ``{"scene", "pack", kind: metrics}`` with the keys of ``sarloc.eval.retrieval.summarise``.
     """
-    from sarloc.runtime.backends import load_encoder
-    from sarloc.scene import load_scene, make_queries
+    from sarloc.backends.encoders import load_encoder
+    from sarloc.core.scene import load_scene, make_queries
 
     sar = load_encoder(export_dir, "sar", precision, backend, threads=threads)
     pack = MapPack(Path(pack_dir), sar_manifest=sar.manifest)

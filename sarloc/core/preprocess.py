@@ -3,7 +3,7 @@
 Every window (SAR or optical) enters the encoder as a single log/luminance band, standardised per window
 (zero mean, unit variance, clipped), followed by ``n_orient`` CFOG channels of that window (unsigned oriented
 gradients |gx cos t + gy sin t|, smoothed, normalised per pixel; invariant to the intensity reversals common
-between SAR and optical; see :mod:`sarloc.classical`).
+between SAR and optical; see :mod:`sarloc.core.cfog`).
 The same function runs in training, in the exported model's manifest contract and on board.
 """
 
@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sarloc.errors import SarlocError
+from sarloc.core.errors import SarlocError
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class PreprocessConfig:
         n_orient: number of CFOG orientation channels appended (0 = intensity only).
         clip_sigma: clip standardised intensity to +-clip_sigma.
         grad_sigma: CFOG spatial smoothing of each orientation channel (pixels).
-        eps_rel: CFOG softened per-pixel normalisation (see :class:`sarloc.classical.CFOGConfig`).
+        eps_rel: CFOG softened per-pixel normalisation (see :class:`sarloc.core.cfog.CFOGConfig`).
     """
 
     n_orient: int = 9
@@ -53,7 +53,7 @@ def standardise(win: np.ndarray, clip_sigma: float = 4.0) -> np.ndarray:
 
 def orientation_channels(std_win: np.ndarray, cfg: PreprocessConfig) -> np.ndarray:
     """(H, W) standardised window -> (n_orient, H, W) CFOG descriptor of the window."""
-    from sarloc.classical import CFOGConfig, cfog
+    from sarloc.core.cfog import CFOGConfig, cfog
 
     return cfog(std_win, CFOGConfig(n_orient=cfg.n_orient, sigma=cfg.grad_sigma, eps_rel=cfg.eps_rel))
 

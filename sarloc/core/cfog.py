@@ -43,7 +43,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from sarloc.errors import SarlocError
+from sarloc.core.errors import SarlocError
 
 __all__ = ["CFOGConfig", "DenseMatcher", "cfog", "to_gray"]
 

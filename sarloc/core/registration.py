@@ -2,9 +2,9 @@
 
 Retrieval returns places (tile or dense-gallery centres, 8 px apart at best); this module turns each candidate
 into a position at sub-pixel precision and a score. For every candidate it correlates the window's CFOG
-descriptor (:func:`sarloc.classical.cfog`) with the map's descriptor over a small search area (``+-search_px``
+descriptor (:func:`sarloc.core.cfog.cfog`) with the map's descriptor over a small search area (``+-search_px``
 around the candidate), with the same zero-normalised score as the whole-map classical baseline
-(:class:`sarloc.classical.DenseMatcher`), so the two are comparable. The cost is set by the number of candidates
+(:class:`sarloc.core.cfog.DenseMatcher`), so the two are comparable. The cost is set by the number of candidates
 and the search area, never by the size of the map: the map descriptor is computed per crop (with the whole map's
 normalisation constant), so nothing of map size is held in memory but the grey map itself.
 
@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import cv2
 import numpy as np
 
-from sarloc.classical import CFOGConfig, _parabola_offset, cfog, cfog_norm_mean, to_gray
-from sarloc.errors import SarlocError
+from sarloc.core.cfog import CFOGConfig, _parabola_offset, cfog, cfog_norm_mean, to_gray
+from sarloc.core.errors import SarlocError
 
 __all__ = ["LocalRegistrar", "Registration", "RegistrationConfig", "ShortlistRegistrar", "narrow_rescore"]
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sarloc.artifacts import atomic_path, atomic_write_json, make_manifest, sha256_file
+from sarloc.core.artifacts import atomic_path, atomic_write_json, make_manifest, sha256_file
 from sarloc.mappack.pack import EMBEDDINGS_NAME, MANIFEST_NAME, PACK_KIND, PACK_SCHEMA, TILE_DTYPE, TILES_NAME, save_npy
 
 

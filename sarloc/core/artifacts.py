@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sarloc import __version__
-from sarloc.errors import ArtifactError, brief
+from sarloc.core.errors import ArtifactError, brief
 
 MANIFEST_SCHEMA = 1
 
