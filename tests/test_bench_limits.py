@@ -5,7 +5,10 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import subprocess
+import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -92,15 +95,78 @@ def test_onnx_flops_demo_encoder_matches_torch(bl):
     assert r["flops"] == fc.get_total_flops()
 
 
-def test_peak_and_bandwidth_are_positive(bl):
+def test_peak_gflops_measures_one_thread_and_all_threads(bl, monkeypatch):
+    calls = []
+
+    def gemm(threads, n, seconds):
+        calls.append((threads, n, seconds))
+        return {"gflops": 10.0 * threads}
+
+    monkeypatch.setattr(bl, "_n_threads", lambda: 4)
+    monkeypatch.setattr(bl, "_gemm_subprocess", gemm)
+    p = bl.peak_gflops(seconds=0.5, n=64)
+    assert calls == [(1, 64, 0.5), (4, 64, 0.5)]
+    assert p == {"threads_1": 10.0, "threads_all": 40.0, "n_threads_all": 4, "n": 64, "seconds": 0.5}
+
+
+def test_gemm_subprocess_sets_the_threads_and_counts_2n3_flops(bl, monkeypatch):
+    r = bl._gemm_subprocess(1, 128, 0.02)  # a real product in a child process
+    assert r["reps"] >= 3 and r["gflops"] == pytest.approx(2 * 128**3 / r["best_s"] / 1e9)
+    assert 0.01 < r["gflops"] < 1e5  # any CPU's float32 GEMM on one thread, not a unit error
+    seen = {}
+
+    def run(cmd, env, **kw):
+        seen.update(env)
+        return subprocess.CompletedProcess(cmd, 0, stdout='{"gflops": 1.0}\n')
+
+    monkeypatch.setattr(bl.subprocess, "run", run)
+    bl._gemm_subprocess(3, 16, 0.01)
+    assert all(seen[v] == "3" for v in bl.THREAD_VARS)
+
+
+def test_memory_bandwidth_is_bytes_over_the_best_time(bl, monkeypatch):
+    """A fake clock: every reading costs 1 ms, each read kernel a known time (max fastest): exact GB/s."""
+    lock = threading.Lock()
+    clock = {"t": 0.0}
+    sizes = {}
+
+    def advance(dt):
+        with lock:
+            clock["t"] += dt
+            return clock["t"]
+
+    def kernel(name, cost):
+        def k(x):
+            sizes.setdefault(name, []).append(x.nbytes)
+            advance(cost)
+
+        return k
+
+    costs = {"sum": 4e-3, "max": 1e-3, "bitwise_or": 2e-3}
+    monkeypatch.setattr(bl, "READ_KERNELS", {n: kernel(n, c) for n, c in costs.items()})
+    monkeypatch.setattr(bl, "time", SimpleNamespace(perf_counter=lambda: advance(1e-3)))
+    monkeypatch.setattr(bl, "_n_threads", lambda: 2)
+    b = bl.memory_bandwidth_gbs(size_mb=1, repeats=2)
+    nbytes = 2**20
+    assert b["read_1t_by_kernel"] == pytest.approx({n: nbytes / (c + 1e-3) / 1e9 for n, c in costs.items()})
+    assert b["read_kernel"] == "max" and b["read_1t"] == pytest.approx(nbytes / 2e-3 / 1e9)
+    # all threads: the fastest kernel over one chunk per thread, together the whole array (2 chunks, 1 ms each)
+    assert b["read_all"] == pytest.approx(nbytes / 3e-3 / 1e9)
+    assert sum(sizes["max"][-2:]) == nbytes and len(sizes["max"]) == 3 + 3 * 2
+    # copy: half the array read and written (np.copyto itself costs no fake time)
+    assert b["copy_1t"] == pytest.approx(2 * (nbytes / 2) / 1e-3 / 1e9)
+    assert b["n_threads_all"] == 2 and b["size_mb"] == 1 and b["repeats"] == 2
+
+
+def test_real_peak_and_bandwidth_are_plausible(bl):
     p = bl.peak_gflops(seconds=0.05, n=256)
     assert p["n_threads_all"] >= 1
     for k in ("threads_1", "threads_all"):
-        assert math.isfinite(p[k]) and p[k] > 0
+        assert math.isfinite(p[k]) and 0.01 < p[k] < 1e6, (k, p[k])  # GFLOP/s: not a unit error
     b = bl.memory_bandwidth_gbs(size_mb=16, repeats=2)
     for k in ("read_1t", "read_all", "copy_1t"):
-        assert math.isfinite(b[k]) and b[k] > 0
-    assert b["read_kernel"] in b["read_1t_by_kernel"]
+        assert math.isfinite(b[k]) and 0.05 < b[k] < 1e5, (k, b[k])  # GB/s: not a unit error
+    assert b["read_1t"] == max(b["read_1t_by_kernel"].values()) == b["read_1t_by_kernel"][b["read_kernel"]]
 
 
 def test_main_reads_benchmark_json_and_writes_report(bl, tmp_path, capsys):

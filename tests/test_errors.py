@@ -47,4 +47,4 @@ def test_cli_prints_one_line(tmp_path):
            str(tmp_path / "o")]  # fmt: skip
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("sarloc train: error: --config ") and "cannot read JSON" in r.stderr, r.stderr
+    assert r.stderr.startswith("sarloc train: error: --config ") and "not valid JSON" in r.stderr, r.stderr

@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from conftest import write_plain_scene
+from helpers import write_plain_scene
 
 from sarloc.core.preprocess import PreprocessConfig, crop_windows, prepare_windows
 from sarloc.core.scene import load_scene, make_queries

@@ -5,7 +5,7 @@ shared, so its last test prints and checks these parsers too): a bad input gives
 refusal the loader documents (a list of problems, an empty timing cache), or a value the caller can use; never
 another exception. Parsers here:
 
-* training configs: ``TrainConfig.from_dict`` (``--config`` JSON, checkpoints) and ``sarloc.cli.read_config_json``;
+* training configs: ``TrainConfig.from_dict`` (``--config`` JSON, checkpoints) and ``sarloc.cli.common.read_config``;
 * TensorRT engine manifests: ``read_engine_manifest`` + ``check_engine_manifest`` (no TensorRT needed), and the
   timing-cache manifest (``_load_timing_cache``);
 * calibration sets: ``read_calibration_manifest`` / ``calibration_problems`` on a damaged manifest or ``.npy``;
@@ -86,7 +86,7 @@ def test_train_config_mutated(data):
 @fuzz(1000)
 @given(data=st.data())
 def test_train_config_json_file(work, data):
-    from sarloc.cli import read_config_json
+    from sarloc.cli.common import read_config
     from sarloc.trainer.config import TrainConfig
 
     base = _base_config()
@@ -98,7 +98,7 @@ def test_train_config_json_file(work, data):
     else:
         raw = to_json_text(data.draw(json_value_huge))
     p = write(work / "config.json", raw)
-    _check_config(outcome("training config: --config JSON file", lambda: TrainConfig.from_dict(read_config_json(p))))
+    _check_config(outcome("training config: --config JSON file", lambda: TrainConfig.from_dict(read_config(p))))
 
 
 # ================================================================================================ 2. TensorRT files

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -56,6 +57,22 @@ def test_rerankers_shapes_and_invalid_candidates():
         rerank(c, "magic")
     with pytest.raises(SarlocError, match="needs a trained refiner"):
         rerank(c, "gnn")
+
+
+def test_kreciprocal_handles_empty_zero_and_padded_lists_without_warnings():
+    """No division by zero (every element is its own reciprocal neighbour), and padding takes no part."""
+    c = _cands(q=4, k=6)
+    c.valid[0] = False  # no candidate at all
+    c.query[1], c.emb[1], c.sims[1] = 0.0, 0.0, 0.0  # zero similarity everywhere
+    c.valid[2, 2:] = False  # padded like dense_candidates: repeats of the last valid candidate
+    c.emb[2, 2:], c.sims[2, 2:] = c.emb[2, 1], c.sims[2, 1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = rerank(c, "kreciprocal")
+        short = Candidates(c.query[2:3], c.emb[2:3, :2], c.sims[2:3, :2], c.xy[2:3, :2], c.valid[2:3, :2])
+        want = rerank(short, "kreciprocal")[0]
+    assert np.isneginf(s[~c.valid]).all() and np.isfinite(s[c.valid]).all()
+    np.testing.assert_allclose(s[2, :2], want, rtol=1e-6)  # as if the list had no padding
 
 
 def test_spatial_vote_prefers_a_supported_candidate():

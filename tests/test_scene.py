@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import shared_scene, write_plain_scene
+from helpers import shared_scene, write_plain_scene
 
 from sarloc.core.errors import SceneError
 from sarloc.core.scene import find_scenes, load_scene, make_queries, normalise_optical, normalise_sar, read_image

@@ -251,7 +251,7 @@ def _onnx_for(export_dir: Path, modality: str, precision: str) -> Path:
     if not p.is_file():
         if precision == "int8":
             raise ArtifactError(
-                f"INT8 model {p} not found; build it with `sarloc calib --onnx-dir {export_dir} --scenes ...`"
+                f"INT8 model {p} not found; build it with `sarloc calib --export {export_dir} --scenes ...`"
             )
         raise ArtifactError(
             f"ONNX model {p} not found; export it with `sarloc export --checkpoint CKPT --out {export_dir}`"

@@ -113,6 +113,157 @@ def int8_path_for(onnx_path: str | Path) -> Path:
     return p.with_name(p.stem + ".int8.onnx")
 
 
+def _ensure_calibration_fits(
+    calib_path: Path,
+    onnx_path: Path,
+    window_px: int,
+    prep: PreprocessConfig,
+    expect_calib_sha256: str | None,
+    scene_dirs: Sequence[str | Path] | None,
+    n_per_scene: int | None,
+) -> None:
+    """Rebuild a stale calibration set, or one that does not fit the model, with a warning.
+
+    Raises:
+        ArtifactError: the set is unusable and there are no scenes to rebuild it from.
+    """
+    problems = calibration_problems(calib_path, window_px, prep, expect_calib_sha256)
+    if not problems:
+        return
+    old: dict[str, Any] = {}
+    try:
+        old = read_calibration_manifest(calib_path)
+    except ArtifactError:
+        pass
+    recorded = [s["path"] for s in old.get("scenes", []) if (Path(s["path"]) / "scene.json").is_file()]
+    scenes = list(scene_dirs) if scene_dirs else recorded
+    if not scenes:
+        raise ArtifactError(
+            f"calibration set {calib_path} is unusable ({problems[0]}) and cannot be rebuilt: "
+            "pass the scenes (`sarloc calib --scenes ...`)"
+        )
+    logger.warning(
+        "calibration set %s is stale or does not fit %s (%s); recalibrating from %d scene(s)",
+        calib_path,
+        onnx_path.name,
+        "; ".join(problems),
+        len(scenes),
+    )
+    n = n_per_scene or int(old.get("n_per_scene") or DEFAULT_N_PER_SCENE)
+    build_calibration_set(scenes, calib_path, n, window_px, prep, int(old.get("seed") or 0))
+
+
+def _split_rows(calib_path: Path, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration rows and held-out rows (every :data:`HOLDOUT_EVERY`-th; the last one when there is none).
+
+    Raises:
+        ArtifactError: no row is left to calibrate with.
+    """
+    rows = np.arange(n_rows)
+    hold = rows[rows % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    calib_rows = rows[rows % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
+    if len(hold) == 0:
+        hold = rows[-1:]
+    if len(calib_rows) == 0:
+        raise ArtifactError(f"calibration set {calib_path} holds {n_rows} windows; too few to calibrate")
+    return calib_rows, hold
+
+
+def _quantize_static(ort_quant: Any, onnx_path: Path, pre: Path, q: Path, reader: Any, calibrate_method: str) -> None:
+    """ONNX Runtime's pre-processing, then static QDQ quantisation with symmetric INT8 (see the module docstring).
+
+    Args:
+        ort_quant: the ``onnxruntime.quantization`` module.
+    """
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {
+        "minmax": ort_quant.CalibrationMethod.MinMax,
+        "entropy": ort_quant.CalibrationMethod.Entropy,
+        "percentile": ort_quant.CalibrationMethod.Percentile,
+    }
+    # shape inference + basic graph optimisation, as ONNX Runtime recommends before static quantisation
+    # (symbolic shape inference is skipped: it cannot follow F.normalize's Expand; ONNX's own suffices)
+    quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
+    ort_quant.quantize_static(
+        str(pre),
+        str(q),
+        reader,
+        quant_format=ort_quant.QuantFormat.QDQ,
+        activation_type=ort_quant.QuantType.QInt8,
+        weight_type=ort_quant.QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=list(QUANT_OPS),
+        calibrate_method=methods[calibrate_method],
+        extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
+    )
+
+
+def _agreement(a: np.ndarray, b: np.ndarray, custom_feed: bool) -> dict[str, Any]:
+    """How close the INT8 embeddings ``b`` are to the FP32 ones ``a`` of the same windows."""
+    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
+    return {
+        "max_abs_diff": float(np.abs(a - b).max()),
+        "min_cosine": float(cos.min()),
+        "mean_cosine": float(cos.mean()),
+        "windows": len(a),
+        "source": "calibration hold-out" if not custom_feed else "calibration set rows (custom feed calibrated)",
+    }
+
+
+def _write_int8_manifest(
+    out: Path,
+    onnx_path: Path,
+    man: dict[str, Any],
+    cman: dict[str, Any],
+    calib_path: Path,
+    calibrate_method: str,
+    calib_rows: int | None,
+    agreement: dict[str, Any],
+) -> None:
+    """Write the manifest of the INT8 model ``out`` quantised from ``onnx_path`` (manifest ``man``) with the
+    calibration set ``calib_path`` (manifest ``cman``; ``calib_rows`` of it, None for a custom feed)."""
+    import onnx
+    import onnxruntime
+
+    proto = onnx.load(str(out), load_external_data=False)
+    man8 = make_manifest(
+        ONNX_KIND,
+        parent_sha256=man["sha256"],
+        file=out.name,
+        sha256=sha256_file(out),
+        modality=man["modality"],
+        precision="int8",
+        opset=int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
+        parent={"file": onnx_path.name, "sha256": man["sha256"]},
+        input=man["input"],
+        output=man["output"],
+        embed_dim=man["embed_dim"],
+        window_px=int(man["window_px"]),
+        preprocess=man["preprocess"],
+        encoder=man.get("encoder"),
+        checkpoint=man.get("checkpoint"),
+        checkpoint_sha256=man.get("checkpoint_sha256"),
+        ops=sorted({n.op_type for n in proto.graph.node}),
+        quantization={
+            "format": "QDQ",
+            "activations": "int8, symmetric (zero point 0), per tensor",
+            "weights": "int8, symmetric, per output channel",
+            "op_types": list(QUANT_OPS),
+            "calibrate_method": calibrate_method,
+            "tool": f"onnxruntime {onnxruntime.__version__} quantize_static",
+        },
+        calibration={
+            "path": str(calib_path.resolve()),
+            "sha256": cman["sha256"],
+            "rows": calib_rows,
+            "scenes": [s["name"] for s in cman.get("scenes", [])],
+        },
+        int8_vs_fp32=agreement,
+    )
+    atomic_write_json(manifest_path(out), man8)
+
+
 def quantize_int8(
     onnx_path: str | Path,
     calib_path: str | Path,
@@ -148,8 +299,7 @@ def quantize_int8(
         ArtifactError: the FP32 model is missing/modified/not FP32, or the set is stale and cannot be rebuilt.
         SarlocError: a feed does not match the model's input (the message names the input).
     """
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime import quantization as ort_quant  # first: without ONNX Runtime nothing is read or rebuilt
 
     if calibrate_method not in CALIB_METHODS:
         raise ConfigError(f"calibrate_method must be one of {CALIB_METHODS}, got {calibrate_method!r}")
@@ -164,120 +314,27 @@ def quantize_int8(
     modality = man["modality"]
     input_name = man["input"]["name"]
 
-    problems = calibration_problems(calib_path, window_px, prep, expect_calib_sha256)
-    if problems:
-        old: dict[str, Any] = {}
-        try:
-            old = read_calibration_manifest(calib_path)
-        except ArtifactError:
-            pass
-        recorded = [s["path"] for s in old.get("scenes", []) if (Path(s["path"]) / "scene.json").is_file()]
-        scenes = list(scene_dirs) if scene_dirs else recorded
-        if not scenes:
-            raise ArtifactError(
-                f"calibration set {calib_path} is unusable ({problems[0]}) and cannot be rebuilt: "
-                "pass the scenes (`sarloc calib --scenes ...`)"
-            )
-        logger.warning(
-            "calibration set %s is stale or does not fit %s (%s); recalibrating from %d scene(s)",
-            calib_path,
-            onnx_path.name,
-            "; ".join(problems),
-            len(scenes),
-        )
-        n = n_per_scene or int(old.get("n_per_scene") or DEFAULT_N_PER_SCENE)
-        build_calibration_set(scenes, calib_path, n, window_px, prep, int(old.get("seed") or 0))
+    _ensure_calibration_fits(calib_path, onnx_path, window_px, prep, expect_calib_sha256, scene_dirs, n_per_scene)
     cman = read_calibration_manifest(calib_path)
-    n_rows = int(cman["n"])
-    rows = np.arange(n_rows)
-    hold = rows[rows % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
-    calib_rows = rows[rows % HOLDOUT_EVERY != HOLDOUT_EVERY - 1]
-    if len(hold) == 0:
-        hold = rows[-1:]
-    if len(calib_rows) == 0:
-        raise ArtifactError(f"calibration set {calib_path} holds {n_rows} windows; too few to calibrate")
+    calib_rows, hold = _split_rows(calib_path, int(cman["n"]))
 
     fp32 = _session(onnx_path)
     specs = model_input_specs(fp32)
     source = feeds if feeds is not None else calibration_feed(calib_path, modality, input_name, batch_size, calib_rows)
     reader = _reader(source, specs, f"calibration data for {onnx_path.name}")
-    methods = {
-        "minmax": CalibrationMethod.MinMax,
-        "entropy": CalibrationMethod.Entropy,
-        "percentile": CalibrationMethod.Percentile,
-    }
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".quant-", dir=out.parent) as td:
         pre, q = Path(td) / "pre.onnx", Path(td) / "int8.onnx"
-        # shape inference + basic graph optimisation, as ONNX Runtime recommends before static quantisation
-        # (symbolic shape inference is skipped: it cannot follow F.normalize's Expand; ONNX's own suffices)
-        quant_pre_process(str(onnx_path), str(pre), skip_symbolic_shape=True)
-        quantize_static(
-            str(pre),
-            str(q),
-            reader,
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            op_types_to_quantize=list(QUANT_OPS),
-            calibrate_method=methods[calibrate_method],
-            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
-        )
+        _quantize_static(ort_quant, onnx_path, pre, q, reader, calibrate_method)
         if reader.count == 0:
             raise ArtifactError(f"calibration data for {onnx_path.name} was empty; nothing to calibrate with")
-        held = np.load(calib_path / f"{modality}.npy", mmap_mode="r")[hold]
-        held = np.ascontiguousarray(held)
+        held = np.ascontiguousarray(np.load(calib_path / f"{modality}.npy", mmap_mode="r")[hold])
         a = fp32.run(None, {input_name: held})[0]
         b = _session(q).run(None, {input_name: held})[0]
         atomic_write_bytes(out, q.read_bytes())
-    cos = np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1) + 1e-12)
-    agreement = {
-        "max_abs_diff": float(np.abs(a - b).max()),
-        "min_cosine": float(cos.min()),
-        "mean_cosine": float(cos.mean()),
-        "windows": len(held),
-        "source": "calibration hold-out" if feeds is None else "calibration set rows (custom feed calibrated)",
-    }
-    import onnx
-    import onnxruntime
-
-    proto = onnx.load(str(out), load_external_data=False)
-    man8 = make_manifest(
-        ONNX_KIND,
-        parent_sha256=man["sha256"],
-        file=out.name,
-        sha256=sha256_file(out),
-        modality=modality,
-        precision="int8",
-        opset=int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
-        parent={"file": onnx_path.name, "sha256": man["sha256"]},
-        input=man["input"],
-        output=man["output"],
-        embed_dim=man["embed_dim"],
-        window_px=window_px,
-        preprocess=man["preprocess"],
-        encoder=man.get("encoder"),
-        checkpoint=man.get("checkpoint"),
-        checkpoint_sha256=man.get("checkpoint_sha256"),
-        ops=sorted({n.op_type for n in proto.graph.node}),
-        quantization={
-            "format": "QDQ",
-            "activations": "int8, symmetric (zero point 0), per tensor",
-            "weights": "int8, symmetric, per output channel",
-            "op_types": list(QUANT_OPS),
-            "calibrate_method": calibrate_method,
-            "tool": f"onnxruntime {onnxruntime.__version__} quantize_static",
-        },
-        calibration={
-            "path": str(calib_path.resolve()),
-            "sha256": cman["sha256"],
-            "rows": len(calib_rows) if feeds is None else None,
-            "scenes": [s["name"] for s in cman.get("scenes", [])],
-        },
-        int8_vs_fp32=agreement,
-    )
-    atomic_write_json(manifest_path(out), man8)
+    agreement = _agreement(a, b, feeds is not None)
+    rows = len(calib_rows) if feeds is None else None
+    _write_int8_manifest(out, onnx_path, man, cman, calib_path, calibrate_method, rows, agreement)
     logger.info(
         "%s: INT8 vs FP32 on %d held-out windows: min cosine %.4f, max |diff| %.3f",
         out.name,

@@ -107,6 +107,7 @@ class GeoFrame:
             self.metric_crs = crs.to_string()
             unit = crs.axis_info[0].unit_conversion_factor if crs.axis_info else 1.0
             gt = self.geotransform
+            assert gt is not None  # a CRS comes with a geotransform (checked above)
             self.gsd_m = (float(math.hypot(gt[1], gt[4]) * unit), float(math.hypot(gt[2], gt[5]) * unit))
             self._to_lonlat = pyproj.Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
             self._unit = unit

@@ -94,7 +94,8 @@ class LocalRegistrar:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.map.shape  # type: ignore[return-value]
+        h, w = self.map.shape  # (H, W): a colour map was converted to grey in __init__
+        return h, w
 
     def _crop_descriptor(self, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """CFOG of map rows [y0, y1) x cols [x0, x1), computed with context and the map's normaliser."""
@@ -253,7 +254,7 @@ class ShortlistRegistrar:
             ys, xs = slice(py0, py1 + h), slice(px0, px1 + w)
             corr = cv2.matchTemplate(self.groups[0][ys, xs], tg[0], cv2.TM_CCORR)
             for g in range(1, len(self.groups)):
-                corr += cv2.matchTemplate(self.groups[g][ys, xs], tg[g], cv2.TM_CCORR)
+                np.add(corr, cv2.matchTemplate(self.groups[g][ys, xs], tg[g], cv2.TM_CCORR), out=corr)
             oh, ow = corr.shape
             sl = (slice(h // 2, h // 2 + oh), slice(w // 2, w // 2 + ow))
             s1 = cv2.boxFilter(self.hwc[ys, xs], cv2.CV_32F, (w, h), normalize=False, borderType=cv2.BORDER_CONSTANT)

@@ -61,9 +61,10 @@ def read_image(path: str | Path, what: str = "image") -> np.ndarray:
         else:
             import cv2
 
-            arr = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-            if arr is None:
+            img = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+            if img is None:
                 raise SceneError(f"{what}: {shown} could not be decoded (corrupt or truncated); re-copy the file")
+            arr = img
             if arr.ndim == 3 and arr.shape[2] >= 3:
                 arr = arr[..., [2, 1, 0]] if arr.shape[2] == 3 else arr[..., [2, 1, 0, 3]]
     except SceneError:
@@ -211,17 +212,12 @@ def _load_band_image(folder: Path, meta_json: Path, entry: dict[str, Any], what:
     return arr, bands
 
 
-def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
-    """Load a scene folder.
-
-    Args:
-        folder: path to the folder holding ``scene.json``.
-        verify_sha256: also check each image's sha256 against ``scene.json``.
+def _read_meta(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """``scene.json`` of a scene folder and its parsed object.
 
     Raises:
-        SceneError: one line naming the file and field at fault.
+        SceneError: the folder or ``scene.json`` is missing, or it is not a JSON object.
     """
-    folder = Path(folder)
     meta_json = folder / "scene.json"
     if not folder.is_dir():
         raise SceneError(f"scene folder {folder} not found")
@@ -233,7 +229,17 @@ def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
         raise SceneError(f"{meta_json}: malformed JSON ({str(e)[:200]}); fix or regenerate it") from None
     if not isinstance(meta, dict):
         raise SceneError(f"{meta_json}: must hold a JSON object")
+    return meta_json, meta
 
+
+def _image_entries(
+    folder: Path, meta_json: Path, meta: dict[str, Any], verify_sha256: bool
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ``optical`` and ``sar`` entries of ``scene.json``, their scales checked (and their sha256 when asked).
+
+    Raises:
+        SceneError: an entry is missing, has an unknown scale, or its image's sha256 differs.
+    """
     opt_entry = _field(meta, "optical", dict, meta_json)
     sar_entry = _field(meta, "sar", dict, meta_json)
     for what, entry, scales in (("optical", opt_entry, OPTICAL_SCALES), ("sar", sar_entry, SAR_SCALES)):
@@ -246,30 +252,35 @@ def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
             f = folder / str(entry.get("file"))
             if f.is_file() and sha256_file(f) != entry["sha256"]:
                 raise SceneError(f"{f}: sha256 differs from scene.json '{what}.sha256' (modified or truncated)")
+    return opt_entry, sar_entry
 
-    opt_raw, _ = _load_band_image(folder, meta_json, opt_entry, "optical")
-    sar_raw, _ = _load_band_image(folder, meta_json, sar_entry, "sar")
-    if opt_raw.shape[:2] != sar_raw.shape[:2]:
-        raise SceneError(
-            f"{folder}: optical is {opt_raw.shape[1]}x{opt_raw.shape[0]} px but sar is "
-            f"{sar_raw.shape[1]}x{sar_raw.shape[0]}; they must share one pixel grid"
-        )
-    optical = normalise_optical(opt_raw, opt_entry["scale"], what=str(folder / opt_entry["file"]))
-    sar = normalise_sar(sar_raw, sar_entry["scale"], what=str(folder / sar_entry["file"]))
 
-    change_mask = None
+def _load_change_mask(folder: Path, meta_json: Path, meta: dict[str, Any], shape: tuple[int, ...]) -> np.ndarray | None:
+    """The change mask (True where land cover changed), or None when the scene has none.
+
+    Raises:
+        SceneError: the entry is malformed, or the mask is unreadable or not of the images' size ``shape``.
+    """
     cm_entry = meta.get("change_mask")
-    if cm_entry:
-        if not isinstance(cm_entry, dict) or not isinstance(cm_entry.get("file"), str):
-            raise SceneError(f"{meta_json}: field 'change_mask' must be an object with a 'file'")
-        cm = read_image(folder / cm_entry["file"], what="change mask")
-        if cm.ndim == 3:
-            cm = cm.max(axis=2)
-        if cm.shape[:2] != opt_raw.shape[:2]:
-            raise SceneError(f"{folder / cm_entry['file']}: change mask size {cm.shape[:2]} differs from the images")
-        change_mask = cm > (cm.max() / 2 if cm.max() > 0 else 0)
+    if not cm_entry:
+        return None
+    if not isinstance(cm_entry, dict) or not isinstance(cm_entry.get("file"), str):
+        raise SceneError(f"{meta_json}: field 'change_mask' must be an object with a 'file'")
+    cm = read_image(folder / cm_entry["file"], what="change mask")
+    if cm.ndim == 3:
+        cm = cm.max(axis=2)
+    if cm.shape[:2] != shape:
+        raise SceneError(f"{folder / cm_entry['file']}: change mask size {cm.shape[:2]} differs from the images")
+    return cm > (cm.max() / 2 if cm.max() > 0 else 0)
 
-    h, w = optical.shape[:2]
+
+def _scene_frame(meta_json: Path, meta: dict[str, Any], w: int, h: int) -> GeoFrame:
+    """The pixel -> metric/lon-lat mapping of a ``w`` x ``h`` scene from ``crs``, ``geotransform`` and ``gsd_m``
+    (or ``gsd_m_estimate``).
+
+    Raises:
+        SceneError: a field is malformed, inconsistent or maps the image beyond finite coordinates.
+    """
     crs = meta.get("crs")
     gt = meta.get("geotransform")
     if (crs is None) != (gt is None):
@@ -295,6 +306,36 @@ def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
     frame = GeoFrame(w, h, crs=crs, geotransform=tuple(gt) if gt else None, gsd_m=(float(gsd[0]), float(gsd[1])))
     if not all(math.isfinite(g) and g > 0 for g in frame.gsd_m):
         raise SceneError(f"{meta_json}: the geotransform gives a pixel size of {frame.gsd_m} m; fix 'geotransform'")
+    return frame
+
+
+def load_scene(folder: str | Path, verify_sha256: bool = False) -> Scene:
+    """Load a scene folder.
+
+    Args:
+        folder: path to the folder holding ``scene.json``.
+        verify_sha256: also check each image's sha256 against ``scene.json``.
+
+    Raises:
+        SceneError: one line naming the file and field at fault.
+    """
+    folder = Path(folder)
+    meta_json, meta = _read_meta(folder)
+    opt_entry, sar_entry = _image_entries(folder, meta_json, meta, verify_sha256)
+
+    opt_raw, _ = _load_band_image(folder, meta_json, opt_entry, "optical")
+    sar_raw, _ = _load_band_image(folder, meta_json, sar_entry, "sar")
+    if opt_raw.shape[:2] != sar_raw.shape[:2]:
+        raise SceneError(
+            f"{folder}: optical is {opt_raw.shape[1]}x{opt_raw.shape[0]} px but sar is "
+            f"{sar_raw.shape[1]}x{sar_raw.shape[0]}; they must share one pixel grid"
+        )
+    optical = normalise_optical(opt_raw, opt_entry["scale"], what=str(folder / opt_entry["file"]))
+    sar = normalise_sar(sar_raw, sar_entry["scale"], what=str(folder / sar_entry["file"]))
+    change_mask = _load_change_mask(folder, meta_json, meta, opt_raw.shape[:2])
+
+    h, w = optical.shape[:2]
+    frame = _scene_frame(meta_json, meta, w, h)
     name = meta.get("name") or folder.name
     return Scene(
         name=str(name),

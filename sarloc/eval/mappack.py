@@ -39,6 +39,61 @@ def _scene_to_pack_xy(scene, pack: MapPack, col: np.ndarray, row: np.ndarray) ->
     return np.stack([np.asarray(x), np.asarray(y)], axis=1)
 
 
+def _search_all(
+    searcher: PackSearcher,
+    qemb: np.ndarray,
+    truth: np.ndarray,
+    half: float,
+    prior_radius_m: float | None,
+    ann: bool,
+    rng: np.random.Generator,
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Search each query embedding in the pack (within a simulated prior when ``prior_radius_m`` is set).
+
+    Returns:
+        Rank of the first hit of each query (10**6 when none), the best peak's position (NaN without result) and
+        the number of candidates scored per query.
+    """
+    hits_at = np.full(len(qemb), 10**6)
+    pred = np.zeros((len(qemb), 2))
+    cand = []
+    for i in range(len(qemb)):
+        if prior_radius_m is not None:
+            ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0, prior_radius_m / 2.0)
+            prior = truth[i] + rad * np.array([np.cos(ang), np.sin(ang)])
+            res = searcher.search(qemb[i], max(KS), prior_xy_m=tuple(prior), prior_radius_m=prior_radius_m)[0]
+        else:
+            res = searcher.search(qemb[i], max(KS), ann=ann)[0]
+        cand.append(res.candidates)
+        if len(res.rows) == 0:
+            pred[i] = np.nan
+            continue
+        pred[i] = res.xy_m[0]
+        hit = np.flatnonzero(np.abs(res.xy_m - truth[i]).max(axis=1) <= half)
+        if len(hit):
+            hits_at[i] = hit[0]
+    return hits_at, pred, cand
+
+
+def _pack_metrics(hits_at: np.ndarray, pred: np.ndarray, truth: np.ndarray) -> dict[str, Any]:
+    """Recall at each k of ``KS``, error percentiles and the fractions within 50/100/200 m."""
+    err = np.hypot(*(pred - truth).T)
+    err = np.where(np.isfinite(err), err, np.inf)
+    n = max(1, len(err))
+    m: dict[str, Any] = {f"recall@{k}": float(np.mean(hits_at < k)) for k in KS}
+    m.update(
+        {
+            "median_error_m": float(np.median(err)) if len(err) else float("nan"),
+            "p90_error_m": float(np.percentile(err, 90)) if len(err) else float("nan"),
+            "within_50m": float(np.sum(err <= 50) / n),
+            "within_100m": float(np.sum(err <= 100) / n),
+            "within_200m": float(np.sum(err <= 200) / n),
+            "queries": len(err),
+        }
+    )
+    return m
+
+
 def evaluate_pack(
     pack_dir: str | Path,
     export_dir: str | Path,
@@ -88,47 +143,22 @@ def evaluate_pack(
     half = pack.tile_m / 2.0
     out: dict[str, Any] = {"scene": scene.name, "pack": str(pack.path), "export_dir": str(export_dir)}
     rng = np.random.default_rng(eval_cfg.seed)
+    method = "pack-prior" if prior_radius_m is not None else ("pack-ann" if ann else "pack-exact")
     for kind in kinds:
         q = make_queries(scene, kind, w, eval_cfg.queries, eval_cfg.seed)
         truth = _scene_to_pack_xy(scene, pack, q.centres[:, 0], q.centres[:, 1])
         t0 = time.perf_counter()
         qemb = embed_all(sar, crop_windows(scene.sar_gray, q.origins, w), sar.preprocess, eval_cfg.batch)
-        hits_at = np.full(len(qemb), 10**6)
-        pred = np.zeros((len(qemb), 2))
-        cand = []
-        for i in range(len(qemb)):
-            if prior_radius_m is not None:
-                ang, rad = rng.uniform(0, 2 * np.pi), rng.uniform(0, prior_radius_m / 2.0)
-                prior = truth[i] + rad * np.array([np.cos(ang), np.sin(ang)])
-                res = searcher.search(qemb[i], max(KS), prior_xy_m=tuple(prior), prior_radius_m=prior_radius_m)[0]
-            else:
-                res = searcher.search(qemb[i], max(KS), ann=ann)[0]
-            cand.append(res.candidates)
-            if len(res.rows) == 0:
-                pred[i] = np.nan
-                continue
-            pred[i] = res.xy_m[0]
-            hit = np.flatnonzero(np.abs(res.xy_m - truth[i]).max(axis=1) <= half)
-            if len(hit):
-                hits_at[i] = hit[0]
+        hits_at, pred, cand = _search_all(searcher, qemb, truth, half, prior_radius_m, ann, rng)
         ms = (time.perf_counter() - t0) * 1e3 / max(1, len(qemb))
-        err = np.hypot(*(pred - truth).T)
-        err = np.where(np.isfinite(err), err, np.inf)
-        n = max(1, len(err))
-        m = {f"recall@{k}": float(np.mean(hits_at < k)) for k in KS}
+        m = _pack_metrics(hits_at, pred, truth)
         m.update(
             {
-                "median_error_m": float(np.median(err)) if len(err) else float("nan"),
-                "p90_error_m": float(np.percentile(err, 90)) if len(err) else float("nan"),
-                "within_50m": float(np.sum(err <= 50) / n),
-                "within_100m": float(np.sum(err <= 100) / n),
-                "within_200m": float(np.sum(err <= 200) / n),
-                "queries": len(err),
                 "window_px": w,
                 "gsd_m": float(scene.gsd_m),
                 "ms_per_query": float(ms),
                 "kind": kind,
-                "method": "pack-prior" if prior_radius_m is not None else ("pack-ann" if ann else "pack-exact"),
+                "method": method,
                 "gallery_tiles": len(pack),
                 "stride_px": int(pack.grid["stride_px"]),
                 "mean_candidates": float(np.mean(cand)) if cand else 0.0,

@@ -18,6 +18,17 @@ from sarloc.core.errors import ArtifactError, ConfigError, SarlocError
 
 FIX_KEYS = ("strip_id", "t_s", "xy_m", "trusted", "confidence", "n_inliers", "n_windows", "accepted")
 
+#: artifacts of the start record (``artifacts``: key -> sha256) checked against their files before the re-run:
+#: key -> (what it is, the config field of its folder, its file name). The encoder and the refiner (their
+#: manifests' hashes of the loaded models) are compared after the re-run, with the new start record.
+ARTIFACT_FILES = {
+    "pack_manifest": ("map pack manifest", "pack", "pack.json"),
+    "verifier": ("verifier", "export", "verifier.json"),
+    "shortlister": ("shortlister", "export", "shortlister.json"),
+}
+_ARTIFACT_NAMES = {"encoder": ("SAR encoder", "export", None), "refiner": ("refiner", "export", "refiner.onnx")}
+_FIX = "replay needs the recorded artifacts: restore them, or record a new session with `sarloc run`"
+
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """All complete JSON records of a records file (a truncated last line is skipped)."""
@@ -93,8 +104,57 @@ def session_config(recs: list[dict[str, Any]], records: str | Path, out: str | P
         raise SarlocError(f"{records}: the recorded config is malformed ({e})") from None
 
 
+def _short(sha: Any) -> str:
+    return str(sha)[:12] if isinstance(sha, str) else "none (absent)"
+
+
+def _artifact_error(key: str, recorded: dict[str, Any], now: Any, cfg: Any, records: str | Path) -> str | None:
+    """The one-line refusal when artifact ``key`` is not the recorded one (None when it is)."""
+    what, folder, name = {**ARTIFACT_FILES, **_ARTIFACT_NAMES}.get(key, (key, "export", None))
+    where = Path(getattr(cfg, folder))
+    shown = where / name if name else where
+    if key not in recorded:
+        return (
+            f"{records} holds no hash of the {what} ({shown}): recorded by an older sarloc, so replay cannot tell "
+            f"whether it changed; record a new session with `sarloc run`"
+        )
+    if recorded[key] != now:
+        return (
+            f"{what} {shown} changed since the recording (sha256 {_short(recorded[key])} recorded, {_short(now)} "
+            f"now); {_FIX}"
+        )
+    return None
+
+
+def check_artifact_files(start: dict[str, Any], cfg: Any, records: str | Path) -> None:
+    """Refuse a session whose map pack manifest, verifier or shortlister file is not the recorded one.
+
+    Raises:
+        ArtifactError: one line naming the file and the fix (also when the recording names no hash of it).
+    """
+    from sarloc.core.artifacts import sha256_file
+
+    recorded = start.get("artifacts")
+    if not isinstance(recorded, dict):
+        raise SarlocError(f"{records}: the start record has no artifacts object; it is not a sarloc run record")
+    for key, (_, folder, name) in ARTIFACT_FILES.items():
+        p = Path(getattr(cfg, folder)) / name
+        try:
+            now = sha256_file(p) if p.is_file() else None
+        except OSError:  # unreadable: the run itself says why
+            now = None
+        msg = _artifact_error(key, recorded, now, cfg, records)
+        if msg:
+            raise ArtifactError(msg)
+
+
 def replay(records: str | Path, out: str | Path, compare: bool = True) -> dict[str, Any]:
-    """Re-run the session of ``records`` into ``out``; returns counters, and with ``compare`` the differences."""
+    """Re-run the session of ``records`` into ``out``; returns counters, and with ``compare`` the differences.
+
+    Raises:
+        ArtifactError: an artifact (map pack manifest, verifier, shortlister, encoder or refiner) is not the one
+            recorded; the files are checked before the re-run, the loaded models' hashes after it.
+    """
     from sarloc.runtime.daemon import RunConfig, run
 
     recs = read_records(records)
@@ -103,14 +163,15 @@ def replay(records: str | Path, out: str | Path, compare: bool = True) -> dict[s
         raise SarlocError(f"{Path(out) / 'records.jsonl'} exists; replay into an empty folder")
     assert isinstance(cfg, RunConfig)
     start = next(r for r in recs if r.get("type") == "start")
+    check_artifact_files(start, cfg, records)
     stats = run(dataclasses.replace(cfg), install_signals=False)
     new = read_records(Path(out) / "records.jsonl")
     new_start = next(r for r in new if r.get("type") == "start")
-    if new_start.get("artifacts") != start.get("artifacts"):
-        raise ArtifactError(
-            f"the artifacts changed since the recording ({start.get('artifacts')} -> {new_start.get('artifacts')}); "
-            "replay needs the same export and pack"
-        )
+    now = new_start.get("artifacts") or {}
+    for key in now:
+        msg = _artifact_error(key, start["artifacts"], now[key], cfg, records)
+        if msg:
+            raise ArtifactError(msg)
     res: dict[str, Any] = {"strips": stats["strips"], "fixes": stats["fixes"]}
     if compare:
         diffs = compare_fixes(recs, new)
@@ -118,4 +179,4 @@ def replay(records: str | Path, out: str | Path, compare: bool = True) -> dict[s
     return res
 
 
-__all__ = ["compare_fixes", "read_records", "replay", "session_config"]
+__all__ = ["ARTIFACT_FILES", "check_artifact_files", "compare_fixes", "read_records", "replay", "session_config"]

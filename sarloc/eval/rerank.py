@@ -71,17 +71,22 @@ def _kreciprocal_scores(c: Candidates, k1: int = 4, lam: float = 0.5) -> np.ndar
     Within the set {query} + candidates, R(i) = the elements that are in i's k1 nearest and have i among theirs;
     the Jaccard distance between the query's and each candidate's reciprocal sets (soft, similarity-weighted)
     is mixed with the original distance: d* = (1 - lam) * Jaccard + lam * (1 - s).
+    Every element is its own nearest (so each set holds at least itself: no empty set, even for zero or tied
+    similarities); invalid candidates (padding) are in no other element's set, so they change no valid score.
     """
     q, k, _ = c.emb.shape
     out = np.empty((q, k), np.float32)
+    eye = np.eye(k + 1, dtype=bool)
     for i in range(q):
         x = np.concatenate([c.query[i : i + 1], c.emb[i]], 0)
         s = x @ x.T
-        s[1:, 1:][~c.valid[i]] = -1.0
-        nn = np.argsort(-s, axis=1)[:, : k1 + 1]
+        ok = np.concatenate([[True], np.asarray(c.valid[i], bool)])  # the query and the valid candidates
+        order = np.where(eye, np.inf, np.where(ok[None, :], s, -np.inf))
+        nn = np.argsort(-order, axis=1, kind="stable")[:, : k1 + 1]
         member = np.zeros_like(s, bool)
         np.put_along_axis(member, nn, True, axis=1)
-        recip = member & member.T
+        member &= (ok[:, None] & ok[None, :]) | eye
+        recip = member & member.T  # the diagonal is always in: every row of v has a positive sum
         v = np.where(recip, np.exp(s), 0.0)
         v /= v.sum(1, keepdims=True)
         jac = 1.0 - np.minimum(v[0], v[1:]).sum(1) / np.maximum(v[0], v[1:]).sum(1)

@@ -153,6 +153,101 @@ def _load_timing_cache(path: Path, key: str) -> bytes:
 # build
 
 
+def _parse_onnx(trt, builder, trt_logger, onnx_path: Path, plan: BuildPlan, in_name: str, version: str):
+    """The network parsed from ``onnx_path`` and its parser (keep the parser alive until the engine is built: it
+    owns the weights).
+
+    Raises:
+        ArtifactError: TensorRT cannot parse the model, or its inputs differ from the manifest's.
+    """
+    flags = (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) if plan.strongly_typed else 0
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, trt_logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
+        raise ArtifactError(f"TensorRT {version} could not parse {onnx_path}: {errs[0] if errs else 'unknown error'}")
+    names = [network.get_input(i).name for i in range(network.num_inputs)]
+    if names != [in_name]:
+        raise ArtifactError(f"{onnx_path}: network inputs {names} differ from the manifest's [{in_name!r}]")
+    return network, parser
+
+
+def _builder_config(trt, builder, plan: BuildPlan, in_name: str, shapes: tuple, workspace_mib: int):
+    """Builder config: workspace limit, the plan's builder flags, one optimisation profile ``shapes`` (min, opt,
+    max) on the input."""
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
+    for flag in plan.builder_flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    profile = builder.create_optimization_profile()
+    profile.set_shape(in_name, *shapes)
+    config.add_optimization_profile(profile)
+    return config
+
+
+def _use_timing_cache(config, cache_file: Path, key: str) -> None:
+    """Start the build from the cached timings of ``cache_file`` when they match ``key`` (else an empty cache)."""
+    cache = config.create_timing_cache(_load_timing_cache(cache_file, key))
+    if cache is None:  # TensorRT rejected the bytes
+        logger.warning("TensorRT rejected timing cache %s; starting an empty one", cache_file)
+        cache = config.create_timing_cache(b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+
+def _save_timing_cache(
+    config, cache_file: Path, key: str, man: dict, version: str, gpu: GpuInfo, plan: BuildPlan
+) -> dict[str, str]:
+    """Write the build's timing cache and its manifest; returns the engine manifest's ``timing_cache`` entry."""
+    data = bytes(memoryview(config.get_timing_cache().serialize()))
+    atomic_write_bytes(cache_file, data)
+    atomic_write_json(
+        manifest_path(cache_file),
+        make_manifest(
+            TIMING_CACHE_KIND,
+            parent_sha256=man["sha256"],
+            key=key,
+            sha256=sha256_bytes(data),
+            tensorrt_version=version,
+            gpu=gpu.to_dict(),
+            precision=plan.precision,
+        ),
+    )
+    return {"file": str(cache_file), "key": key}
+
+
+def _engine_manifest(
+    out: Path,
+    onnx_path: Path,
+    man: dict,
+    version: str,
+    gpu: GpuInfo,
+    plan: BuildPlan,
+    shapes: tuple,
+    batch_sizes: tuple[int, ...],
+    cache_info: dict[str, str] | None,
+) -> dict:
+    """The manifest of engine ``out`` built from ``onnx_path`` (manifest ``man``)."""
+    pmin, popt, pmax = shapes
+    return make_manifest(
+        ENGINE_KIND,
+        parent_sha256=man["sha256"],
+        file=out.name,
+        sha256=sha256_file(out),
+        onnx={"file": onnx_path.name, "sha256": man["sha256"], "precision": man["precision"]},
+        tensorrt_version=version,
+        gpu_name=gpu.name,
+        compute_capability=gpu.compute_capability,
+        precision=plan.precision,
+        strongly_typed=plan.strongly_typed,
+        builder_flags=list(plan.builder_flags),
+        profiles=[{"input": man["input"]["name"], "min": list(pmin), "opt": list(popt), "max": list(pmax)}],
+        batch_sizes=sorted({int(b) for b in batch_sizes}),
+        timing_cache=cache_info,
+        **{k: man[k] for k in ("modality", "input", "output", "embed_dim", "window_px", "preprocess")},
+        checkpoint_sha256=man.get("checkpoint_sha256"),
+    )
+
+
 def build_engine(
     onnx_path: str | Path,
     out_path: str | Path | None = None,
@@ -191,45 +286,25 @@ def build_engine(
     plan = plan_build(man["precision"], fp16, trt_capabilities(trt), version)
     gpu = gpu or current_gpu(device)
     chw = input_chw(man)
-    pmin, popt, pmax = profile_shapes(chw, batch_sizes)
+    shapes = profile_shapes(chw, batch_sizes)
     in_name = man["input"]["name"]
 
     trt_logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(trt_logger)
-    flags = (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, trt_logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        errs = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise ArtifactError(f"TensorRT {version} could not parse {onnx_path}: {errs[0] if errs else 'unknown error'}")
-    names = [network.get_input(i).name for i in range(network.num_inputs)]
-    if names != [in_name]:
-        raise ArtifactError(f"{onnx_path}: network inputs {names} differ from the manifest's [{in_name!r}]")
-
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_mib) << 20)
-    for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    profile = builder.create_optimization_profile()
-    profile.set_shape(in_name, pmin, popt, pmax)
-    config.add_optimization_profile(profile)
-
+    network, _parser = _parse_onnx(trt, builder, trt_logger, onnx_path, plan, in_name, version)
+    config = _builder_config(trt, builder, plan, in_name, shapes, workspace_mib)
     key = timing_cache_key(version, gpu, man["sha256"], plan.precision)
     cache_file = timing_cache_path(timing_cache_dir, key) if timing_cache_dir is not None else None
     if cache_file is not None:
-        cache = config.create_timing_cache(_load_timing_cache(cache_file, key))
-        if cache is None:  # TensorRT rejected the bytes
-            logger.warning("TensorRT rejected timing cache %s; starting an empty one", cache_file)
-            cache = config.create_timing_cache(b"")
-        config.set_timing_cache(cache, ignore_mismatch=False)
+        _use_timing_cache(config, cache_file, key)
 
     logger.info(
         "building %s (%s, profile %s..%s..%s, TensorRT %s, %s sm_%s)",
         out.name,
         plan.precision,
-        pmin[0],
-        popt[0],
-        pmax[0],
+        shapes[0][0],
+        shapes[1][0],
+        shapes[2][0],
         version,
         gpu.name,
         gpu.compute_capability,
@@ -241,39 +316,7 @@ def build_engine(
 
     cache_info = None
     if cache_file is not None:
-        data = bytes(memoryview(config.get_timing_cache().serialize()))
-        atomic_write_bytes(cache_file, data)
-        atomic_write_json(
-            manifest_path(cache_file),
-            make_manifest(
-                TIMING_CACHE_KIND,
-                parent_sha256=man["sha256"],
-                key=key,
-                sha256=sha256_bytes(data),
-                tensorrt_version=version,
-                gpu=gpu.to_dict(),
-                precision=plan.precision,
-            ),
-        )
-        cache_info = {"file": str(cache_file), "key": key}
-
-    engine_man = make_manifest(
-        ENGINE_KIND,
-        parent_sha256=man["sha256"],
-        file=out.name,
-        sha256=sha256_file(out),
-        onnx={"file": onnx_path.name, "sha256": man["sha256"], "precision": man["precision"]},
-        tensorrt_version=version,
-        gpu_name=gpu.name,
-        compute_capability=gpu.compute_capability,
-        precision=plan.precision,
-        strongly_typed=plan.strongly_typed,
-        builder_flags=list(plan.builder_flags),
-        profiles=[{"input": in_name, "min": list(pmin), "opt": list(popt), "max": list(pmax)}],
-        batch_sizes=sorted({int(b) for b in batch_sizes}),
-        timing_cache=cache_info,
-        **{k: man[k] for k in ("modality", "input", "output", "embed_dim", "window_px", "preprocess")},
-        checkpoint_sha256=man.get("checkpoint_sha256"),
-    )
+        cache_info = _save_timing_cache(config, cache_file, key, man, version, gpu, plan)
+    engine_man = _engine_manifest(out, onnx_path, man, version, gpu, plan, shapes, batch_sizes, cache_info)
     atomic_write_json(engine_manifest_path(out), engine_man)
     return out

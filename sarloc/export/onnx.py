@@ -299,6 +299,96 @@ def lint_graph(proto) -> list[str]:
     return notes
 
 
+def _onnx_metadata(
+    modality: str, dim: int, window_px: int, prep: PreprocessConfig, checkpoint_sha256: str
+) -> dict[str, str]:
+    """The ``sarloc.*`` metadata properties written into an exported encoder."""
+    return {
+        "sarloc.modality": modality,
+        "sarloc.embed_dim": str(dim),
+        "sarloc.window_px": str(window_px),
+        "sarloc.preprocess": json.dumps(prep.to_dict(), sort_keys=True),
+        "sarloc.checkpoint_sha256": checkpoint_sha256,
+    }
+
+
+def _onnx_manifest(
+    out_path: Path,
+    proto,
+    model,
+    modality: str,
+    window_px: int,
+    dim: int,
+    prep: PreprocessConfig,
+    tools: dict[str, str],
+    checkpoint: dict[str, str],
+    parity: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest of the FP32 model written at ``out_path`` (``proto``, one branch of ``model``).
+
+    Args:
+        tools: the exporter used and the torch and onnx versions.
+        checkpoint: the parent checkpoint's file name and sha256.
+    """
+    chw = (model.cfg.in_channels, window_px, window_px)
+    return make_manifest(
+        ONNX_KIND,
+        parent_sha256=checkpoint["sha256"],
+        file=out_path.name,
+        sha256=sha256_file(out_path),
+        modality=modality,
+        precision="fp32",
+        opset=int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
+        **tools,
+        input={"name": INPUT_NAME, "shape": [BATCH_AXIS, *chw], "dtype": "float32"},
+        output={"name": OUTPUT_NAME, "shape": [BATCH_AXIS, dim], "dtype": "float32", "unit_norm": True},
+        embed_dim=dim,
+        window_px=window_px,
+        preprocess=prep.to_dict(),
+        encoder=model.cfg.to_dict(),
+        checkpoint=checkpoint,
+        checkpoint_sha256=checkpoint["sha256"],
+        ops=sorted({n.op_type for n in proto.graph.node}),
+        parity=parity,
+    )
+
+
+def _trace(
+    model,
+    modality: str,
+    window_px: int,
+    prep: PreprocessConfig,
+    windows: np.ndarray,
+    checkpoint_sha256: str,
+    exporter: str,
+    opset: int,
+    what: str,
+):
+    """Trace one branch of ``model`` to a checked ONNX proto with its metadata; returns the branch module, the
+    proto and the embedding size.
+
+    Raises:
+        ArtifactError: the windows do not fit the model, the exporter fails or the ONNX check rejects the model.
+    """
+    import torch
+
+    from sarloc.trainer.models.encoder import ModalityEncoder
+
+    module = ModalityEncoder(model, modality).eval()
+    c = model.cfg.in_channels
+    chw = (c, window_px, window_px)
+    if windows.shape[1:] != chw:
+        raise ArtifactError(f"parity windows have shape {windows.shape[1:]}, the model takes {chw}")
+    example = torch.from_numpy(np.ascontiguousarray(windows[:2]))
+    with torch.no_grad():
+        dim = int(module(example).shape[1])  # the output size (may exceed cfg.embed_dim, e.g. a layout branch)
+    meta = _onnx_metadata(modality, dim, window_px, prep, checkpoint_sha256)
+    proto = _finalise_proto(_export_proto(module, example, exporter, opset, what), chw, dim, meta, what)
+    for note in lint_graph(proto):
+        logger.warning("%s: %s", what, note)
+    return module, proto, dim
+
+
 def export_encoder(
     model,
     modality: str,
@@ -339,29 +429,10 @@ def export_encoder(
     import onnx
     import torch
 
-    from sarloc.trainer.models.encoder import ModalityEncoder
-
     out_path = Path(out_path)
     used = resolve_exporter(exporter, opset)
-    module = ModalityEncoder(model, modality).eval()
-    c = model.cfg.in_channels
-    chw = (c, window_px, window_px)
-    if windows.shape[1:] != chw:
-        raise ArtifactError(f"parity windows have shape {windows.shape[1:]}, the model takes {chw}")
-    example = torch.from_numpy(np.ascontiguousarray(windows[:2]))
-    with torch.no_grad():
-        dim = int(module(example).shape[1])  # the output size (may exceed cfg.embed_dim, e.g. a layout branch)
-    meta = {
-        "sarloc.modality": modality,
-        "sarloc.embed_dim": str(dim),
-        "sarloc.window_px": str(window_px),
-        "sarloc.preprocess": json.dumps(prep.to_dict(), sort_keys=True),
-        "sarloc.checkpoint_sha256": checkpoint_sha256,
-    }
     what = f"{modality} encoder ({out_path.name})"
-    proto = _finalise_proto(_export_proto(module, example, used, opset, what), chw, dim, meta, what)
-    for note in lint_graph(proto):
-        logger.warning("%s: %s", what, note)
+    module, proto, dim = _trace(model, modality, window_px, prep, windows, checkpoint_sha256, used, opset, what)
     data = proto.SerializeToString()
 
     @torch.no_grad()
@@ -370,28 +441,9 @@ def export_encoder(
 
     parity = check_parity(data, reference, windows, tolerance, source, what)
     atomic_write_bytes(out_path, data)
-    man = make_manifest(
-        ONNX_KIND,
-        parent_sha256=checkpoint_sha256,
-        file=out_path.name,
-        sha256=sha256_file(out_path),
-        modality=modality,
-        precision="fp32",
-        opset=int(next(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx"))),
-        exporter=used,
-        torch_version=torch.__version__,
-        onnx_version=onnx.__version__,
-        input={"name": INPUT_NAME, "shape": [BATCH_AXIS, *chw], "dtype": "float32"},
-        output={"name": OUTPUT_NAME, "shape": [BATCH_AXIS, dim], "dtype": "float32", "unit_norm": True},
-        embed_dim=dim,
-        window_px=window_px,
-        preprocess=prep.to_dict(),
-        encoder=model.cfg.to_dict(),
-        checkpoint={"file": checkpoint_name, "sha256": checkpoint_sha256},
-        checkpoint_sha256=checkpoint_sha256,
-        ops=sorted({n.op_type for n in proto.graph.node}),
-        parity=parity,
-    )
+    tools = {"exporter": used, "torch_version": torch.__version__, "onnx_version": onnx.__version__}
+    checkpoint = {"file": checkpoint_name, "sha256": checkpoint_sha256}
+    man = _onnx_manifest(out_path, proto, model, modality, window_px, dim, prep, tools, checkpoint, parity)
     atomic_write_json(manifest_path(out_path), man)
     logger.info(
         "%s: parity max |diff| %.1e (tolerance %.0e, %s), exporter %s, opset %d",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -160,8 +161,11 @@ class IvfIndex:
         return cls(np.asarray(c), o, np.asarray(f), int(ann.get("nprobe", 8)))
 
 
-def recall_at_k(exact_rows: np.ndarray, approx_rows: np.ndarray, k: int) -> float:
-    """Mean fraction of the exact top-``k`` rows found in the approximate top-``k`` (per query rows)."""
+def recall_at_k(
+    exact_rows: np.ndarray | Sequence[np.ndarray], approx_rows: np.ndarray | Sequence[np.ndarray], k: int
+) -> float:
+    """Mean fraction of the exact top-``k`` rows found in the approximate top-``k`` (per query rows; a sequence of
+    row arrays may be ragged, e.g. an index that found fewer than ``k`` rows for some queries)."""
     hits = [
         len(set(e[:k].tolist()) & set(a[:k].tolist())) / max(1, min(k, len(e)))
         for e, a in zip(exact_rows, approx_rows, strict=True)

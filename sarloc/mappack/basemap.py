@@ -145,6 +145,7 @@ class RasterBasemap:
     ) -> None:
         rasterio = _import_rasterio()
 
+        self._cleanup: Path | None = None  # a temporary folder removed on close (a scene warped to a GeoTIFF)
         self.path = Path(path)
         if not self.path.is_file():
             raise SarlocError(f"basemap {self.path} not found")
@@ -249,7 +250,7 @@ class RasterBasemap:
         """Close the virtual raster and the file."""
         self._vrt.close()
         self._src.close()
-        cleanup = getattr(self, "_cleanup", None)
+        cleanup = self._cleanup
         if cleanup is not None:
             import shutil
 

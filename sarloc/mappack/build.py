@@ -158,12 +158,12 @@ def build_map_pack(
         bm.close()
 
 
-def _build(bm, enc, out_dir: Path, cfg: MapPackConfig, window: int, dim: int, prep, progress: bool, source) -> Path:
-    from tqdm import tqdm
+def _stride_px(g, cfg: MapPackConfig, window: int, source) -> int:
+    """Grid pixels between tile centres.
 
-    from sarloc.core.geo import TileGrid
-
-    g = bm.grid
+    Raises:
+        SarlocError: the basemap is smaller than one tile.
+    """
     if cfg.stride_m is not None:
         stride = max(1, round(cfg.stride_m / g.gsd_m))
     else:
@@ -173,79 +173,88 @@ def _build(bm, enc, out_dir: Path, cfg: MapPackConfig, window: int, dim: int, pr
             f"basemap {source} is {g.width_px}x{g.height_px} px at {g.gsd_m:g} m/px, smaller than one "
             f"{window}-px tile; use a smaller --tile-m"
         )
-    grid = TileGrid(g.width_px, g.height_px, window, stride)
-    n_rows, n_cols = grid.n_rows, grid.n_cols
-    out_dir.mkdir(parents=True, exist_ok=True)
-    raw = out_dir / f".{EMBEDDINGS_NAME}.raw.tmp"
+    return stride
+
+
+def _embed_tiles(
+    bm, enc, cfg: MapPackConfig, grid, prep, dim: int, fraw, bar
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Embed every tile with enough valid pixels, block by block, appending float16 rows to ``fraw``.
+
+    Returns:
+        Row, column and valid fraction of each kept tile, in the order of the embeddings.
+    """
+    window, stride, bt = grid.tile_px, grid.stride_px, cfg.block_tiles
     rows_l: list[np.ndarray] = []
     cols_l: list[np.ndarray] = []
     frac_l: list[np.ndarray] = []
-    n_kept = 0
-    t0 = time.perf_counter()
-    bt = cfg.block_tiles
-    bar = tqdm(total=n_rows * n_cols, desc="map pack tiles", unit="tile", disable=not progress)
-    try:
-        with open(raw, "wb") as fraw:
-            for r0 in range(0, n_rows, bt):
-                nr = min(bt, n_rows - r0)
-                for c0 in range(0, n_cols, bt):
-                    nc = min(bt, n_cols - c0)
-                    px0, py0 = c0 * stride, r0 * stride
-                    lum, valid = bm.read(px0, py0, (nc - 1) * stride + window, (nr - 1) * stride + window)
-                    rr, cc = np.meshgrid(np.arange(nr), np.arange(nc), indexing="ij")
-                    origins = np.stack([cc.ravel() * stride, rr.ravel() * stride], axis=1)
-                    frac = crop_windows(valid.astype(np.float32), origins, window).mean(axis=(1, 2))
-                    keep = np.flatnonzero(frac >= max(cfg.min_valid_frac, 1e-9))
-                    for b0 in range(0, len(keep), cfg.batch):
-                        sel = keep[b0 : b0 + cfg.batch]
-                        wins = crop_windows(lum, origins[sel], window).astype(np.float32)
-                        wins[~crop_windows(valid, origins[sel], window)] = np.nan  # filled by prepare_windows
-                        e = np.asarray(enc(prepare_windows(wins, prep)), dtype=np.float32)
-                        if e.shape != (len(sel), dim):
-                            raise SarlocError(f"encoder returned {e.shape}, expected ({len(sel)}, {dim})")
-                        e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
-                        fraw.write(np.ascontiguousarray(e.astype(np.float16)).tobytes())
-                    rows_l.append((rr.ravel()[keep] + r0).astype(np.int32))
-                    cols_l.append((cc.ravel()[keep] + c0).astype(np.int32))
-                    frac_l.append(frac[keep].astype(np.float32))
-                    n_kept += len(keep)
-                    bar.update(nr * nc)
-        if n_kept == 0:
-            raise SarlocError(
-                f"basemap {source}: every tile has less than {cfg.min_valid_frac:.0%} valid pixels; nothing to pack"
-            )
-        tiles = np.zeros(n_kept, TILE_DTYPE)
-        tiles["row"] = np.concatenate(rows_l)
-        tiles["col"] = np.concatenate(cols_l)
-        tiles["valid_frac"] = np.concatenate(frac_l)
-        half = window / 2.0
-        x, y = g.pixel_to_metric(tiles["col"] * stride + half, tiles["row"] * stride + half)
-        tiles["x_m"], tiles["y_m"] = x, y
-        if g.crs is not None:
-            import pyproj
+    for r0 in range(0, grid.n_rows, bt):
+        nr = min(bt, grid.n_rows - r0)
+        for c0 in range(0, grid.n_cols, bt):
+            nc = min(bt, grid.n_cols - c0)
+            px0, py0 = c0 * stride, r0 * stride
+            lum, valid = bm.read(px0, py0, (nc - 1) * stride + window, (nr - 1) * stride + window)
+            rr, cc = np.meshgrid(np.arange(nr), np.arange(nc), indexing="ij")
+            origins = np.stack([cc.ravel() * stride, rr.ravel() * stride], axis=1)
+            frac = crop_windows(valid.astype(np.float32), origins, window).mean(axis=(1, 2))
+            keep = np.flatnonzero(frac >= max(cfg.min_valid_frac, 1e-9))
+            for b0 in range(0, len(keep), cfg.batch):
+                sel = keep[b0 : b0 + cfg.batch]
+                wins = crop_windows(lum, origins[sel], window).astype(np.float32)
+                wins[~crop_windows(valid, origins[sel], window)] = np.nan  # filled by prepare_windows
+                e = np.asarray(enc(prepare_windows(wins, prep)), dtype=np.float32)
+                if e.shape != (len(sel), dim):
+                    raise SarlocError(f"encoder returned {e.shape}, expected ({len(sel)}, {dim})")
+                e /= np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+                fraw.write(np.ascontiguousarray(e.astype(np.float16)).tobytes())
+            rows_l.append((rr.ravel()[keep] + r0).astype(np.int32))
+            cols_l.append((cc.ravel()[keep] + c0).astype(np.int32))
+            frac_l.append(frac[keep].astype(np.float32))
+            bar.update(nr * nc)
+    if not rows_l:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32), np.zeros(0, np.float32)
+    return np.concatenate(rows_l), np.concatenate(cols_l), np.concatenate(frac_l)
 
-            tr = pyproj.Transformer.from_crs(g.crs, "EPSG:4326", always_xy=True)
-            tiles["lon_deg"], tiles["lat_deg"] = tr.transform(x, y)
-        else:
-            tiles["lon_deg"], tiles["lat_deg"] = np.nan, np.nan
-        with atomic_path(out_dir / EMBEDDINGS_NAME) as tmp:
-            _write_npy_from_raw(tmp, raw, np.dtype(np.float16), (n_kept, dim))
-    finally:
-        bar.close()
-        raw.unlink(missing_ok=True)
-    save_npy(out_dir / TILES_NAME, tiles)
-    _write_basemap_image(bm, out_dir / BASEMAP_NAME)
-    build_s = time.perf_counter() - t0
-    names = [EMBEDDINGS_NAME, TILES_NAME, BASEMAP_NAME]
-    ann_entry = None
-    if cfg.ann:
-        ann_entry = _build_ann(out_dir, cfg, n_kept)
-        names += ann_entry["files"]
+
+def _tile_table(g, rows: np.ndarray, cols: np.ndarray, frac: np.ndarray, window: int, stride: int) -> np.ndarray:
+    """The tile table: grid row/column, valid fraction, tile centre in metres and (geo-referenced) lon/lat."""
+    tiles = np.zeros(len(rows), TILE_DTYPE)
+    tiles["row"] = rows
+    tiles["col"] = cols
+    tiles["valid_frac"] = frac
+    half = window / 2.0
+    x, y = g.pixel_to_metric(tiles["col"] * stride + half, tiles["row"] * stride + half)
+    tiles["x_m"], tiles["y_m"] = x, y
+    if g.crs is not None:
+        import pyproj
+
+        tr = pyproj.Transformer.from_crs(g.crs, "EPSG:4326", always_xy=True)
+        tiles["lon_deg"], tiles["lat_deg"] = tr.transform(x, y)
+    else:
+        tiles["lon_deg"], tiles["lat_deg"] = np.nan, np.nan
+    return tiles
+
+
+def _pack_manifest(
+    bm,
+    enc,
+    out_dir: Path,
+    cfg: MapPackConfig,
+    grid,
+    dim: int,
+    n_kept: int,
+    build_s: float,
+    names: list[str],
+    ann: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The pack manifest (``pack.json``): encoder, source, grid, tiles, embeddings, index, config, file hashes."""
+    g = bm.grid
+    window, stride, n_rows, n_cols = grid.tile_px, grid.stride_px, grid.n_rows, grid.n_cols
     src_desc = dict(bm.description)
     if cfg.hash_source and src_desc.get("kind") == "geotiff":
         src_desc["sha256"] = sha256_file(src_desc["path"])
     man_e = enc.manifest
-    manifest = make_manifest(
+    return make_manifest(
         PACK_KIND,
         parent_sha256=man_e["sha256"],
         pack_schema=PACK_SCHEMA,
@@ -277,12 +286,50 @@ def _build(bm, enc, out_dir: Path, cfg: MapPackConfig, window: int, dim: int, pr
             "dtype": [list(f) for f in TILE_DTYPE.descr],
         },
         embeddings={"dim": dim, "dtype": "float16", "unit_norm": True},
-        ann=ann_entry,
+        ann=ann,
         config=asdict(cfg),
         build={"seconds": round(build_s, 2), "tiles_per_s": round(n_rows * n_cols / max(build_s, 1e-9), 1)},
         files={n: sha256_file(out_dir / n) for n in names},
         sarloc_version=__version__,
     )
+
+
+def _build(bm, enc, out_dir: Path, cfg: MapPackConfig, window: int, dim: int, prep, progress: bool, source) -> Path:
+    from tqdm import tqdm
+
+    from sarloc.core.geo import TileGrid
+
+    g = bm.grid
+    stride = _stride_px(g, cfg, window, source)
+    grid = TileGrid(g.width_px, g.height_px, window, stride)
+    n_rows, n_cols = grid.n_rows, grid.n_cols
+    out_dir.mkdir(parents=True, exist_ok=True)
+    raw = out_dir / f".{EMBEDDINGS_NAME}.raw.tmp"
+    t0 = time.perf_counter()
+    bar = tqdm(total=n_rows * n_cols, desc="map pack tiles", unit="tile", disable=not progress)
+    try:
+        with open(raw, "wb") as fraw:
+            rows, cols, frac = _embed_tiles(bm, enc, cfg, grid, prep, dim, fraw, bar)
+        n_kept = len(rows)
+        if n_kept == 0:
+            raise SarlocError(
+                f"basemap {source}: every tile has less than {cfg.min_valid_frac:.0%} valid pixels; nothing to pack"
+            )
+        tiles = _tile_table(g, rows, cols, frac, window, stride)
+        with atomic_path(out_dir / EMBEDDINGS_NAME) as tmp:
+            _write_npy_from_raw(tmp, raw, np.dtype(np.float16), (n_kept, dim))
+    finally:
+        bar.close()
+        raw.unlink(missing_ok=True)
+    save_npy(out_dir / TILES_NAME, tiles)
+    _write_basemap_image(bm, out_dir / BASEMAP_NAME)
+    build_s = time.perf_counter() - t0
+    names = [EMBEDDINGS_NAME, TILES_NAME, BASEMAP_NAME]
+    ann_entry = None
+    if cfg.ann:
+        ann_entry = _build_ann(out_dir, cfg, n_kept)
+        names += ann_entry["files"]
+    manifest = _pack_manifest(bm, enc, out_dir, cfg, grid, dim, n_kept, build_s, names, ann_entry)
     path = atomic_write_json(out_dir / MANIFEST_NAME, manifest)
     skipped = n_rows * n_cols - n_kept
     logger.info("map pack %s: %d tiles (%d skipped), %d-D, %.1f s", out_dir, n_kept, skipped, dim, build_s)

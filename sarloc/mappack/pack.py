@@ -123,6 +123,19 @@ def read_pack_manifest(pack_dir: str | Path) -> dict[str, Any]:
     return man
 
 
+def pack_sha256(pack_dir: str | Path) -> str:
+    """A pack's identity: the sha256 of its manifest ``PACK/pack.json`` (which names the sha256 of every other file).
+
+    Raises:
+        ArtifactError: the manifest is missing or unreadable.
+    """
+    p = Path(pack_dir) / MANIFEST_NAME
+    try:
+        return sha256_file(p)
+    except OSError as e:
+        raise ArtifactError(f"map pack manifest {p} cannot be read ({e.strerror or e}); rebuild the pack") from None
+
+
 def verify_map_pack(pack_dir: str | Path) -> dict[str, Any]:
     """Check every file of a pack against the sha256 in its manifest, and the matrices' shapes.
 
@@ -157,12 +170,15 @@ class MapPack:
     verify: bool = False
     sar_manifest: dict[str, Any] | None = None
     manifest: dict[str, Any] = field(init=False)
+    manifest_sha256: str = field(init=False)
     embeddings: np.ndarray = field(init=False, repr=False)
     tiles: np.ndarray = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
         self.manifest = verify_map_pack(self.path) if self.verify else read_pack_manifest(self.path)
+        # the pack's identity: its manifest holds the sha256 of every other file (run records and replay use it)
+        self.manifest_sha256 = pack_sha256(self.path)
         emb = _load_npy(self.path / EMBEDDINGS_NAME, "embeddings")
         tiles = _load_npy(self.path / TILES_NAME, "tile table")
         e = self.manifest["embeddings"]
@@ -257,7 +273,7 @@ def check_encoder_match(pack_manifest: dict[str, Any], sar_manifest: dict[str, A
         raise ArtifactError(
             f"map pack {pack_path} was built with the encoder of checkpoint {str(have)[:12]}, the SAR encoder comes "
             f"from checkpoint {str(want)[:12]}; rebuild the pack with that export's optical encoder "
-            "(`sarloc map build --encoder EXPORT/optical_encoder.onnx ...`)"
+            "(`sarloc map build --export EXPORT ...`)"
         )
     for key in ("embed_dim", "window_px", "preprocess"):
         if sar_manifest.get(key) != enc.get(key):
@@ -289,6 +305,72 @@ def pack_info(pack_dir: str | Path) -> dict[str, Any]:
         "ann": ann.get("kind") if isinstance(ann, dict) else None,
         "bytes": int(sum(sizes.values())),
     }
+
+
+def pack_footprint(pack_dir: str | Path, points_per_edge: int = 16) -> dict[str, Any]:
+    """The extent of a pack's metric grid as a GeoJSON FeatureCollection of one Polygon (RFC 7946: WGS 84 lon/lat).
+
+    The ring runs counter-clockwise from the south-west corner, each edge densified to ``points_per_edge``
+    segments (a straight edge of a projected grid is curved in lon/lat), and is closed. Tiles skipped as nodata are
+    not cut out: this is the grid the pack covers.
+
+    Raises:
+        ArtifactError: the pack has no geo-reference (``grid.metric_crs`` null), or its grid fields are malformed.
+    """
+    import math
+
+    pack_dir = Path(pack_dir)
+    man = read_pack_manifest(pack_dir)
+    g = man["grid"]
+    crs = g["metric_crs"]
+    if crs is None:
+        raise ArtifactError(
+            f"map pack {pack_dir} has no geo-reference (grid.metric_crs is null: built from a scene without CRS), "
+            "so it has no lon/lat footprint"
+        )
+    x0, y0 = g.get("x0_m"), g.get("y0_m")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in (x0, y0)):
+        raise ArtifactError(f"{pack_dir / MANIFEST_NAME}: grid.x0_m / y0_m must be finite numbers; rebuild the pack")
+    if not (_is_int(g.get("width_px"), 1) and _is_int(g.get("height_px"), 1)):
+        raise ArtifactError(f"{pack_dir / MANIFEST_NAME}: grid.width_px / height_px must be positive integers")
+    import pyproj
+
+    x1, y1 = x0 + g["width_px"] * g["gsd_m"], y0 - g["height_px"] * g["gsd_m"]  # y0 is the top (north) edge
+    corners = [(x0, y1), (x1, y1), (x1, y0), (x0, y0)]  # SW, SE, NE, NW: counter-clockwise
+    n = max(int(points_per_edge), 1)
+    xs, ys = [], []
+    for (ax, ay), (bx, by) in zip(corners, corners[1:] + corners[:1], strict=True):
+        f = np.arange(n) / n
+        xs.append(ax + f * (bx - ax))
+        ys.append(ay + f * (by - ay))
+    try:
+        tr = pyproj.Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+        lon, lat = tr.transform(np.concatenate(xs), np.concatenate(ys))
+    except pyproj.exceptions.ProjError as e:  # CRSError is a ProjError
+        raise ArtifactError(
+            f"map pack {pack_dir}: grid.metric_crs {crs!r} cannot be converted to lon/lat ({e})"
+        ) from None
+    ring = [[round(float(a), 8), round(float(b), 8)] for a, b in zip(lon, lat, strict=True)]
+    if not all(math.isfinite(v) for pt in ring for v in pt):
+        raise ArtifactError(f"map pack {pack_dir}: its grid lies outside the valid area of {crs}; rebuild the pack")
+    ring.append(list(ring[0]))
+    lons, lats = [p[0] for p in ring], [p[1] for p in ring]
+    feature = {
+        "type": "Feature",
+        "bbox": [min(lons), min(lats), max(lons), max(lats)],
+        "geometry": {"type": "Polygon", "coordinates": [ring]},
+        "properties": {
+            "kind": "map pack footprint",
+            "pack": str(pack_dir),
+            "metric_crs": crs,
+            "gsd_m": g["gsd_m"],
+            "width_px": g["width_px"],
+            "height_px": g["height_px"],
+            "tiles": man["tiles"]["count"],
+            "tile_m": g["tile_m"],
+        },
+    }
+    return {"type": "FeatureCollection", "features": [feature]}
 
 
 def save_npy(path: str | Path, arr: np.ndarray) -> Path:

@@ -117,11 +117,13 @@ class BlockScorer:
         return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
     def _native_dot(self, blk: np.ndarray, q: np.ndarray) -> np.ndarray:
+        native = self._native
+        assert native is not None
         n, d = blk.shape
         nq = len(q)
         if self.threads == 1 or n < self.thread_min_rows:
             out = np.empty((nq, n), np.float32)
-            self._native.dot_f16(blk, q, out, n, d, nq)
+            native.dot_f16(blk, q, out, n, d, nq)
             return out
         from concurrent.futures import ThreadPoolExecutor
 
@@ -130,7 +132,7 @@ class BlockScorer:
         spans = list(itertools.pairwise(np.linspace(0, n, self.threads + 1).astype(int)))
         parts = [np.empty((nq, b - a), np.float32) for a, b in spans]
         futs = [
-            self._pool.submit(self._native.dot_f16, blk[a:b], q, o, b - a, d, nq)
+            self._pool.submit(native.dot_f16, blk[a:b], q, o, b - a, d, nq)
             for (a, b), o in zip(spans, parts, strict=True)
         ]
         for f in futs:
@@ -147,10 +149,12 @@ class BlockScorer:
             raise SarlocError(f"scorer: block {blk.shape} and queries {q.shape} do not match")
         if self._native is not None:
             return self._native_dot(blk, q)
+        sess = self._sess
+        assert sess is not None
         out = np.empty((len(q), len(blk)), np.float32)
         for s0 in range(0, len(blk), self.sub_rows):
             sub = blk[s0 : s0 + self.sub_rows]
-            out[:, s0 : s0 + len(sub)] = self._sess.run(None, {"E": sub, "Q": q})[0]
+            out[:, s0 : s0 + len(sub)] = sess.run(None, {"E": sub, "Q": q})[0]
         return out
 
 

@@ -12,7 +12,7 @@ import logging
 import struct
 import zlib
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -31,12 +31,17 @@ FRAME_VERSION = 1
 FLAG_FINAL = 0x01
 #: magic, version u8, flags u8, header-JSON length u32, payload length u32, CRC32(header JSON + payload) u32
 FRAME_HEADER = struct.Struct("<4sBBIII")
-FRAME_DTYPES = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+FRAME_DTYPES: dict[str, np.dtype] = {"uint8": np.dtype("<u1"), "uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 UDP_MAX_BYTES = 60_000
 TCP_MAX_BYTES = 1 << 20
 _FRAME_KEYS = ("row0", "rows", "cols", "dtype")
 # =============================================================================================================
 # stream framing
+
+
+def _is_int(v: Any) -> TypeGuard[int]:
+    """An integer, and not a bool (JSON ``true`` decodes to a bool, which is an int)."""
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _frame_json(meta: StripMeta, row0: int, rows: int, cols: int, dtype: str) -> bytes:
@@ -149,7 +154,7 @@ class FrameDecoder:
         if not isinstance(hdr, dict):
             return False
         rows, cols, dt = hdr.get("rows"), hdr.get("cols"), hdr.get("dtype")
-        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (rows, cols)):
+        if not (_is_int(rows) and _is_int(cols)):
             return False
         if not isinstance(dt, str) or dt not in FRAME_DTYPES:  # a list or dict here is unhashable
             return False

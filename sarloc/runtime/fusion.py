@@ -62,6 +62,38 @@ def _independent(windows: list[WindowFix], members: np.ndarray, conf: np.ndarray
     return len(kept)
 
 
+def _implied_positions(
+    use: list[WindowFix],
+    t_ref_s: float,
+    v: np.ndarray,
+    displacement: Callable[[float, float], np.ndarray] | None,
+) -> np.ndarray:
+    """(N, 2) vehicle positions at ``t_ref_s`` implied by each window fix (moved by ``displacement`` or ``v``)."""
+    if displacement is not None:
+        return np.array([np.asarray(w.vehicle_xy_m) + displacement(w.t_s, t_ref_s) for w in use])
+    return np.array([np.asarray(w.vehicle_xy_m) - v * (w.t_s - t_ref_s) for w in use])  # implied position at t_ref
+
+
+def _verdict(
+    use: list[WindowFix], members: np.ndarray, conf: np.ndarray, cfg: FusionConfig, min_separation_m: float
+) -> tuple[bool, str]:
+    """Whether the consensus of ``members`` is trusted, and why: enough non-overlapping windows agree with more
+    trusted windows for than against it, or one very confident window stands alone and nothing contradicts it."""
+    trusted_windows = [i for i, w in enumerate(use) if w.trusted]
+    n_trusted_in = int(sum(1 for i in members if use[i].trusted))
+    n_trusted_out = len(trusted_windows) - n_trusted_in
+    n_indep = _independent(use, members, conf, min_separation_m)
+    if n_indep >= cfg.min_inliers and n_trusted_in >= 1 and n_trusted_in > n_trusted_out:
+        return True, f"{len(members)} windows agree ({n_indep} not overlapping)"
+    if n_indep == 1 and conf[members].max() >= cfg.single_confidence and n_trusted_out == 0:
+        return True, "one very confident window, none against"
+    return (
+        False,
+        f"{len(members)} agreeing of {len(use)} ({n_indep} not overlapping, {n_trusted_in} trusted, "
+        f"{n_trusted_out} against)",
+    )
+
+
 def strip_consensus(
     windows: list[WindowFix],
     t_ref_s: float,
@@ -104,10 +136,7 @@ def strip_consensus(
             strip_id,
             "no window above the confidence floor",
         )
-    if displacement is not None:
-        p = np.array([np.asarray(w.vehicle_xy_m) + displacement(w.t_s, t_ref_s) for w in use])
-    else:
-        p = np.array([np.asarray(w.vehicle_xy_m) - v * (w.t_s - t_ref_s) for w in use])  # implied position at t_ref
+    p = _implied_positions(use, t_ref_s, v, displacement)
     conf = np.array([w.confidence for w in use])
     sig = np.array([max(w.sigma_m, 1e-3) for w in use])
     d = np.linalg.norm(p[:, None] - p[None], axis=-1)
@@ -123,20 +152,7 @@ def strip_consensus(
     var = max(
         float(np.mean((spread**2).sum(1)) / 2.0) if len(members) > 1 else 0.0, float(np.min(sig[members]) ** 2 / 2.0)
     )
-    trusted_windows = [i for i, w in enumerate(use) if w.trusted]
-    n_trusted_in = int(sum(1 for i in members if use[i].trusted))
-    n_trusted_out = len(trusted_windows) - n_trusted_in
-    n_indep = _independent(use, members, conf, min_separation_m)
-    if n_indep >= cfg.min_inliers and n_trusted_in >= 1 and n_trusted_in > n_trusted_out:
-        trusted, reason = True, f"{len(members)} windows agree ({n_indep} not overlapping)"
-    elif n_indep == 1 and conf[members].max() >= cfg.single_confidence and n_trusted_out == 0:
-        trusted, reason = True, "one very confident window, none against"
-    else:
-        trusted, reason = (
-            False,
-            f"{len(members)} agreeing of {len(use)} ({n_indep} not overlapping, {n_trusted_in} trusted, "
-            f"{n_trusted_out} against)",
-        )
+    trusted, reason = _verdict(use, members, conf, cfg, min_separation_m)
     confidence = float(1.0 - np.prod(1.0 - np.clip(conf[members], 0, 0.999)) ** (1.0 / max(1, len(members)) ** 0.5))
     return Fix(
         t_ref_s,

@@ -14,6 +14,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -71,6 +72,20 @@ class WindowResult:
     stage_ms: dict[str, float] = field(default_factory=dict)
 
 
+def _check_parent(what: str, parent: Any, ckpt: str | None, fix: str) -> None:
+    """Refuse an artifact that does not name the SAR encoder's checkpoint as its parent (one line with the fix)."""
+    if not parent:
+        raise ArtifactError(
+            f"{what} names no parent encoder checkpoint (parent_sha256), so it cannot be matched to the SAR encoder "
+            f"(checkpoint {str(ckpt)[:12]}); {fix}"
+        )
+    if parent != ckpt:
+        raise ArtifactError(
+            f"{what} was made for encoder checkpoint {str(parent)[:12]}, the SAR encoder comes from {str(ckpt)[:12]}; "
+            f"use the one exported with this model, or {fix}"
+        )
+
+
 class Localizer:
     """Embed + search + refine + verify for windows on a map pack's grid.
 
@@ -98,18 +113,16 @@ class Localizer:
             raise SarlocError(f"the localizer needs the SAR encoder, got a {man.get('modality')!r} one")
         check_encoder_match(pack.manifest, man, pack.path)
         ckpt = man.get("checkpoint_sha256")
-        if refiner is not None and refiner.encoder_sha256 not in (None, ckpt):
-            raise ArtifactError(
-                f"refiner {refiner.path} was trained for encoder checkpoint {str(refiner.encoder_sha256)[:12]}, "
-                f"the SAR encoder comes from {str(ckpt)[:12]}; use the refiner exported with this model"
-            )
-        if verifier is not None and verifier.parent_sha256 not in (None, ckpt):
-            raise ArtifactError(
-                f"the verifier was fitted for encoder checkpoint {str(verifier.parent_sha256)[:12]}, the SAR encoder "
-                f"comes from {str(ckpt)[:12]}; use the verifier shipped with this model"
-            )
+        if refiner is not None:
+            fix = "re-export it for this model (`sarloc train-refiner --checkpoint CKPT`)"
+            _check_parent(f"refiner {refiner.path}", refiner.encoder_sha256, ckpt, fix)
+        fit = "re-fit it for this model (`sarloc train-refiner --checkpoint CKPT`)"
+        if verifier is not None:
+            _check_parent(f"verifier {verifier.path or '(in memory)'}", verifier.parent_sha256, ckpt, fit)
+        if shortlister is not None:
+            _check_parent(f"shortlister {shortlister.path or '(in memory)'}", shortlister.parent_sha256, ckpt, fit)
         self.encoder, self.pack, self.refiner, self.verifier, self.cfg = encoder, pack, refiner, verifier, cfg
-        if self.refiner is not None and self.refiner.k != cfg.k:
+        if refiner is not None and refiner.k != cfg.k:
             raise SarlocError(f"refiner {refiner.path.name} takes K={refiner.k} candidates; set k = {refiner.k}")
         self.searcher = PackSearcher(pack)
         self.grid = pack.metric_grid()
@@ -157,8 +170,6 @@ class Localizer:
         verifier = Verifier.load(vp) if vp.is_file() else None
         sp = export_dir / "shortlister.json"
         shortlister = Shortlister.load(sp) if sp.is_file() else None
-        if shortlister is not None and shortlister.parent_sha256 not in (None, enc.manifest.get("checkpoint_sha256")):
-            raise ArtifactError(f"{sp} was fitted for another encoder; use the one exported with this model")
         loc = cls(enc, pack, refiner, verifier, cfg, shortlister=shortlister)
         fp32 = export_dir / "sar_encoder.onnx"
         loc.fallback_onnx = fp32 if fp32.is_file() else None
@@ -253,6 +264,7 @@ class Localizer:
         if self.short_reg is not None and len(res.rows) > self.cfg.k:
             low, low_xy = self.short_reg.scores(win, self.pack.tile_centres_px(res.rows))
             valid = np.ones((1, len(res.rows)), bool)
+            assert self.shortlister is not None  # short_reg is only built with a shortlister (__init__)
             p = self.shortlister.prob(shortlist_features(low[None], res.scores[None].astype(np.float64), valid))[0]
             order = np.argsort(-p, kind="stable")
             if self.cfg.rescore > self.cfg.k and self.registrar is not None:

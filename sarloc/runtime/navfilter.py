@@ -38,6 +38,7 @@ import itertools
 import logging
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -94,7 +95,7 @@ class NavConfig:
     scale_sigma_per_s: float = 0.0005
     init_heading_sigma_deg: float = 3.0
     heading_sigma_deg_per_s: float = 0.05
-    heading_turn_fraction: float = 0.05
+    heading_turn_fraction: float = 0.03
     airspeed_sigma_mps: float = 1.0
     ground_sigma_mps: float = 1.0
     correlation_s: float = 1.0
@@ -170,7 +171,7 @@ class _Event:
     z: np.ndarray
     r: np.ndarray  # fix: 2x2 covariance; motion: 1x1 sigma^2
     seq: int
-    info: dict | None = None
+    info: dict[str, Any] | None = None  # "init": {"x": state, "p": covariance} (see _make_init)
 
 
 @dataclass(frozen=True)
@@ -186,10 +187,16 @@ class _Input:
 @dataclass(frozen=True)
 class _State:
     t_s: float
-    x: np.ndarray
-    p: np.ndarray
+    x: np.ndarray | None  # x and p are None together: motion known, no position yet (before the first consensus)
+    p: np.ndarray | None
     u: _Input | None
     turn_ref: np.ndarray | None = None  # the input direction the last turn was measured from
+
+
+def _xp(st: _State) -> tuple[np.ndarray, np.ndarray]:
+    """(x, P) of a state its caller knows is initialised (predict, turn and update run only on those)."""
+    assert st.x is not None and st.p is not None, "navigation state used before initialisation"
+    return st.x, st.p
 
 
 def _perp(v: np.ndarray) -> np.ndarray:
@@ -240,19 +247,20 @@ class NavFilter:
         dt = t_s - st.t_s
         if dt <= 0:
             return st
+        sx, sp = _xp(st)
         v, var = self._vel_var(st.u, st.t_s + dt / 2.0)
         f = np.eye(_N)
         f[0, 2] = f[1, 3] = dt
         f[0:2, 4] = v * dt  # position moves by ((1 + k) u + d perp(u) + b) dt: linear in the state for a known u
         f[0:2, 5] = _perp(v) * dt
-        x = f @ st.x
+        x = f @ sx
         x[:2] += v * dt
         q = np.zeros((_N, _N))
         q[0, 0] = q[1, 1] = var * min(self.cfg.correlation_s, dt) * dt
         q[2, 2] = q[3, 3] = self.cfg.bias_sigma_mps_per_s**2 * dt
         q[4, 4] = self.cfg.scale_sigma_per_s**2 * dt
         q[5, 5] = math.radians(self.cfg.heading_sigma_deg_per_s) ** 2 * dt
-        return dataclasses.replace(st, t_s=t_s, x=x, p=f @ st.p @ f.T + q)
+        return dataclasses.replace(st, t_s=t_s, x=x, p=f @ sp @ f.T + q)
 
     def _turned(self, st: _State, u: _Input) -> _State:
         """Grow the heading error's variance by ``heading_turn_fraction`` of the turn since the last input."""
@@ -264,7 +272,7 @@ class NavFilter:
         turn = abs(math.atan2(prev[0] * u.v[1] - prev[1] * u.v[0], float(prev @ u.v)))
         if turn < _TURN_STEP_RAD:  # measured from a held reference: the input's noise is not a turn
             return st
-        p = st.p.copy()
+        p = _xp(st)[1].copy()
         # one-sigma grows linearly with the angle turned (a yaw error proportional to the turn, like a gyro scale
         # error), not with its square root: a 90 degree turn at 10 Hz is many small steps
         p[5, 5] = (math.sqrt(p[5, 5]) + self.cfg.heading_turn_fraction * turn) ** 2
@@ -274,12 +282,13 @@ class NavFilter:
     def _update(st: _State, ev: _Event) -> _State:
         """Kalman update with a position fix."""
         h = _H_POS
-        y = ev.z - h @ st.x
-        s = h @ st.p @ h.T + ev.r
-        k = st.p @ h.T @ np.linalg.inv(s)
+        sx, sp = _xp(st)
+        y = ev.z - h @ sx
+        s = h @ sp @ h.T + ev.r
+        k = sp @ h.T @ np.linalg.inv(s)
         ikh = np.eye(_N) - k @ h
-        p = ikh @ st.p @ ikh.T + k @ ev.r @ k.T  # Joseph form: stays symmetric positive definite
-        return dataclasses.replace(st, x=st.x + k @ y, p=0.5 * (p + p.T))
+        p = ikh @ sp @ ikh.T + k @ ev.r @ k.T  # Joseph form: stays symmetric positive definite
+        return dataclasses.replace(st, x=sx + k @ y, p=0.5 * (p + p.T))
 
     # ------------------------------------------------------------------------------------------ history
     def _state_before(self, i: int) -> _State | None:
@@ -305,6 +314,7 @@ class NavFilter:
                     st = dataclasses.replace(self._predict(st, ev.t_s), u=u)
                     st = self._turned(st, u)
             elif ev.kind == "init":
+                assert ev.info is not None  # _make_init sets info when it makes an event "init"
                 u0 = None if st is None else st.u
                 st = _State(ev.t_s, ev.info["x"], ev.info["p"], u0, None if u0 is None else u0.v)
             elif st is not None and st.x is not None:
@@ -499,7 +509,7 @@ class NavFilter:
     def state(self, t_s: float) -> tuple[np.ndarray, np.ndarray] | None:
         """(x, P) at ``t_s``: from the last event at or before it, predicted; None when not initialised then."""
         st = self._state_at(t_s)
-        return None if st is None else (st.x, st.p)
+        return None if st is None else _xp(st)
 
     def _state_at(self, t_s: float) -> _State | None:
         st = self._state_before(bisect.bisect_right(self._keys, (t_s, math.inf)))
@@ -531,20 +541,19 @@ class NavFilter:
         st = self._state_at(t_s)
         if st is None:
             return None
+        x, p = _xp(st)  # _state_at returns initialised states only
         v, var = self._vel_var(st.u, t_s)
-        sigma_h = _sigma(st.p[:2, :2])
-        vel = v * (1 + st.x[4]) + st.x[5] * _perp(v) + st.x[2:4]
+        sigma_h = _sigma(p[:2, :2])
+        vel = v * (1 + x[4]) + x[5] * _perp(v) + x[2:4]
         return NavEstimate(
             t_s=float(t_s),
-            xy_m=(float(st.x[0]), float(st.x[1])),
+            xy_m=(float(x[0]), float(x[1])),
             vel_mps=(float(vel[0]), float(vel[1])),
-            bias_mps=(float(st.x[2]), float(st.x[3])),
-            scale=float(st.x[4]),
-            heading_offset_deg=math.degrees(float(st.x[5])),
+            bias_mps=(float(x[2]), float(x[3])),
+            scale=float(x[4]),
+            heading_offset_deg=math.degrees(float(x[5])),
             sigma_h_m=sigma_h,
-            sigma_v_mps=math.sqrt(
-                var + _sigma(st.p[2:4, 2:4]) ** 2 + (float(st.p[4, 4]) + float(st.p[5, 5])) * float(v @ v)
-            ),
+            sigma_v_mps=math.sqrt(var + _sigma(p[2:4, 2:4]) ** 2 + (float(p[4, 4]) + float(p[5, 5])) * float(v @ v)),
             valid=sigma_h <= self.cfg.max_sigma_m,
             since_fix_s=float(t_s - self.last_fix_s) if self.last_fix_s is not None else math.inf,
         )

@@ -22,17 +22,19 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self, TypeGuard
 
 import numpy as np
 
-from sarloc.core.artifacts import atomic_write_json, make_manifest, sha256_file
+from sarloc.core.artifacts import atomic_write_json, make_manifest, sha256_bytes, sha256_file
 from sarloc.core.errors import ArtifactError, SarlocError
 
 logger = logging.getLogger(__name__)
 
 VERIFIER_KIND = "sarloc.verifier"
 REFINER_KIND = "sarloc.refiner"
+#: coarse similarities as logits: the graph refiner's initial scale (its logits are ``scale * sim + head``)
+COARSE_LOGIT_SCALE = 20.0
 
 
 @dataclass
@@ -75,7 +77,7 @@ def candidate_scores(c: Candidates, refiner: OnnxRefiner | None = None) -> np.nd
     return np.where(c.valid, s, -np.inf)
 
 
-def _pos_int(v: Any) -> bool:
+def _pos_int(v: Any) -> TypeGuard[int]:
     return isinstance(v, int) and not isinstance(v, bool) and v > 0
 
 
@@ -125,14 +127,61 @@ class OnnxRefiner:
     def encoder_sha256(self) -> str | None:
         return self.manifest.get("parent_sha256")
 
+    @property
+    def edges(self) -> int:
+        """Neighbours each candidate attends to (besides itself); unknown (older manifest): K - 1, all of them."""
+        e = self.cfg.get("edges")
+        return int(e) if _pos_int(e) else self.k - 1
+
     def __call__(self, c: Candidates) -> np.ndarray:
+        """(Q, K) logits; a padded list scores its valid candidates as the list of them alone would.
+
+        The exported graph has a fixed K and no mask input, so padding (``valid`` False) is made harmless
+        (:func:`isolate_padding`): when more than ``edges`` candidates are valid, the padding is moved out of every
+        valid candidate's neighbourhood and cannot change their scores; with fewer, every candidate would have to
+        attend to padding, and the list gets the coarse similarities as logits (``COARSE_LOGIT_SCALE * sim``).
+        Invalid candidates' logits are meaningless (:func:`candidate_scores` sets them to -inf).
+        """
         if c.k != self.k or c.emb.shape[2] != int(self.cfg["embed_dim"]):
             raise SarlocError(
                 f"refiner {self.path.name} takes K={self.k} candidates of dim {self.cfg['embed_dim']}, "
                 f"got K={c.k}, dim {c.emb.shape[2]}"
             )
-        feeds = {"query": c.query.astype(np.float32), "cands": c.emb.astype(np.float32), "offsets": c.offsets()}
-        return self.sess.run(["logits"], feeds)[0].astype(np.float64)
+        emb, offsets, coarse = isolate_padding(c, self.edges)
+        feeds = {"query": c.query.astype(np.float32), "cands": emb, "offsets": offsets}
+        out = self.sess.run(["logits"], feeds)[0].astype(np.float64)
+        if coarse.any():
+            out[coarse] = COARSE_LOGIT_SCALE * np.asarray(c.sims, np.float64)[coarse]
+        return out
+
+
+def isolate_padding(c: Candidates, edges: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Refiner inputs in which padding cannot reach the valid candidates of a list.
+
+    For each list with some padding and more than ``edges`` valid candidates, the padding gets the embedding of
+    the valid candidate most similar to the query (so the list's best similarity, an input of every node, is
+    unchanged) and a position far beyond every valid one (so it is in no valid candidate's ``edges`` nearest, and
+    attention never reaches it). Offsets are taken from the first valid candidate.
+
+    Returns:
+        (Q, K, D) float32 embeddings, (Q, K, 2) float32 offsets, and (Q,) bool: the lists with padding and at
+        most ``edges`` valid candidates, which the graph cannot score without the padding.
+    """
+    valid = np.asarray(c.valid, bool)
+    emb = np.array(c.emb, np.float32)
+    q = len(valid)
+    ref = np.argmax(valid, axis=1)  # the first valid candidate (0 for a list without any)
+    offsets = (c.xy - c.xy[np.arange(q), ref][:, None]).astype(np.float32)
+    n = valid.sum(1)
+    padded = (n > 0) & (n < valid.shape[1])
+    for i in np.flatnonzero(padded & (n > edges)):
+        v = valid[i]
+        idx = np.flatnonzero(v)
+        best = idx[np.argmax(emb[i, idx] @ np.asarray(c.query[i], np.float32))]
+        emb[i, ~v] = emb[i, best]
+        span = float(np.abs(offsets[i, v]).max())
+        offsets[i, ~v] = 10.0 * (span + 1.0)  # > 3 x the largest distance between valid candidates
+    return emb, offsets, padded & (n <= edges)
 
 
 # ---------------------------------------------------------------------------------------------- verification
@@ -156,7 +205,7 @@ def candidate_features(
     """
     rs = np.where(valid, rank_scores, -1e9)
     if np.allclose(rank_scores[valid], sims[valid]):
-        rs = np.where(valid, 20.0 * sims, -1e9)
+        rs = np.where(valid, COARSE_LOGIT_SCALE * sims, -1e9)
     lp = rs - rs.max(1, keepdims=True)
     lp = lp - np.log(np.exp(lp).sum(1, keepdims=True))
     reg = np.where(valid, reg_score, -1.0)
@@ -184,7 +233,7 @@ class Verifier:
     Fitted by Newton's method with a small L2 penalty (:meth:`fit`); saved as JSON with its parent's hash.
     """
 
-    FEATURES = FEATURES
+    FEATURES: tuple[str, ...] = FEATURES  # subclasses (Shortlister) score other features
     KIND = VERIFIER_KIND
 
     def __init__(
@@ -201,6 +250,8 @@ class Verifier:
         self.radius_px = float(radius_px)
         self.meta = meta or {}
         self.parent_sha256: str | None = None  # set by :meth:`load` from the file's manifest
+        self.sha256: str | None = None  # set by :meth:`load`: the file's own hash (run records name it)
+        self.path: Path | None = None  # set by :meth:`load`
         if self.w.shape != (len(self.FEATURES) + 1,) or not self.mean.shape == self.std.shape == (len(self.FEATURES),):
             raise ArtifactError(
                 f"{self.KIND} weights must have {len(self.FEATURES) + 1} entries and mean/std {len(self.FEATURES)}, "
@@ -220,7 +271,7 @@ class Verifier:
         radius_px: float,
         l2: float = 1e-2,
         meta: dict[str, Any] | None = None,
-    ) -> Verifier:
+    ) -> Self:
         """Fit on (N, F) features and (N,) bool labels (every candidate of every training query)."""
         x = feats.reshape(-1, feats.shape[-1])
         y = correct.reshape(-1).astype(np.float64)
@@ -251,10 +302,11 @@ class Verifier:
         return atomic_write_json(Path(path), man)
 
     @classmethod
-    def load(cls, path: str | Path) -> Verifier:
+    def load(cls, path: str | Path) -> Self:
         path = Path(path)
         try:
-            m = json.loads(path.read_text())
+            data = path.read_bytes()
+            m = json.loads(data.decode("utf-8"))
         except (OSError, ValueError, RecursionError) as e:  # ValueError: bad UTF-8 or JSON, an int of > 4300 digits
             raise ArtifactError(
                 f"cannot read {cls.KIND} {path}: {str(e)[:200]}; re-run `sarloc train-refiner`"
@@ -279,6 +331,7 @@ class Verifier:
         out = cls(w, mean, std, radius, meta)
         parent = m.get("parent_sha256")
         out.parent_sha256 = parent if isinstance(parent, str) else None
+        out.sha256, out.path = sha256_bytes(data), path
         return out
 
 
@@ -313,6 +366,7 @@ def softmax_rows(s: np.ndarray) -> np.ndarray:
 
 
 __all__ = [
+    "COARSE_LOGIT_SCALE",
     "FEATURES",
     "SHORTLIST_FEATURES",
     "Candidates",
@@ -321,6 +375,7 @@ __all__ = [
     "Verifier",
     "candidate_features",
     "candidate_scores",
+    "isolate_padding",
     "shortlist_features",
     "softmax_rows",
 ]

@@ -150,7 +150,7 @@ class DirSource(StripSource):
         self._failed: dict[str, tuple[int, int]] = {}
 
     def _candidates(self) -> list[Path]:
-        out = []
+        out: list[Path] = []
         try:
             entries = sorted(self.folder.iterdir(), key=lambda p: p.name)
         except OSError as e:

@@ -204,6 +204,7 @@ def window_grid(
     p = math.radians(heading_deg)
     e = 0.5 * window_px * s * (abs(math.cos(p)) + abs(math.sin(p)))
     stride = float(stride_px) * s
+    cols: np.ndarray
     if width_px + 1e-9 < 2 * e:
         cols = np.zeros(0)
     else:
@@ -329,6 +330,7 @@ class WindowStream:
             self.stats["windows_skipped"] += lost * len(st.grid.cols)
             st.buf = pix
         else:
+            assert st is not None  # not new: the block continues the current strip
             st.buf = np.concatenate([st.buf, pix]) if st.buf.size else pix
         if block.final:
             st.height = int(block.row0 + pix.shape[0])

@@ -18,7 +18,8 @@ Pieces (each a process or a thread, talking MAVLink and UDP on the loopback inte
    passed, the simulated GNSS is switched off (``SIM_GPS1_ENABLE=0``): from then on the autopilot navigates on
    sarloc alone, to the end of the mission and home.
 5. Everything is recorded (``telemetry.jsonl``: truth, the autopilot's own estimate, EKF flags, GPS echoes, status
-   texts; ``daemon/records.jsonl``; ``events.json``) and :func:`analyse` turns it into numbers and plots.
+   texts; ``daemon/records.jsonl``; ``events.json``) and :func:`~sarloc.sim.closed_loop_analysis.analyse` (re-exported
+   here) turns it into numbers and plots.
 
 Time: the simulator runs at ``speedup`` 1 (real time) and every component stamps with this computer's UNIX clock,
 which the daemon uses as ``clock = unix`` (the autopilot's clock is SITL's, started from the same UNIX time).
@@ -26,8 +27,6 @@ which the daemon uses as ``clock = unix`` (the autopilot's clock is SITL's, star
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import math
 import os
@@ -38,12 +37,11 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import IO, Any
 
 from sarloc.core.artifacts import atomic_write_json
 from sarloc.core.errors import SarlocError
+from sarloc.sim.closed_loop_analysis import analyse
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +125,7 @@ def _prepare(cfg: ClosedLoopConfig, out: Path):
     from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
     from sarloc.core.scene import load_scene
     from sarloc.mappack.build import MapPackConfig, build_map_pack
-    from sarloc.sim.live_strips import geo_place_scene
+    from sarloc.sim.placement import geo_place_scene
 
     scene = load_scene(cfg.scene)
     if not scene.frame.georeferenced:
@@ -245,6 +243,47 @@ class _Feeder:
                     logger.warning("strip simulator: %s", e)
 
 
+def _autopilot_params(cfg: ClosedLoopConfig) -> dict[str, float]:
+    """The autopilot parameters of a flight: the closed loop's, the vehicle's, the test flight's, then extras."""
+    return {
+        **AUTOPILOT_PARAMS["common"],
+        **AUTOPILOT_PARAMS[cfg.vehicle],
+        **FLIGHT_PARAMS[cfg.vehicle],
+        **cfg.extra_params,
+    }
+
+
+def _start_daemon(toml: Path, out: Path) -> tuple[subprocess.Popen, IO[bytes]]:
+    """Start ``sarloc run --config toml`` in a child process logging to ``out/daemon.log``; returns it and the log."""
+    log = open(out / "daemon.log", "wb")
+    daemon = subprocess.Popen(
+        [sys.executable, "-m", "sarloc.cli", "run", "--config", str(toml)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    return daemon, log
+
+
+def _shut_down(daemon: subprocess.Popen, log: IO[bytes], rec, feeder: _Feeder, vehicle, events: dict[str, Any]) -> None:
+    """Stop the daemon (TERM, KILL after 20 s), the recorder and the strip feeder; record what they report."""
+    events["statustexts"] = vehicle.statustexts
+    t = time.time()
+    daemon.send_signal(signal.SIGTERM)
+    try:
+        events["daemon_rc"] = daemon.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        daemon.kill()
+        events["daemon_rc"] = "killed after 20 s"
+    events["daemon_stop_s"] = time.time() - t
+    log.close()
+    rec.stop()
+    feeder.udp.close()
+    events["strips_truth"] = feeder.cutter.truth()
+    events["feeder"] = {**feeder.udp.stats(), "errors": feeder.errors}
+    vehicle.close()
+
+
 def run_closed_loop(cfg: ClosedLoopConfig) -> dict[str, Any]:
     """Fly one closed loop (module docstring) and return :func:`analyse`'s results (also in ``out/result.json``).
 
@@ -263,12 +302,7 @@ def run_closed_loop(cfg: ClosedLoopConfig) -> dict[str, Any]:
         (out / name).unlink(missing_ok=True)
     scene, export, pack, home = _prepare(cfg, out)
     wps, laps = _mission(scene, home, cfg)
-    params = {
-        **AUTOPILOT_PARAMS["common"],
-        **AUTOPILOT_PARAMS[cfg.vehicle],
-        **FLIGHT_PARAMS[cfg.vehicle],
-        **cfg.extra_params,
-    }
+    params = _autopilot_params(cfg)
     events: dict[str, Any] = {
         "config": asdict(cfg),
         "home": [home[0], home[1], cfg.home_alt_m],
@@ -281,7 +315,6 @@ def run_closed_loop(cfg: ClosedLoopConfig) -> dict[str, Any]:
     sitl_cfg = SitlConfig(
         vehicle=cfg.vehicle, instance=cfg.instance, home=(home[0], home[1], cfg.home_alt_m, 0.0), params=params
     )
-    daemon = None
     t_start = time.time()
     with Sitl(sitl_cfg) as sitl:
         events["sitl_log"] = str(sitl.log_path)
@@ -291,13 +324,7 @@ def run_closed_loop(cfg: ClosedLoopConfig) -> dict[str, Any]:
         rec.on_truth(feeder)
         rec.start()
         toml = _daemon_config(cfg, export, pack, out, port, sitl.serial1_url)
-        log = open(out / "daemon.log", "wb")
-        daemon = subprocess.Popen(
-            [sys.executable, "-m", "sarloc.cli", "run", "--config", str(toml)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "OMP_NUM_THREADS": "1"},
-        )
+        daemon, log = _start_daemon(toml, out)
         try:
             vehicle.wait_ekf_ready(120)
             vehicle.upload_mission(wps, takeoff_alt_m=cfg.alt_m)
@@ -307,21 +334,7 @@ def run_closed_loop(cfg: ClosedLoopConfig) -> dict[str, Any]:
             events["mission_start_wall_s"] = time.time()
             _fly(cfg, vehicle, rec, daemon, events, len(wps) + 2, t_start)
         finally:
-            events["statustexts"] = vehicle.statustexts
-            t = time.time()
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                events["daemon_rc"] = daemon.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                events["daemon_rc"] = "killed after 20 s"
-            events["daemon_stop_s"] = time.time() - t
-            log.close()
-            rec.stop()
-            feeder.udp.close()
-            events["strips_truth"] = feeder.cutter.truth()
-            events["feeder"] = {**feeder.udp.stats(), "errors": feeder.errors}
-            vehicle.close()
+            _shut_down(daemon, log, rec, feeder, vehicle, events)
             atomic_write_json(out / "events.json", events)
     res = analyse(out)
     atomic_write_json(out / "result.json", res)
@@ -376,217 +389,3 @@ def _fly(cfg, vehicle, rec, daemon, events: dict[str, Any], rtl_seq: int, t_star
             if now - events["rtl_wall_s"] > cfg.rtl_hold_s:
                 return  # a plane loiters over home after RTL; a copter that has not landed yet is reported so
     events["timed_out"] = True
-
-
-# ------------------------------------------------------------------------------------------------ analysis
-
-
-def _load_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    if not path.is_file():
-        return out
-    for line in path.read_bytes().splitlines():
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(r, dict):
-            out.append(r)
-    return out
-
-
-def _pct(a: np.ndarray, q: float) -> float | None:
-    return float(np.percentile(a, q)) if len(a) else None
-
-
-def analyse(out_dir: str | Path, plots: bool = True) -> dict[str, Any]:
-    """Numbers (and plots) of a recorded closed loop: the autopilot's own position error against the truth, EKF
-    events after the denial, fix availability, false fixes, latency, whether it came home."""
-    import pyproj
-
-    out = Path(out_dir)
-    ev = json.loads((out / "events.json").read_text())
-    tel = _load_jsonl(out / "telemetry.jsonl")
-    recs = _load_jsonl(out / "daemon" / "records.jsonl")
-    pack_json = json.loads((Path(ev["pack"]) / "pack.json").read_text())
-    grid = pack_json["grid"]
-    crs, gsd = grid["metric_crs"], float(grid["gsd_m"])
-    to_m = pyproj.Transformer.from_crs("EPSG:4326", crs, always_xy=True)
-
-    truth = np.array(
-        [
-            (r["wall_s"], *to_m.transform(r["lon_deg"], r["lat_deg"]))
-            for r in tel
-            if r["type"] == "truth" and (r["lat_deg"] or r["lon_deg"])
-        ]
-    )
-    if len(truth) < 2:
-        raise SarlocError(f"{out}: no simulator truth recorded")
-
-    def truth_xy(t: np.ndarray) -> np.ndarray:
-        return np.stack([np.interp(t, truth[:, 0], truth[:, 1]), np.interp(t, truth[:, 0], truth[:, 2])], axis=1)
-
-    gpi = [r for r in tel if r["type"] == "GLOBAL_POSITION_INT" and r["lat"] and r["lon"]]
-    est = np.array([(r["wall_s"], *to_m.transform(r["lon"] * 1e-7, r["lat"] * 1e-7)) for r in gpi])
-    est = est[np.hypot(*(est[:, 1:] - truth_xy(est[:, 0])).T) < 50_000.0]  # before the EKF's origin: no estimate
-    t_deny = ev.get("denied_wall_s")
-    t_end = ev.get("rtl_wall_s") or (truth[-1, 0] if t_deny else None)
-    res: dict[str, Any] = {
-        "vehicle": ev["config"]["vehicle"],
-        "scene": Path(ev["config"]["scene"]).name,
-        "map_gsd_m": gsd,
-        "denied": t_deny is not None,
-        "params": ev["params"],
-    }
-    if t_deny is None:
-        res["note"] = "GNSS was never denied (sarloc's position never reached the autopilot)"
-        return res
-    after = est[:, 0] >= t_deny
-    e_all = np.hypot(*(est[:, 1:] - truth_xy(est[:, 0])).T)
-    e = e_all[after & (est[:, 0] <= truth[-1, 0])]
-    res["denied_s"] = float(truth[-1, 0] - t_deny)
-    res["denied_until_rtl_s"] = float(t_end - t_deny) if t_end else None
-
-    def stats(err: np.ndarray) -> dict[str, float | None]:
-        return {
-            "median": _pct(err, 50),
-            "p99": _pct(err, 99),
-            "max": float(err.max()) if len(err) else None,
-            "median_px": _pct(err / gsd, 50),
-            "p99_px": _pct(err / gsd, 99),
-        }
-
-    res["autopilot_error_m"] = {**stats(e), "before_denial_median": _pct(e_all[~after], 50)}
-    if t_end:  # the mission itself, and the return home (a plane circles over home: no SAR strips then)
-        in_mission = after & (est[:, 0] <= t_end)
-        res["autopilot_error_mission_m"] = stats(e_all[in_mission])
-        res["autopilot_error_rtl_m"] = stats(e_all[est[:, 0] > t_end])
-    # silent position resets: a step of the autopilot's position beyond what its own velocity explains
-    vel = {r["wall_s"]: (r["vx"] * 0.01, r["vy"] * 0.01) for r in gpi}
-    steps = []
-    for (t0, x0, y0), (t1, x1, y1) in itertools.pairwise(est):
-        vn, ve = vel.get(t0, (0.0, 0.0))
-        steps.append((t1, float(np.hypot(x1 - x0 - ve * (t1 - t0), y1 - y0 - vn * (t1 - t0)))))
-    st_after = [d for t, d in steps if t >= t_deny + 2.0]
-    st_switch = [d for t, d in steps if t_deny <= t < t_deny + 2.0]
-    res["autopilot_position_steps_m"] = {
-        "at_switch_max": max(st_switch) if st_switch else None,
-        "after_switch_max": max(st_after) if st_after else None,
-        "after_switch_over_5m": sum(d > 5.0 for d in st_after),
-    }
-    # EKF and GPS events after the denial
-    texts = [(t, s) for t, _, s in ev.get("statustexts", []) if t >= t_deny]
-    bad_words = ("glitch", "reset", "lane switch", "stopped aiding", "gps yaw", "failsafe", "dcm active", "variance")
-    res["statustexts_after_denial"] = [s for _, s in texts]
-    res["ekf_warnings_after_denial"] = [s for _, s in texts if any(w in s.lower() for w in bad_words)]
-    raw = [r for r in tel if r["type"] == "GPS_RAW_INT" and r["wall_s"] >= t_deny]
-    first_ok = next((r["wall_s"] for r in raw if r["fix_type"] >= 3), None)
-    res["primary_gps_fix_after_denial_s"] = None if first_ok is None else first_ok - t_deny
-    ekf = [r for r in tel if r["type"] == "EKF_STATUS_REPORT" and r["wall_s"] >= t_deny]
-    pos_abs = [r for r in ekf if r["flags"] & 0x10 and not r["flags"] & 0x80]  # POS_HORIZ_ABS, not CONST_POS
-    res["ekf_abs_position_fraction"] = len(pos_abs) / len(ekf) if ekf else None
-    res["ekf_const_pos_mode_reports"] = sum(1 for r in ekf if r["flags"] & 0x80)
-    # availability: the autopilot's echo of sarloc's GPS (GPS2_RAW) with a 3-D fix
-    g2 = [r for r in tel if r["type"] == "GPS2_RAW" and r["wall_s"] >= t_deny and r["wall_s"] <= (t_end or 1e18)]
-    res["availability"] = sum(r["fix_type"] >= 3 for r in g2) / len(g2) if g2 else None
-    # the daemon: windows applied, false fixes (> 5 map pixels from the truth at their acquisition time)
-    wins = [r for r in recs if r.get("type") == "window" and r.get("vehicle_xy_m")]
-    applied = [w for w in wins if w.get("nav") == "applied" or str(w.get("nav", "")).startswith("consensus")]
-    if applied:
-        wt = np.array([w["t_s"] for w in applied])
-        wxy = np.array([w["vehicle_xy_m"] for w in applied])
-        werr = np.hypot(*(wxy - truth_xy(wt)).T)
-        lat = np.array([w["wall_s"] - w["t_s"] for w in applied])
-        res["windows"] = {
-            "total": len(wins),
-            "applied": len(applied),
-            "applied_error_median_m": _pct(werr, 50),
-            "false_applied_gt5px": int((werr > 5 * gsd).sum()),
-            "latency_acquisition_to_applied_s": {"median": _pct(lat, 50), "p95": _pct(lat, 95)},
-        }
-    navr = [r for r in recs if r.get("type") == "nav" and "event" not in r and r.get("valid")]
-    if navr:
-        nt = np.array([r["wall_s"] for r in navr])
-        nxy = np.array([r["xy_m"] for r in navr])
-        ne = np.hypot(*(nxy - truth_xy(nt)).T)
-        m = nt >= t_deny
-        res["sent_position_error_m"] = {"median": _pct(ne[m], 50), "p99": _pct(ne[m], 99)}
-    stop = next((r for r in reversed(recs) if r.get("type") == "stop"), None)
-    if stop:
-        res["daemon"] = {k: stop["stats"].get(k) for k in ("windows", "windows_applied", "windows_gated", "output")}
-        res["daemon"]["nav"] = stop["stats"].get("nav")
-        res["daemon"]["mavlink"] = stop["stats"].get("mavlink")
-    res["daemon_stop_s"] = ev.get("daemon_stop_s")
-    # home: distance from home at the end
-    home_xy = np.array(to_m.transform(ev["home"][1], ev["home"][0]))
-    res["final_distance_from_home_m"] = float(np.hypot(*(truth[-1, 1:] - home_xy)))
-    res["returned_home"] = bool(ev.get("rtl_wall_s")) and res["final_distance_from_home_m"] < 300.0
-    res["timed_out"] = bool(ev.get("timed_out"))
-    if plots:
-        try:
-            res["plots"] = _plots(out, truth, est, e_all, t_deny, t_end, g2, gsd, home_xy, ev)
-        except ImportError:
-            logger.warning("matplotlib missing: no closed-loop plots")
-    return res
-
-
-def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from sarloc.core.scene import load_scene
-
-    paths = []
-    scene = load_scene(ev["scene"])
-    f = scene.frame
-    hx, hy = float(home_xy[0]), float(home_xy[1])
-    (x0, x1), (y0, y1) = (np.asarray(v, float) for v in f.pixel_to_metric([0.0, f.width_px], [0.0, f.height_px]))
-    x0, x1, y0, y1 = x0 - hx, x1 - hx, y0 - hy, y1 - hy
-    fig, ax = plt.subplots(figsize=(7, 7))
-    source = str((scene.meta.get("placement") or {}).get("source_scene", scene.path))
-    if "shared/data" not in source:  # research-only scenes are never drawn: their results are numbers only
-        img = np.asarray(scene.optical_gray, float)
-        lo, hi = np.percentile(img, (2, 98))
-        ax.imshow(np.clip((img - lo) / max(hi - lo, 1e-9), 0, 1), cmap="gray", extent=(x0, x1, y1, y0))
-    ax.plot(truth[:, 1] - hx, truth[:, 2] - hy, "-", color="#2ca02c", lw=1.2, label="truth (simulator)")
-    m = est[:, 0] >= t_deny
-    ax.plot(est[~m, 1] - hx, est[~m, 2] - hy, ".", color="#1f77b4", ms=1.5, label="autopilot estimate, GNSS")
-    ax.plot(est[m, 1] - hx, est[m, 2] - hy, ".", color="#d62728", ms=1.5, label="autopilot estimate, sarloc only")
-    ax.plot(0.0, 0.0, "k*", ms=12, label="home")
-    i = min(int(np.searchsorted(truth[:, 0], t_deny)), len(truth) - 1)
-    ax.plot(truth[i, 1] - hx, truth[i, 2] - hy, "kx", ms=10, label="GNSS denied")
-    ax.annotate("N", xy=(0.95, 0.95), xytext=(0.95, 0.86), xycoords="axes fraction", ha="center",
-                arrowprops={"arrowstyle": "-|>", "color": "w"}, color="w")  # fmt: skip
-    span = np.concatenate([truth[:, 1:] - (hx, hy), est[:, 1:] - (hx, hy)])
-    lo_xy, hi_xy = span.min(axis=0) - 800.0, span.max(axis=0) + 800.0
-    ax.set_xlim(lo_xy[0], hi_xy[0])
-    ax.set_ylim(lo_xy[1], hi_xy[1])
-    ax.set_xlabel("east of home (m)")
-    ax.set_ylabel("north of home (m)")
-    ax.set_aspect("equal")
-    ax.legend(loc="lower left", fontsize=8)
-    ax.set_title(f"{ev['config']['vehicle']} over {Path(ev['scene']).name}: closed loop with ArduPilot SITL")
-    p = out / "track.png"
-    fig.savefig(p, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(str(p))
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
-    t = est[:, 0] - t_deny
-    a1.plot(t, err, lw=0.8)
-    a1.axvline(0, color="k", ls="--", lw=0.8)
-    a1.axhline(2 * gsd, color="g", ls=":", lw=0.8, label="2 map px")
-    a1.axhline(5 * gsd, color="r", ls=":", lw=0.8, label="5 map px")
-    a1.set_ylabel("autopilot error (m)")
-    a1.legend(fontsize=8)
-    if g2:
-        tg = np.array([r["wall_s"] for r in g2]) - t_deny
-        a2.plot(tg, [r["fix_type"] for r in g2], drawstyle="steps-post")
-    a2.set_ylabel("GPS2 (sarloc) fix type")
-    a2.set_xlabel("time since GNSS denial (s)")
-    p = out / "error.png"
-    fig.savefig(p, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    paths.append(str(p))
-    return paths

@@ -214,6 +214,221 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
         np.save(f, arr)
 
 
+def _check_args(
+    track: str,
+    strip_width_px: int,
+    strip_rows: int,
+    n_strips: int | None,
+    seed: int,
+    speed_mps: float,
+    speckle_looks: float | None,
+    prior_sigma_m: float | None,
+    finite: dict[str, Any],
+) -> tuple[int, int, int | None, int, float | None, float | None, float | None]:
+    """Checked ``(width, rows, n_strips, seed, speed, looks, prior_sigma)``; ``finite`` holds the values that must
+    be finite numbers when set (``across_offset_m``, ``t_start_s``, ``heading_deg``).
+
+    Raises:
+        ConfigError: a parameter is out of range.
+    """
+    if track not in TRACKS:
+        raise ConfigError(f"simulate: unknown track {track!r}; use one of {', '.join(TRACKS)}")
+    width = _check_int("strip_width_px", strip_width_px, 2)
+    rows = _check_int("strip_rows", strip_rows, 2)
+    if n_strips is not None:
+        n_strips = _check_int("n_strips", n_strips, 1)
+    seed = _check_int("seed", seed, 0)
+    speed = _check_pos("speed_mps", speed_mps)
+    looks = _check_pos("speckle_looks", speckle_looks, optional=True)
+    prior_sigma = _check_pos("prior_sigma_m", prior_sigma_m, optional=True)
+    for name, v in finite.items():
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+            raise ConfigError(f"simulate: {name}={v!r} must be a finite number")
+    return width, rows, n_strips, seed, speed, looks, prior_sigma
+
+
+def _prepare_out(out: Path, force: bool) -> None:
+    """Refuse an unusable output folder; with ``force``, remove the strips and truth of a previous flight.
+
+    Raises:
+        SarlocError: ``out`` is a file, or a non-empty folder without ``force``.
+    """
+    if out.exists() and not out.is_dir():
+        raise SarlocError(f"simulate: {out} exists and is not a folder; choose another output path")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise SarlocError(f"simulate: output folder {out} is not empty; choose an empty folder or pass force=True")
+        for p in [*out.glob("strip_*.npy"), *out.glob("strip_*.json"), out / "truth.json"]:
+            p.unlink(missing_ok=True)
+
+
+def _place(
+    plan: list[_Planned],
+    g: _Geometry,
+    room: tuple[float, float],
+    sc: Scene,
+    affine: tuple[np.ndarray, Any],
+    plan_rng: np.random.Generator,
+) -> np.ndarray:
+    """The track origin (metres): its pixel bounding box at a seeded random spot inside the margins.
+
+    Raises:
+        SarlocError: the placed track leaves the scene.
+    """
+    frame = sc.frame
+    a, _ = affine
+    minv = np.linalg.inv(a[:, :2])
+    box = _bbox_px(plan, g, minv)
+    shift = (
+        plan_rng.uniform(0.0, max(room[0] - (box[1] - box[0]), 0.0)),
+        plan_rng.uniform(0.0, max(room[1] - (box[3] - box[2]), 0.0)),
+    )
+    origin_px = np.array([_MARGIN_PX + shift[0] - box[0], _MARGIN_PX + shift[1] - box[2], 1.0])
+    origin_m = a @ origin_px
+    corners = _corners(plan, g) + origin_m
+    cc, cr = metric_to_pixel(frame, corners[:, 0], corners[:, 1], affine)
+    if cc.min() < 1 or cr.min() < 1 or cc.max() > frame.width_px - 1 or cr.max() > frame.height_px - 1:
+        raise SarlocError(f"simulate: the planned track leaves scene {sc.name!r}; use shorter or narrower strips")
+    return origin_m
+
+
+@dataclass(frozen=True)
+class _Cut:
+    """How the strips are cut and described: pixels, timing, noise."""
+
+    width: int
+    rows: int
+    gsd: float
+    row_rate: float
+    looks: float | None
+    prior_sigma: float | None
+    t_start_s: float
+
+
+def _sidecar(sid: str, p: _Planned, t0: float, c: _Cut, g: _Geometry) -> dict[str, Any]:
+    return {
+        "schema": 1,
+        "strip_id": sid,
+        "gsd_m": c.gsd,
+        "heading_deg": float(p.heading_deg),
+        "t0_s": t0,
+        "row_rate_hz": c.row_rate,
+        "across_offset_m": g.offset_m,
+        "scale": "db",
+    }
+
+
+def _add_prior(side: dict[str, Any], start: np.ndarray, sigma: float, frame, affine, rng: np.random.Generator) -> None:
+    """A noisy INS prior around the vehicle at row 0 in the sidecar (with lon/lat on geo-referenced scenes)."""
+    prior = start + rng.normal(0.0, sigma, 2)
+    side["prior_xy_m"] = [float(prior[0]), float(prior[1])]
+    side["prior_sigma_m"] = sigma
+    if frame.georeferenced:
+        pc, pr = metric_to_pixel(frame, prior[0], prior[1], affine)
+        lon, lat = frame.pixel_to_lonlat(pc, pr)
+        side["prior_lonlat_deg"] = [float(lon), float(lat)]
+
+
+def _write_strips(
+    out: Path,
+    sc: Scene,
+    plan: list[_Planned],
+    origin_m: np.ndarray,
+    g: _Geometry,
+    c: _Cut,
+    affine,
+    rngs: tuple[np.random.Generator, np.random.Generator],
+    pace_s: float,
+) -> list[dict[str, Any]]:
+    """Cut, write (image first, sidecar last) and describe each planned strip; returns the truth of each.
+
+    Args:
+        rngs: the speckle and prior random streams.
+    """
+    frame = sc.frame
+    img = np.asarray(sc.sar_gray, np.float32)
+    speckle_rng, prior_rng = rngs
+    i = np.arange(c.width) + 0.5
+    j = np.arange(c.rows) + 0.5
+    across = (i - c.width / 2.0) * c.gsd + g.offset_m
+    truth_strips = []
+    for k, p in enumerate(plan):
+        sid = f"strip_{k:04d}"
+        fwd, right = heading_vectors(p.heading_deg)
+        start = origin_m + p.start_m
+        gx = start[0] + j[:, None] * c.gsd * fwd[0] + across[None, :] * right[0]
+        gy = start[1] + j[:, None] * c.gsd * fwd[1] + across[None, :] * right[1]
+        pix = sample_metric(img, frame, gx, gy, affine)
+        if c.looks is not None:
+            pix = pix + 10.0 * np.log10(speckle_rng.gamma(c.looks, 1.0 / c.looks, size=pix.shape))
+        t0 = float(c.t_start_s) + p.t_rel_s
+        side = _sidecar(sid, p, t0, c, g)
+        if c.prior_sigma is not None:
+            _add_prior(side, start, c.prior_sigma, frame, affine, prior_rng)
+        _save_npy(out / f"{sid}.npy", pix.astype(np.float32))  # image first ...
+        atomic_write_json(out / f"{sid}.json", side)  # ... sidecar last: dir:// sees complete strips only
+        end = start + c.rows * c.gsd * fwd
+        truth_strips.append(
+            {
+                "strip_id": sid,
+                "image": f"{sid}.npy",
+                "heading_deg": side["heading_deg"],
+                "t0_s": t0,
+                "t_end_s": t0 + c.rows / c.row_rate,
+                "row_rate_hz": c.row_rate,
+                "rows": c.rows,
+                "width_px": c.width,
+                "gsd_m": c.gsd,
+                "across_offset_m": g.offset_m,
+                "vehicle_start_xy_m": [float(start[0]), float(start[1])],
+                "vehicle_end_xy_m": [float(end[0]), float(end[1])],
+            }
+        )
+        if pace_s > 0:
+            time.sleep(pace_s)
+    return truth_strips
+
+
+def _flight_truth(
+    sc: Scene,
+    affine,
+    track: str,
+    seed: int,
+    speed: float,
+    g: _Geometry,
+    c: _Cut,
+    truth_strips: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The content of ``truth.json``: the scene frame, the flight's parameters and every strip's truth."""
+    frame = sc.frame
+    return {
+        "schema": TRUTH_SCHEMA,
+        "kind": "sarloc.flight_truth",
+        "scene": sc.name,
+        "scene_path": str(sc.path),
+        "frame": {
+            "crs": frame.crs,
+            "metric_crs": frame.metric_crs,
+            "geotransform": list(frame.geotransform) if frame.geotransform else None,
+            "width_px": frame.width_px,
+            "height_px": frame.height_px,
+            "gsd_m": list(frame.gsd_m),
+            "pixel_to_metric": affine[0].tolist(),
+            "pixel_to_metric_exact": affine[1],
+        },
+        "track": track,
+        "seed": seed,
+        "speed_mps": speed,
+        "gsd_m": c.gsd,
+        "strip_width_px": c.width,
+        "strip_rows": c.rows,
+        "across_offset_m": g.offset_m,
+        "speckle_looks": c.looks,
+        "prior_sigma_m": c.prior_sigma,
+        "strips": truth_strips,
+    }
+
+
 def simulate_flight(
     scene: str | Path | Scene,
     out_dir: str | Path,
@@ -261,136 +476,30 @@ def simulate_flight(
         ConfigError: a parameter is out of range.
         SarlocError: the track does not fit in the scene, or ``out_dir`` is not empty.
     """
-    if track not in TRACKS:
-        raise ConfigError(f"simulate: unknown track {track!r}; use one of {', '.join(TRACKS)}")
-    width = _check_int("strip_width_px", strip_width_px, 2)
-    rows = _check_int("strip_rows", strip_rows, 2)
-    if n_strips is not None:
-        n_strips = _check_int("n_strips", n_strips, 1)
-    seed = _check_int("seed", seed, 0)
-    speed = _check_pos("speed_mps", speed_mps)
-    looks = _check_pos("speckle_looks", speckle_looks, optional=True)
-    prior_sigma = _check_pos("prior_sigma_m", prior_sigma_m, optional=True)
-    for name, v in (("across_offset_m", across_offset_m), ("t_start_s", t_start_s), ("heading_deg", heading_deg)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-            raise ConfigError(f"simulate: {name}={v!r} must be a finite number")
+    finite = {"across_offset_m": across_offset_m, "t_start_s": t_start_s, "heading_deg": heading_deg}
+    width, rows, n_strips, seed, speed, looks, prior_sigma = _check_args(
+        track, strip_width_px, strip_rows, n_strips, seed, speed_mps, speckle_looks, prior_sigma_m, finite
+    )
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise SarlocError(f"simulate: {out} exists and is not a folder; choose another output path")
-    if out.is_dir() and any(out.iterdir()):
-        if not force:
-            raise SarlocError(f"simulate: output folder {out} is not empty; choose an empty folder or pass force=True")
-        for p in [*out.glob("strip_*.npy"), *out.glob("strip_*.json"), out / "truth.json"]:
-            p.unlink(missing_ok=True)
+    _prepare_out(out, force)
 
     sc = scene if isinstance(scene, Scene) else load_scene(scene)
     frame = sc.frame
-    img = np.asarray(sc.sar_gray, np.float32)
     gsd = _check_pos("gsd_m", gsd_m if gsd_m is not None else float(frame.mean_gsd_m))
     affine = pixel_metric_affine(frame)
-    a, _ = affine
-    minv = np.linalg.inv(a[:, :2])
+    minv = np.linalg.inv(affine[0][:, :2])
 
     plan_rng, speckle_rng, prior_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
     psi = float(heading_deg) if heading_deg is not None else float(plan_rng.uniform(0.0, 360.0))
     g = _Geometry(rows * gsd, width * gsd, float(across_offset_m), speed)
     room = (frame.width_px - 2 * _MARGIN_PX, frame.height_px - 2 * _MARGIN_PX)
     plan = _plan(track, n_strips, psi, g, room, minv, plan_rng, leg_spacing_m)
+    origin_m = _place(plan, g, room, sc, affine, plan_rng)
 
-    # place the track: its pixel bounding box at a seeded random spot inside the margins
-    box = _bbox_px(plan, g, minv)
-    shift = (
-        plan_rng.uniform(0.0, max(room[0] - (box[1] - box[0]), 0.0)),
-        plan_rng.uniform(0.0, max(room[1] - (box[3] - box[2]), 0.0)),
-    )
-    origin_px = np.array([_MARGIN_PX + shift[0] - box[0], _MARGIN_PX + shift[1] - box[2], 1.0])
-    origin_m = a @ origin_px
-    corners = _corners(plan, g) + origin_m
-    cc, cr = metric_to_pixel(frame, corners[:, 0], corners[:, 1], affine)
-    if cc.min() < 1 or cr.min() < 1 or cc.max() > frame.width_px - 1 or cr.max() > frame.height_px - 1:
-        raise SarlocError(f"simulate: the planned track leaves scene {sc.name!r}; use shorter or narrower strips")
-
-    row_rate = speed / gsd
-    i = np.arange(width) + 0.5
-    j = np.arange(rows) + 0.5
-    across = (i - width / 2.0) * gsd + g.offset_m
+    cut = _Cut(width, rows, gsd, speed / gsd, looks, prior_sigma, t_start_s)
     out.mkdir(parents=True, exist_ok=True)
-    truth_strips = []
-    for k, p in enumerate(plan):
-        sid = f"strip_{k:04d}"
-        fwd, right = heading_vectors(p.heading_deg)
-        start = origin_m + p.start_m
-        gx = start[0] + j[:, None] * gsd * fwd[0] + across[None, :] * right[0]
-        gy = start[1] + j[:, None] * gsd * fwd[1] + across[None, :] * right[1]
-        pix = sample_metric(img, frame, gx, gy, affine)
-        if looks is not None:
-            pix = pix + 10.0 * np.log10(speckle_rng.gamma(looks, 1.0 / looks, size=pix.shape))
-        t0 = float(t_start_s) + p.t_rel_s
-        side: dict[str, Any] = {
-            "schema": 1,
-            "strip_id": sid,
-            "gsd_m": gsd,
-            "heading_deg": float(p.heading_deg),
-            "t0_s": t0,
-            "row_rate_hz": row_rate,
-            "across_offset_m": g.offset_m,
-            "scale": "db",
-        }
-        if prior_sigma is not None:
-            prior = start + prior_rng.normal(0.0, prior_sigma, 2)
-            side["prior_xy_m"] = [float(prior[0]), float(prior[1])]
-            side["prior_sigma_m"] = prior_sigma
-            if frame.georeferenced:
-                pc, pr = metric_to_pixel(frame, prior[0], prior[1], affine)
-                lon, lat = frame.pixel_to_lonlat(pc, pr)
-                side["prior_lonlat_deg"] = [float(lon), float(lat)]
-        _save_npy(out / f"{sid}.npy", pix.astype(np.float32))  # image first ...
-        atomic_write_json(out / f"{sid}.json", side)  # ... sidecar last: dir:// sees complete strips only
-        end = start + rows * gsd * fwd
-        truth_strips.append(
-            {
-                "strip_id": sid,
-                "image": f"{sid}.npy",
-                "heading_deg": side["heading_deg"],
-                "t0_s": t0,
-                "t_end_s": t0 + rows / row_rate,
-                "row_rate_hz": row_rate,
-                "rows": rows,
-                "width_px": width,
-                "gsd_m": gsd,
-                "across_offset_m": g.offset_m,
-                "vehicle_start_xy_m": [float(start[0]), float(start[1])],
-                "vehicle_end_xy_m": [float(end[0]), float(end[1])],
-            }
-        )
-        if pace_s > 0:
-            time.sleep(pace_s)
-    truth = {
-        "schema": TRUTH_SCHEMA,
-        "kind": "sarloc.flight_truth",
-        "scene": sc.name,
-        "scene_path": str(sc.path),
-        "frame": {
-            "crs": frame.crs,
-            "metric_crs": frame.metric_crs,
-            "geotransform": list(frame.geotransform) if frame.geotransform else None,
-            "width_px": frame.width_px,
-            "height_px": frame.height_px,
-            "gsd_m": list(frame.gsd_m),
-            "pixel_to_metric": a.tolist(),
-            "pixel_to_metric_exact": affine[1],
-        },
-        "track": track,
-        "seed": seed,
-        "speed_mps": speed,
-        "gsd_m": gsd,
-        "strip_width_px": width,
-        "strip_rows": rows,
-        "across_offset_m": g.offset_m,
-        "speckle_looks": looks,
-        "prior_sigma_m": prior_sigma,
-        "strips": truth_strips,
-    }
+    truth_strips = _write_strips(out, sc, plan, origin_m, g, cut, affine, (speckle_rng, prior_rng), pace_s)
+    truth = _flight_truth(sc, affine, track, seed, speed, g, cut, truth_strips)
     atomic_write_json(out / "truth.json", truth)
     logger.info("simulate: %d %s strips over %s written to %s", len(plan), track, sc.name, out)
     return out

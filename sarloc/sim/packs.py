@@ -17,6 +17,43 @@ from sarloc.core.artifacts import atomic_path, atomic_write_json, make_manifest,
 from sarloc.mappack.pack import EMBEDDINGS_NAME, MANIFEST_NAME, PACK_KIND, PACK_SCHEMA, TILE_DTYPE, TILES_NAME, save_npy
 
 
+def _write_embeddings(
+    path: Path,
+    field: np.ndarray,
+    rng: np.random.Generator,
+    n_tiles: int,
+    side: int,
+    corr_tiles: int,
+    noise: float,
+    block_rows: int,
+) -> None:
+    """Stream ``n_tiles`` float16 embeddings to a ``.npy``: the coarse ``field`` interpolated bilinearly at each
+    tile of a ``side``-wide grid, plus noise, normalised (one grid row at a time)."""
+    n, dim = n_tiles, field.shape[2]
+    nrows = math.ceil(n / side)
+    written = 0
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": (n, dim)})
+        cols = np.arange(side) / corr_tiles
+        c0 = np.floor(cols).astype(int)
+        fc = (cols - c0).astype(np.float32)[:, None]
+        for r0 in range(0, nrows, block_rows):
+            for r in range(r0, min(nrows, r0 + block_rows)):
+                if written >= n:
+                    break
+                rr = r / corr_tiles
+                i0 = int(rr)
+                fr = np.float32(rr - i0)
+                top = field[i0, c0] * (1 - fc) + field[i0, c0 + 1] * fc
+                bot = field[i0 + 1, c0] * (1 - fc) + field[i0 + 1, c0 + 1] * fc
+                e = top * (1 - fr) + bot * fr
+                e += noise * rng.standard_normal(e.shape, dtype=np.float32)
+                e /= np.linalg.norm(e, axis=1, keepdims=True)
+                take = min(side, n - written)
+                f.write(e[:take].astype(np.float16).tobytes())
+                written += take
+
+
 def synthetic_pack(
     out_dir: str | Path,
     n_tiles: int,
@@ -50,27 +87,7 @@ def synthetic_pack(
     nrows = math.ceil(n_tiles / side)
     nodes = side // corr_tiles + 2
     field = rng.standard_normal((nodes, nodes, dim), dtype=np.float32)
-    written = 0
-    with atomic_path(out_dir / EMBEDDINGS_NAME) as tmp, open(tmp, "wb") as f:
-        np.lib.format.write_array_header_1_0(f, {"descr": "<f2", "fortran_order": False, "shape": (n_tiles, dim)})
-        cols = np.arange(side) / corr_tiles
-        c0 = np.floor(cols).astype(int)
-        fc = (cols - c0).astype(np.float32)[:, None]
-        for r0 in range(0, nrows, block_rows):
-            for r in range(r0, min(nrows, r0 + block_rows)):
-                if written >= n_tiles:
-                    break
-                rr = r / corr_tiles
-                i0 = int(rr)
-                fr = np.float32(rr - i0)
-                top = field[i0, c0] * (1 - fc) + field[i0, c0 + 1] * fc
-                bot = field[i0 + 1, c0] * (1 - fc) + field[i0 + 1, c0 + 1] * fc
-                e = top * (1 - fr) + bot * fr
-                e += noise * rng.standard_normal(e.shape, dtype=np.float32)
-                e /= np.linalg.norm(e, axis=1, keepdims=True)
-                take = min(side, n_tiles - written)
-                f.write(e[:take].astype(np.float16).tobytes())
-                written += take
+    _write_embeddings(out_dir / EMBEDDINGS_NAME, field, rng, n_tiles, side, corr_tiles, noise, block_rows)
     tiles = np.zeros(n_tiles, TILE_DTYPE)
     idx = np.arange(n_tiles)
     tiles["row"], tiles["col"] = idx // side, idx % side

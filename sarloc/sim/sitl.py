@@ -14,9 +14,10 @@ Three pieces, each usable alone::
 - :class:`Sitl` runs one simulator process (its own process group, its own temp dir, ports moved by
   ``10 * instance``) and kills the whole group on exit.
 - :class:`Vehicle` is a ground station on SERIAL0 (sysid 255): parameters, reboot, mission, mode, arming.
-- :class:`TelemetryRecorder` reads *its own* connection (give it SERIAL2, which nobody else reads) in a
-  thread, writes one JSON line per message and calls subscribers with each simulator truth sample.
-  A pymavlink connection must have a single reader: never hand the recorder the Vehicle's connection.
+- :class:`TelemetryRecorder` (:mod:`sarloc.sim.telemetry`, re-exported here with the MAVLink link helpers) reads
+  *its own* connection (give it SERIAL2, which nobody else reads) in a thread, writes one JSON line per message and
+  calls subscribers with each simulator truth sample. A pymavlink connection must have a single reader: never hand
+  the recorder the Vehicle's connection.
 
 ``params`` of :class:`SitlConfig` are written to an extra defaults file loaded at boot, so parameters that
 need a reboot (``GPS2_TYPE``, ``SIM_*``) are live from the start. Message intervals are per link: a rate
@@ -25,8 +26,6 @@ requested on SERIAL0 does not make SERIAL2 send anything, which is why the recor
 
 from __future__ import annotations
 
-import importlib
-import json
 import logging
 import math
 import os
@@ -35,7 +34,6 @@ import signal
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,31 +43,41 @@ from typing import IO, Any
 from pymavlink import mavutil
 
 from sarloc.core.errors import SarlocError
+from sarloc.sim.telemetry import (
+    DEFAULT_RATES_HZ,
+    DIALECT,
+    RECORDED_TYPES,
+    TelemetryRecorder,
+    TruthSample,
+    mavlink,
+    request_message_intervals,
+    send_command,
+)
 
 logger = logging.getLogger(__name__)
 
-#: ArduPilot's dialect, always: ``mavutil.mavlink`` is whatever dialect the process set last (``dialect="common"``
-#: anywhere in the process switches it), and EKF_STATUS_REPORT or SIMSTATE do not decode without ardupilotmega
-DIALECT = "ardupilotmega"
-mavlink = importlib.import_module(f"pymavlink.dialects.v20.{DIALECT}")
+__all__ = [
+    "DEFAULT_RATES_HZ",
+    "DIALECT",
+    "EKF_NAV_OK",
+    "RECORDED_TYPES",
+    "SITL_DIR_ENV",
+    "MissionItem",
+    "Sitl",
+    "SitlConfig",
+    "TelemetryRecorder",
+    "TruthSample",
+    "Vehicle",
+    "find_sitl",
+    "mavlink",
+    "request_message_intervals",
+    "send_command",
+]
 
 #: environment variable that overrides the SITL folder
 SITL_DIR_ENV = "SARLOC_SITL_DIR"
 #: binary, ``--model`` and defaults file of each vehicle
 _VEHICLES = {"plane": ("arduplane", "plane", "plane.parm"), "copter": ("arducopter", "quad", "copter.parm")}
-#: messages the recorder asks for on its link, in Hz of simulated time
-DEFAULT_RATES_HZ: dict[str, float] = {
-    "SIMSTATE": 10,
-    "SIM_STATE": 10,
-    "GLOBAL_POSITION_INT": 10,
-    "EKF_STATUS_REPORT": 5,
-    "GPS_RAW_INT": 5,
-    "GPS2_RAW": 5,
-    "MISSION_CURRENT": 1,
-    "SYSTEM_TIME": 1,
-}
-#: messages the recorder writes (everything else is read and dropped)
-RECORDED_TYPES = frozenset({*DEFAULT_RATES_HZ, "STATUSTEXT", "HEARTBEAT", "GPS_GLOBAL_ORIGIN", "HOME_POSITION"})
 #: EKF_STATUS_REPORT flags that together mean "attitude, velocity and absolute position are usable"
 EKF_NAV_OK = 0x01 | 0x02 | 0x04 | 0x10 | 0x20  # ATTITUDE, VELOCITY_HORIZ, VELOCITY_VERT, POS_HORIZ_ABS, POS_VERT_ABS
 
@@ -208,25 +216,6 @@ class Sitl:
         self.stop()
 
 
-def _send_command(conn: Any, cmd: int, *params: float) -> None:
-    """COMMAND_LONG ``cmd`` with up to 7 params (missing ones 0) to the connection's target autopilot."""
-    p = [*params, 0, 0, 0, 0, 0, 0, 0][:7]
-    conn.mav.command_long_send(conn.target_system or 1, conn.target_component or 1, cmd, 0, *p)
-
-
-def request_message_intervals(conn: Any, rates_hz: Mapping[str, float]) -> None:
-    """Ask the autopilot to send each message at a rate (Hz, simulated time; 0 stops it) on this link.
-
-    Only sends MAV_CMD_SET_MESSAGE_INTERVAL; the link's reader sees the COMMAND_ACKs.
-    """
-    for name, hz in rates_hz.items():
-        msg_id = getattr(mavlink, f"MAVLINK_MSG_ID_{name}", None)
-        if msg_id is None:
-            raise SarlocError(f"unknown MAVLink message {name!r} in message intervals")
-        interval_us = -1 if hz <= 0 else 1e6 / hz
-        _send_command(conn, mavlink.MAV_CMD_SET_MESSAGE_INTERVAL, msg_id, interval_us)
-
-
 @dataclass(frozen=True)
 class MissionItem:
     """One mission item as uploaded or read back (``alt_m`` in ``frame``: relative to home for waypoints)."""
@@ -310,7 +299,7 @@ class Vehicle:
 
     def command(self, cmd: int, *params: float, timeout_s: float = 5.0) -> int:
         """Send COMMAND_LONG (up to 7 params) and return the MAV_RESULT of its COMMAND_ACK."""
-        _send_command(self.conn, cmd, *params)
+        send_command(self.conn, cmd, *params)
         ack = self.recv(["COMMAND_ACK"], timeout_s, lambda m: m.command == cmd)
         if ack is None:
             raise SarlocError(f"no COMMAND_ACK for command {cmd} within {timeout_s:g} s")
@@ -356,7 +345,7 @@ class Vehicle:
 
     def reboot(self, timeout_s: float = 60.0) -> None:
         """Reboot the autopilot (MAV_CMD_PREFLIGHT_REBOOT_SHUTDOWN), reconnect and wait for its heartbeat."""
-        _send_command(self.conn, mavlink.MAV_CMD_PREFLIGHT_REBOOT_SHUTDOWN, 1)
+        send_command(self.conn, mavlink.MAV_CMD_PREFLIGHT_REBOOT_SHUTDOWN, 1)
         time.sleep(1.0)
         self.conn.close()
         self._connect(timeout_s)
@@ -375,7 +364,7 @@ class Vehicle:
                 self.request_message_intervals({"EKF_STATUS_REPORT": 2})
                 asked = time.monotonic()
             if origin is None:
-                _send_command(self.conn, mavlink.MAV_CMD_REQUEST_MESSAGE, mavlink.MAVLINK_MSG_ID_GPS_GLOBAL_ORIGIN)
+                send_command(self.conn, mavlink.MAV_CMD_REQUEST_MESSAGE, mavlink.MAVLINK_MSG_ID_GPS_GLOBAL_ORIGIN)
             msg = self.recv(["GPS_GLOBAL_ORIGIN", "EKF_STATUS_REPORT"], 1.0)
             if msg is None:
                 continue
@@ -454,7 +443,7 @@ class Vehicle:
         """Arm (retrying while pre-arm checks fail) and wait for the armed heartbeat; ``force`` skips checks."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            _send_command(self.conn, mavlink.MAV_CMD_COMPONENT_ARM_DISARM, 1, 21196 if force else 0)
+            send_command(self.conn, mavlink.MAV_CMD_COMPONENT_ARM_DISARM, 1, 21196 if force else 0)
             if self._wait_heartbeat_state(lambda m: m.base_mode & mavlink.MAV_MODE_FLAG_SAFETY_ARMED, 2.0):
                 return
         last = [t for _, _, t in self.statustexts if "Arm" in t][-1:]
@@ -468,7 +457,7 @@ class Vehicle:
         mode_id = mapping[name]
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            _send_command(self.conn, mavlink.MAV_CMD_DO_SET_MODE, mavlink.MAV_MODE_FLAG_CUSTOM_MODE_ENABLED, mode_id)
+            send_command(self.conn, mavlink.MAV_CMD_DO_SET_MODE, mavlink.MAV_MODE_FLAG_CUSTOM_MODE_ENABLED, mode_id)
             if self._wait_heartbeat_state(lambda m: m.custom_mode == mode_id, 2.0):
                 return
         raise SarlocError(f"vehicle did not enter mode {name} within {timeout_s:g} s")
@@ -485,126 +474,3 @@ class Vehicle:
     def restore_gnss(self) -> None:
         """Give the simulated GPS1 its fix back (``SIM_GPS1_ENABLE=1``)."""
         self.set_params({"SIM_GPS1_ENABLE": 1})
-
-
-@dataclass(frozen=True)
-class TruthSample:
-    """The simulator's true state at a receive time (``wall_s``: local UNIX time of reception)."""
-
-    wall_s: float
-    lat_deg: float
-    lon_deg: float
-    alt_m: float  # AMSL
-    yaw_deg: float
-    vn_mps: float
-    ve_mps: float
-    vd_mps: float
-
-
-def _record(msg: Any, wall_s: float) -> dict[str, Any]:
-    rec = msg.to_dict()
-    rec["type"] = rec.pop("mavpackettype")
-    rec["wall_s"] = wall_s
-    return rec
-
-
-class TelemetryRecorder:
-    """Reads one connection in a thread; writes JSONL records and feeds truth subscribers.
-
-    Each line is a message as a dict (``type`` plus its MAVLink fields) with ``wall_s`` added, or a
-    ``{"type": "truth", ...}`` line per truth sample (the fields of :class:`TruthSample`). Truth comes
-    from SIM_STATE: position from its ``lat_int``/``lon_int`` (1e-7 deg; its float ``lat``/``lon`` are only
-    float32), altitude and NED velocity from its ``alt``/``vn``/``ve``/``vd``. ArduPilot's SIMSTATE (no
-    altitude, no velocity) is recorded as well. Give the recorder a link nobody else reads (SERIAL2); it
-    requests its own message rates there and repeats the request when the link goes quiet (a reboot).
-    """
-
-    def __init__(self, url: str, path: Path, rates_hz: Mapping[str, float] | None = None) -> None:
-        """Record ``url`` (e.g. :attr:`Sitl.serial2_url`) into the JSONL file ``path``."""
-        self.url = url
-        self.path = Path(path)
-        self.rates_hz = dict(DEFAULT_RATES_HZ if rates_hz is None else rates_hz)
-        self.n_records = 0
-        self.last_truth: TruthSample | None = None
-        self._subscribers: list[Callable[[TruthSample], None]] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-        self._conn: Any = None
-
-    def on_truth(self, fn: Callable[[TruthSample], None]) -> None:
-        """Call ``fn(sample)`` from the reader thread for every truth sample (keep it quick)."""
-        self._subscribers.append(fn)
-
-    def start(self, timeout_s: float = 30.0) -> TelemetryRecorder:
-        """Connect, wait for a heartbeat, request rates and start the reader thread."""
-        self._conn = mavutil.mavlink_connection(
-            self.url, source_system=255, source_component=191, autoreconnect=True, dialect=DIALECT
-        )
-        hb = self._conn.wait_heartbeat(timeout=timeout_s)
-        if hb is None:
-            raise SarlocError(f"no heartbeat on {self.url} within {timeout_s:g} s")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._thread = threading.Thread(target=self._run, name="telemetry-recorder", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop the thread and close the connection."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(5.0)
-        if self._conn is not None:
-            self._conn.close()
-
-    def __enter__(self) -> TelemetryRecorder:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        conn = self._conn
-        last_request = last_wanted = 0.0  # monotonic times: rates requested, a requested message seen
-        with open(self.path, "a", encoding="utf-8") as f:
-            while not self._stop.is_set():
-                now = time.monotonic()
-                if now - last_wanted > 2.0 and now - last_request > 2.0:
-                    request_message_intervals(conn, self.rates_hz)
-                    last_request = now
-                try:
-                    msg = conn.recv_match(blocking=True, timeout=0.2)
-                except (OSError, ValueError) as e:
-                    logger.debug("recorder read error on %s: %s", self.url, e)
-                    time.sleep(0.2)
-                    continue
-                if msg is None:
-                    continue
-                wall_s = time.time()
-                t = msg.get_type()
-                if t in self.rates_hz:
-                    last_wanted = time.monotonic()
-                if t == "HEARTBEAT" and msg.get_srcComponent() != 1:
-                    continue
-                if t in RECORDED_TYPES:
-                    f.write(json.dumps(_record(msg, wall_s), default=str) + "\n")
-                    f.flush()
-                    self.n_records += 1
-                if t == "SIM_STATE":
-                    s = TruthSample(
-                        wall_s=wall_s,
-                        lat_deg=(msg.lat_int * 1e-7) if msg.lat_int else msg.lat,
-                        lon_deg=(msg.lon_int * 1e-7) if msg.lon_int else msg.lon,
-                        alt_m=msg.alt,
-                        yaw_deg=math.degrees(msg.yaw) % 360.0,
-                        vn_mps=msg.vn,
-                        ve_mps=msg.ve,
-                        vd_mps=msg.vd,
-                    )
-                    self.last_truth = s
-                    f.write(json.dumps({"type": "truth", **s.__dict__}) + "\n")
-                    f.flush()
-                    for fn in self._subscribers:
-                        try:
-                            fn(s)
-                        except Exception:
-                            logger.exception("truth subscriber %r failed", fn)

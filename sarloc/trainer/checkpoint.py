@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,10 @@ from sarloc.core.errors import ArtifactError, ConfigError
 from sarloc.trainer.config import TrainConfig
 from sarloc.trainer.models.encoder import CrossModalEncoder
 
+logger = logging.getLogger(__name__)
+
 CHECKPOINT_KIND = "sarloc.encoder-checkpoint"
+RESUME_KIND = "sarloc.train-resume"
 
 
 def save_checkpoint(
@@ -94,6 +99,73 @@ def load_checkpoint(path: str | Path) -> tuple[CrossModalEncoder, TrainConfig, d
         raise ArtifactError(f"checkpoint {path} weights do not fit its config: {str(e).splitlines()[0]}") from None
     model.eval()
     return model, cfg, json.loads(blob.get("info_json") or "{}")
+
+
+def save_resume(path: str | Path, cfg: TrainConfig, state: dict[str, Any], info: dict[str, Any]) -> Path:
+    """Write a resumable training state ``path`` (``RUN/resume.pt``) and its manifest ``path.with_suffix(".json")``.
+
+    ``state`` holds tensors, state dicts and plain values only (the file loads with ``weights_only``); ``info`` is
+    JSON (``step``, ``scenes_sha256`` (the parent), ...). The file is written to a temporary name, flushed to disk
+    and renamed, so an interruption at any moment leaves the previous state whole.
+    """
+    path = Path(path)
+    blob = {"kind": RESUME_KIND, "config_json": cfg.to_json(), "info_json": json.dumps(info), **state}
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            torch.save(blob, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_save(path, write)
+    manifest = make_manifest(
+        RESUME_KIND,
+        parent_sha256=info.get("scenes_sha256"),
+        file=path.name,
+        sha256=sha256_file(path),
+        step=info.get("step"),
+        config=cfg.to_dict(),
+        info=info,
+    )
+    atomic_write_json(path.with_suffix(".json"), manifest)
+    return path
+
+
+def load_resume(path: str | Path) -> tuple[TrainConfig, dict[str, Any], dict[str, Any]]:
+    """Read a state written by :func:`save_resume` -> (its config, its info, the whole blob).
+
+    A manifest whose sha256 does not match (the process was stopped between the two renames) is only warned
+    about: the state file itself is complete, since it is renamed into place whole.
+
+    Raises:
+        ArtifactError: missing, unreadable or not a sarloc training state (one line naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"resumable state {path} not found; there is nothing to resume")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for corrupt files
+        raise ArtifactError(
+            f"resumable state {path} could not be read ({type(e).__name__}); start over with --force"
+        ) from None
+    if not isinstance(blob, dict) or blob.get("kind") != RESUME_KIND:
+        raise ArtifactError(f"{path} is not a sarloc resumable training state; start over with --force")
+    man_path = path.with_suffix(".json")
+    if man_path.is_file():
+        man = read_json(man_path, "resumable state manifest")
+        if man.get("sha256") and man["sha256"] != sha256_file(path):
+            logger.warning("%s does not describe %s (stopped between the two writes?); using %s", man_path, path, path)
+    try:
+        cfg = TrainConfig.from_dict(json.loads(blob["config_json"]), where=f"resumable state {path}: config")
+        info = json.loads(blob["info_json"])
+    except (KeyError, TypeError, ValueError, RecursionError):
+        raise ArtifactError(f"resumable state {path} has no readable config; start over with --force") from None
+    except ConfigError as e:
+        raise ArtifactError(
+            f"{e}; the state is corrupt or from another sarloc version, start over with --force"
+        ) from None
+    return cfg, info, blob
 
 
 def checkpoint_embed_fns(model: CrossModalEncoder):

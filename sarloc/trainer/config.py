@@ -45,6 +45,9 @@ class TrainConfig:
             (:mod:`sarloc.trainer.joint`); 0 trains the encoder alone (the refiner is then trained post-hoc).
         refiner_k: candidates per in-batch list of the joint refiner (its nodes).
         refiner_lr_scale: the refiner's learning rate relative to ``lr`` (same schedule).
+        checkpoint_every: steps between resumable checkpoints (``RUN/resume.pt``; 0 = by time only).
+        checkpoint_minutes: minutes of training between resumable checkpoints (0 = by steps only). Whatever these
+            say, one is also written when training ends, is interrupted (SIGINT/SIGTERM) or reaches ``max_minutes``.
     """
 
     window_px: int = 64
@@ -71,6 +74,8 @@ class TrainConfig:
     refiner_weight: float = 0.0
     refiner_k: int = 10
     refiner_lr_scale: float = 4.0
+    checkpoint_every: int = 0
+    checkpoint_minutes: float = 10.0
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -94,6 +99,8 @@ class TrainConfig:
             "max_minutes": self.max_minutes,
             "threads": self.threads,
             "bn_recalib_batches": self.bn_recalib_batches,
+            "checkpoint_every": self.checkpoint_every,
+            "checkpoint_minutes": self.checkpoint_minutes,
         }
         bad = [k for k, v in positive.items() if not v > 0] + [k for k, v in non_negative.items() if not v >= 0]
         bad += [k for k, v in {"scenes_per_batch": self.scenes_per_batch, "log_every": self.log_every}.items() if v < 1]
@@ -171,6 +178,30 @@ def resolve_config(preset: str = "default", **overrides: Any) -> TrainConfig:
             else:
                 base[k] = v
     return TrainConfig.from_dict(base)
+
+
+#: fields that may differ between an interrupted run and its ``--resume``: they change when training stops, how
+#: fast it runs and what is logged or saved, never what is learned at a given step
+RESUME_FREE_KEYS = ("max_minutes", "threads", "log_every", "checkpoint_every", "checkpoint_minutes")
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(
+    old: TrainConfig, new: TrainConfig, ignore: tuple[str, ...] = RESUME_FREE_KEYS
+) -> list[tuple[str, Any, Any]]:
+    """The fields in which ``new`` differs from ``old`` as ``(dotted key, old value, new value)``, in field order,
+    leaving out the keys of ``ignore`` (by default those a resumed run may change)."""
+    a, b = _flat(old.to_dict()), _flat(new.to_dict())
+    return [(k, a.get(k), b.get(k)) for k in dict.fromkeys([*a, *b]) if k not in ignore and a.get(k) != b.get(k)]
 
 
 def with_overrides(cfg: TrainConfig, **kw: Any) -> TrainConfig:

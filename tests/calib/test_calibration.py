@@ -197,7 +197,7 @@ def test_custom_feed_is_checked(export_copy, synth_scenes, tmp_path, prep):
 
 
 def test_cli_calib_and_guard(export_copy, synth_scenes, synth_scene, capsys, monkeypatch):
-    args = ["calib", "--scenes", str(synth_scenes), "--onnx-dir", str(export_copy), "--n-per-scene", "4"]
+    args = ["calib", "--scenes", str(synth_scenes), "--export", str(export_copy), "--n-per-scene", "4"]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "sar_encoder.int8.onnx" in printed and (export_copy / "calib" / "manifest.json").is_file()
@@ -213,5 +213,5 @@ def test_cli_calib_and_guard(export_copy, synth_scenes, synth_scene, capsys, mon
     assert err.strip().splitlines()[-1].startswith("sarloc calib: error: INT8 loses 10.0 points of recall@1")
     assert err.count("error:") == 1 and "Traceback" not in err
     assert json.loads((export_copy / "int8_guard.json").read_text())["passed"] is False
-    assert main(["calib", "--scenes", str(synth_scenes), "--onnx-dir", str(export_copy / "nope")]) == 1
+    assert main(["calib", "--scenes", str(synth_scenes), "--export", str(export_copy / "nope")]) == 1
     assert "not found" in capsys.readouterr().err

@@ -3,7 +3,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import shared_scene
+from helpers import shared_scene
 
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")

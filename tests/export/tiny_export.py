@@ -1,4 +1,4 @@
-"""Test helper (not a conftest: a conftest.py here would shadow tests/conftest.py for `from conftest import`).
+"""Test helper (not a conftest: a conftest.py here would shadow tests/conftest.py).
 
 Import it as ``from export.tiny_export import make_tiny_export`` from tests/export, tests/calib and tests/runtime.
 """

@@ -5,7 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
-from conftest import shared_scene
+from helpers import shared_scene
 
 from sarloc.cli import main
 from sarloc.core.errors import ArtifactError, SarlocError
@@ -188,7 +188,7 @@ def test_map_build_on_a_truncated_geotiff_exits_1_and_writes_no_pack(synth_scene
     raw = tif.read_bytes()
     tif.write_bytes(raw[: len(raw) * 2 // 3])
     out = tmp_path / "pack"
-    args = ["map", "build", "--basemap", str(tif), "--encoder", str(tiny_export / "optical_encoder.onnx")]
+    args = ["map", "build", "--basemap", str(tif), "--export", str(tiny_export / "optical_encoder.onnx")]
     assert main([*args, "--out", str(out), "--stride-px", "16", "--threads", "1", "--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "reading pixels failed" in err[0] and "re-export it" in err[0], err
@@ -197,22 +197,22 @@ def test_map_build_on_a_truncated_geotiff_exits_1_and_writes_no_pack(synth_scene
 
 def test_cli_map_build_info_verify_and_eval_with_pack(synth_scene, tiny_export, tmp_path, capsys):
     out = tmp_path / "clipack"
-    args = ["map", "build", "--basemap", str(synth_scene), "--encoder", str(tiny_export / "optical_encoder.onnx")]
+    args = ["map", "build", "--basemap", str(synth_scene), "--export", str(tiny_export / "optical_encoder.onnx")]
     assert main([*args, "--out", str(out), "--stride-px", "16", "--threads", "1", "--no-progress", "--ann"]) == 0
     assert main(["map", "info", str(out), "--json"]) == 0
     info = json.loads(capsys.readouterr().out.split("\n", 1)[1])
     assert info["tiles"] == 169 and info["ann"] == "ivf" and info["metric_crs"] == "EPSG:32631"
-    assert main(["map", "verify", str(out), "--encoder", str(tiny_export)]) == 0
+    assert main(["map", "verify", str(out), "--export", str(tiny_export)]) == 0
     js = tmp_path / "eval.json"
-    ev = ["eval", "--scene", str(synth_scene), "--onnx", str(tiny_export), "--pack", str(out), "--queries", "12"]
+    ev = ["eval", "--scene", str(synth_scene), "--export", str(tiny_export), "--pack", str(out), "--queries", "12"]
     assert main([*ev, "--json", str(js)]) == 0
     res = json.loads(js.read_text())
     assert res["aligned"]["method"] == "pack-exact" and res["aligned"]["queries"] > 0
     assert 0.0 <= res["aligned"]["recall@10"] <= 1.0 and res["aligned"]["gallery_tiles"] == 169
     assert main([*ev, "--prior-radius-m", "600"]) == 0
     assert main([*ev, "--ann"]) == 0
-    assert main(["eval", "--scene", str(synth_scene), "--pack", str(out)]) == 1  # --pack needs --onnx
-    assert "needs --onnx" in capsys.readouterr().err
+    assert main(["eval", "--scene", str(synth_scene), "--pack", str(out)]) == 1  # --pack needs --export
+    assert "needs --export" in capsys.readouterr().err
 
 
 def test_pack_searcher_on_a_real_pack_finds_the_optical_tile_itself(scene_pack, synth_scene, tiny_export):
@@ -247,7 +247,7 @@ def test_pack_from_real_scene_france(tiny_export, tmp_path):
 
 def test_geographic_scene_folder_is_warped(tiny_export, tmp_path):
     pytest.importorskip("rasterio")
-    from conftest import write_plain_scene
+    from helpers import write_plain_scene
 
     from sarloc.sim.scenes import SynthConfig, generate_scene
 

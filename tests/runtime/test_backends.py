@@ -35,8 +35,9 @@ def test_runtime_imports_and_runs_without_torch(tiny_export):
         import sarloc
         import sarloc.backends.encoders as b
         names = []
+        # every module but the trainer (PyTorch) and the entry points
         for m in pkgutil.walk_packages(sarloc.__path__, "sarloc."):
-            if not m.name.startswith(("sarloc.trainer", "sarloc._")):  # the trainer is PyTorch
+            if not m.name.startswith(("sarloc.trainer", "sarloc._")) and not m.name.endswith("__main__"):
                 importlib.import_module(m.name)
                 names.append(m.name)
         assert {"sarloc.runtime.daemon", "sarloc.core.cfog", "sarloc.sim.closed_loop", "sarloc.cli"} <= set(names)
@@ -96,7 +97,7 @@ def test_modified_truncated_or_corrupt_onnx_is_refused(export_copy, capsys, synt
     (export_copy / "sar_encoder.json").unlink()
     with pytest.raises(ArtifactError, match=r"ONNX model manifest: .*sar_encoder\.json not found"):
         OrtEncoder(p)
-    rc = main(["eval", "--scene", str(synth_scene), "--onnx", str(export_copy), "--queries", "3"])
+    rc = main(["eval", "--scene", str(synth_scene), "--export", str(export_copy), "--queries", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "sar_encoder.json not found" in err[0]
 
@@ -168,14 +169,14 @@ def test_eval_through_onnx_matches_pytorch(tiny_export, synth_scene, tmp_path):
 
 def test_cli_eval_onnx_and_int8_guard(export_copy, synth_scene, synth_scenes, tmp_path, capsys):
     out = tmp_path / "eval.json"
-    argv = ["eval", "--scene", str(synth_scene), "--onnx", str(export_copy), "--queries", "5", "--json", str(out)]
+    argv = ["eval", "--scene", str(synth_scene), "--export", str(export_copy), "--queries", "5", "--json", str(out)]
     assert main(argv) == 0
     res = json.loads(out.read_text())
     assert res["precision"] == "fp32" and res["arbitrary"]["queries"] == 5
     assert "onnx-fp32" in capsys.readouterr().out
     assert main([*argv, "--precision", "int8"]) == 1
     assert "sarloc calib" in capsys.readouterr().err
-    assert main(["calib", "--scenes", str(synth_scenes), "--onnx-dir", str(export_copy), "--n-per-scene", "4"]) == 0
+    assert main(["calib", "--scenes", str(synth_scenes), "--export", str(export_copy), "--n-per-scene", "4"]) == 0
     assert main([*argv, "--precision", "int8"]) == 0
     assert json.loads(out.read_text())["arbitrary"]["method"] == "onnx-int8"
 

@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import demo_flight, run_args, subprocess_env
+from helpers import demo_flight, run_args, subprocess_env
 
 from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
 

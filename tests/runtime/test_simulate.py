@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_plain_scene
+from helpers import write_plain_scene
 
 from sarloc.core.errors import ConfigError, SarlocError
 from sarloc.core.scene import load_scene

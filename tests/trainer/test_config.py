@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from sarloc.cli import main, read_config_json
+from sarloc.cli import main
+from sarloc.cli.common import read_config
 from sarloc.core.errors import ConfigError
 from sarloc.trainer.config import TrainConfig, resolve_config
 
@@ -49,21 +50,36 @@ def test_json_round_trip_keeps_tuples_and_ints_as_floats():
 
 
 @pytest.mark.parametrize(
-    ("text", "match"),
+    ("name", "text", "match"),
     [
-        ("{", r"cannot read JSON \(Expecting"),
-        ("[1, 2]", r"expected a JSON object of settings, got list"),
-        ("[" * 5000 + "]" * 5000, r"cannot read JSON"),
-        (b"\xff\xfe{}", r"cannot read JSON"),
+        ("c.json", "{", r"not valid JSON \(Expecting"),
+        ("c.json", "[1, 2]", r"expected a table of settings, got list"),
+        ("c.json", "[" * 5000 + "]" * 5000, r"not valid JSON"),
+        ("c.json", b"\xff\xfe{}", r"cannot read it"),
+        ("c.toml", "steps = ", r"not valid TOML"),
+        ("c.toml", "[a\nb = 1", r"not valid TOML"),
     ],
 )
-def test_config_file_that_is_no_json_object(tmp_path, text, match):
-    p = tmp_path / "c.json"
+def test_config_file_that_is_no_table_of_settings(tmp_path, name, text, match):
+    p = tmp_path / name
     p.write_bytes(text if isinstance(text, bytes) else text.encode())
     with pytest.raises(ConfigError, match=match):
-        read_config_json(p)
+        read_config(p)
     with pytest.raises(ConfigError, match="not found"):
-        read_config_json(tmp_path / "nope.json")
+        read_config(tmp_path / "nope.json")
+
+
+def test_config_file_toml_and_json_give_the_same_settings(tmp_path):
+    (tmp_path / "c.toml").write_text("steps = 5\n[encoder]\npretrained = false\n")
+    (tmp_path / "c.json").write_text(json.dumps({"steps": 5, "encoder": {"pretrained": False}}))
+    assert (
+        read_config(tmp_path / "c.toml")
+        == read_config(tmp_path / "c.json")
+        == {
+            "steps": 5,
+            "encoder": {"pretrained": False},
+        }
+    )
 
 
 def test_cli_train_with_malformed_config_exits_1_before_training(tmp_path, capsys, synth_scene):

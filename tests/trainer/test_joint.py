@@ -112,7 +112,7 @@ def test_joint_training_writes_a_refiner_and_train_refiner_uses_it(synth_scene, 
     # the refiner learned something: its head is no longer the zero initialisation
     assert float(ref.head.weight.detach().abs().sum()) > 0
     # exported unchanged through the CLI (k defaults to the joint refiner's)
-    argv = ["train-refiner", "--checkpoint", str(ckpt), "--data", str(synth_scene), "--queries", "20"]
+    argv = ["train-refiner", "--checkpoint", str(ckpt), "--scenes", str(synth_scene), "--queries", "20"]
     assert main([*argv, "--steps", "0"]) == 0
     man = json.loads((ckpt.parent / "refiner.json").read_text())
     assert man["info"]["training"] == "joint" and man["config"]["k"] == 6

