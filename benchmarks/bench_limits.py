@@ -87,22 +87,8 @@ def onnx_flops(path: str | Path, batch: int = 1) -> dict[str, Any]:
     """
     import onnx
 
-    model = onnx.load(str(path))
-    g = model.graph
-    init_names = {i.name for i in g.initializer}
-    for inp in g.input:
-        if inp.name in init_names or not inp.type.tensor_type.HasField("shape"):
-            continue
-        dims = inp.type.tensor_type.shape.dim
-        if len(dims) and not dims[0].HasField("dim_value"):
-            dims[0].dim_value = int(batch)  # clears dim_param (oneof)
-    del g.value_info[:]
-    for out in g.output:
-        out.type.tensor_type.ClearField("shape")
-    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    g = model.graph
+    g = _inferred_graph(path, batch)
     shapes = _shape_map(g)
-
     by_op: dict[str, int] = {}
     depthwise = 0
     uncounted: set[str] = set()
@@ -111,30 +97,18 @@ def onnx_flops(path: str | Path, batch: int = 1) -> dict[str, Any]:
         op = node.op_type
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         if op in ("Conv", "ConvInteger", "QLinearConv"):
-            w_name = node.input[3] if op == "QLinearConv" else node.input[1]
-            w, y = shapes.get(w_name), shapes.get(node.output[0])
-            if w is None or y is None or _prod(w) is None or _prod(y) is None:
-                unresolved.append(node.name or op)
-                continue
-            # w: (Cout, Cin/group, k...), y: (N, Cout, spatial...); Cin/group is w[1] already
-            f = 2 * _prod(y) * _prod(w[1:])  # = 2 * N * Cout * prod(spatial) * (Cin/group) * prod(k)
-            by_op[op] = by_op.get(op, 0) + f
-            if int(attrs.get("group", 1)) > 1 and w[1] == 1:
-                depthwise += f
+            f, dw = _conv_flops(node, attrs, shapes)
         elif op in ("MatMul", "MatMulInteger", "QLinearMatMul", "Gemm"):
-            a_name = node.input[0]
-            a, y = shapes.get(a_name), shapes.get(node.output[0])
-            if a is None or y is None or _prod(y) is None or not a:
-                unresolved.append(node.name or op)
-                continue
-            k = a[0] if (op == "Gemm" and attrs.get("transA", 0)) else a[-1]
-            if k is None:
-                unresolved.append(node.name or op)
-                continue
-            f = 2 * _prod(y) * int(k)  # output elements x K
-            by_op[op] = by_op.get(op, 0) + f
-        elif op not in ("Constant",):
-            uncounted.add(op)
+            f, dw = _matmul_flops(node, attrs, shapes), False
+        else:
+            if op not in ("Constant",):
+                uncounted.add(op)
+            continue
+        if f is None:
+            unresolved.append(node.name or op)
+            continue
+        by_op[op] = by_op.get(op, 0) + f
+        depthwise += f if dw else 0
     flops = int(sum(by_op.values()))
     params = int(sum(math.prod(i.dims) for i in g.initializer))
     return {
@@ -148,6 +122,48 @@ def onnx_flops(path: str | Path, batch: int = 1) -> dict[str, Any]:
         "uncounted_ops": sorted(uncounted),
         "unresolved": unresolved,
     }
+
+
+def _inferred_graph(path: str | Path, batch: int) -> Any:
+    """The model's graph with ``batch`` for symbolic leading input dims and every shape re-inferred."""
+    import onnx
+
+    model = onnx.load(str(path))
+    g = model.graph
+    init_names = {i.name for i in g.initializer}
+    for inp in g.input:
+        if inp.name in init_names or not inp.type.tensor_type.HasField("shape"):
+            continue
+        dims = inp.type.tensor_type.shape.dim
+        if len(dims) and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = int(batch)  # clears dim_param (oneof)
+    del g.value_info[:]
+    for out in g.output:
+        out.type.tensor_type.ClearField("shape")
+    model = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    return model.graph
+
+
+def _conv_flops(node: Any, attrs: dict[str, Any], shapes: dict) -> tuple[int | None, bool]:
+    """FLOPs of a Conv / ConvInteger / QLinearConv node (None: shapes unknown) and whether it is depthwise."""
+    w_name = node.input[3] if node.op_type == "QLinearConv" else node.input[1]
+    w, y = shapes.get(w_name), shapes.get(node.output[0])
+    if w is None or y is None or _prod(w) is None or _prod(y) is None:
+        return None, False
+    # w: (Cout, Cin/group, k...), y: (N, Cout, spatial...); Cin/group is w[1] already
+    f = 2 * _prod(y) * _prod(w[1:])  # = 2 * N * Cout * prod(spatial) * (Cin/group) * prod(k)
+    return f, int(attrs.get("group", 1)) > 1 and w[1] == 1
+
+
+def _matmul_flops(node: Any, attrs: dict[str, Any], shapes: dict) -> int | None:
+    """FLOPs of a MatMul / MatMulInteger / QLinearMatMul / Gemm node: output elements x K (None: shapes unknown)."""
+    a, y = shapes.get(node.input[0]), shapes.get(node.output[0])
+    if a is None or y is None or _prod(y) is None or not a:
+        return None
+    k = a[0] if (node.op_type == "Gemm" and attrs.get("transA", 0)) else a[-1]
+    if k is None:
+        return None
+    return 2 * _prod(y) * int(k)
 
 
 # ------------------------------------------------------------------------------------------------ GEMM peak

@@ -66,11 +66,31 @@ def _cpu_name() -> str:
     return platform.processor()
 
 
-def bench_one(pack_dir: Path, n: int, dim: int, a: argparse.Namespace) -> list[dict]:
-    """All methods on one synthetic pack."""
-    from sarloc.mappack import MapPack, PackSearcher
-    from sarloc.mappack.ann import IvfIndex, recall_at_k
-    from sarloc.sim.packs import synthetic_pack, synthetic_queries
+def _stats(a_ms: np.ndarray) -> dict[str, float]:
+    return {"p50_ms": float(np.percentile(a_ms, 50)), "p99_ms": float(np.percentile(a_ms, 99)),
+            "mean_ms": float(a_ms.mean())}  # fmt: skip
+
+
+class _Rows:
+    """The result rows of one pack: ``base`` (pack, queries, scorer) plus each method's numbers."""
+
+    def __init__(self, base: dict) -> None:
+        self.base = base
+        self.rows: list[dict] = []
+
+    def add(self, method, lat, recall, cand, extra=None) -> None:
+        """One method's row; resident memory is read now."""
+        self.rows.append(
+            {**self.base, "method": method, **lat, "recall@10": recall, "candidates": cand, **_rss_mb(),
+             **(extra or {})}
+        )  # fmt: skip
+
+
+def _open_pack(pack_dir: Path, n: int, dim: int):
+    """The synthetic pack of ``n`` tiles of ``dim`` (written unless one of that size is there) and the seconds
+    its generation took."""
+    from sarloc.mappack import MapPack
+    from sarloc.sim.packs import synthetic_pack
 
     man = pack_dir / "pack.json"
     fresh = True
@@ -81,81 +101,71 @@ def bench_one(pack_dir: Path, n: int, dim: int, a: argparse.Namespace) -> list[d
     if fresh:
         synthetic_pack(pack_dir, n, dim=dim, seed=0)
     gen_s = time.perf_counter() - t0
-    pack = MapPack(pack_dir)
-    nq = a.queries if n < 1_000_000 else max(5, a.queries // 2)
-    q, true_rows = synthetic_queries(pack.embeddings, nq, noise=a.query_noise, seed=1)
-    raw = PackSearcher(pack, nms_radius_m=0.0, scorer=a.scorer, threads=a.threads, block_rows=a.block_rows)
-    nms = PackSearcher(pack, scorer=a.scorer, threads=a.threads, block_rows=a.block_rows)
-    rows: list[dict] = []
-    base = {"n_tiles": n, "dim": dim, "queries": nq, "pack_gen_s": round(gen_s, 1), "scorer": raw.scorer.backend,
-            "kernel": raw.scorer.kernel}  # fmt: skip
+    return MapPack(pack_dir), gen_s
 
-    def add(method, lat, recall, cand, extra=None):
-        rows.append(
-            {**base, "method": method, **lat, "recall@10": recall, "candidates": cand, **_rss_mb(), **(extra or {})}
-        )
 
-    rss0 = _rss_mb()
-    try:
-        import faiss
-    except ImportError:
-        faiss = None
-    if faiss is None:
-        lat, ex = _lat(lambda j: raw.search(q[j], 10)[0], nq)
-        exact_rows = [r.rows for r in ex]
-        add("exact", lat, 1.0, n, {"rss_anon_before_mb": rss0.get("RssAnon")})
-    else:
-        # the peer: IndexFlatIP over a float32 copy; timed interleaved with exact (same queries, same moment)
-        faiss.omp_set_num_threads(a.threads)
+def _bench_exact(out: _Rows, raw, q: np.ndarray, nq: int, n: int, rss0: dict) -> list:
+    """``exact`` alone (no FAISS); returns the exact top-10 rows of each query."""
+    lat, ex = _lat(lambda j: raw.search(q[j], 10)[0], nq)
+    out.add("exact", lat, 1.0, n, {"rss_anon_before_mb": rss0.get("RssAnon")})
+    return [r.rows for r in ex]
+
+
+def _bench_batches(out: _Rows, raw, fl, q: np.ndarray, nq: int, n: int, a: argparse.Namespace) -> None:
+    """A SAR strip gives several windows: per-query cost of ``exact`` and FAISS when they are searched together."""
+    nb = max(1, nq // a.batch)
+
+    def both_b(j):
+        qb = q[j * a.batch : (j + 1) * a.batch]
         t0 = time.perf_counter()
-        fl = faiss.IndexFlatIP(dim)
-        for s0 in range(0, n, 65536):
-            fl.add(np.ascontiguousarray(np.asarray(pack.embeddings[s0 : s0 + 65536], np.float32)))
-        add_s = time.perf_counter() - t0
-        rss_f = _rss_mb()
+        raw.search(qb, 10)
+        t1 = time.perf_counter()
+        fl.search(qb, 10)
+        return (t1 - t0) * 1e3 / len(qb), (time.perf_counter() - t1) * 1e3 / len(qb)
 
-        def both(j):
-            t0 = time.perf_counter()
-            r = raw.search(q[j], 10)[0]
-            t1 = time.perf_counter()
-            f = fl.search(q[j : j + 1], 10)[1][0]
-            return r, f, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+    _, res_b = _lat(both_b, nb)
+    ours_b, peer_b = (np.asarray([r[i] for r in res_b]) for i in (0, 1))
+    out.add(f"exact batch {a.batch}", _stats(ours_b), 1.0, n,
+            {"per_query": True, "speed_vs_faiss_flat": float(np.median(peer_b) / np.median(ours_b))})  # fmt: skip
+    out.add(f"faiss-flat batch {a.batch}", _stats(peer_b), float("nan"), n, {"per_query": True})
 
-        _, res = _lat(both, nq)
-        exact_rows = [r[0].rows for r in res]
-        ours, peer = (np.asarray([r[i] for r in res]) for i in (2, 3))
 
-        def stats(a_ms):
-            return {"p50_ms": float(np.percentile(a_ms, 50)), "p99_ms": float(np.percentile(a_ms, 99)),
-                    "mean_ms": float(a_ms.mean())}  # fmt: skip
+def _bench_vs_faiss(out: _Rows, faiss, pack, raw, q: np.ndarray, nq: int, n: int, dim: int, a, rss0: dict) -> list:
+    """``exact`` and the peer, ``IndexFlatIP`` over a float32 copy, timed interleaved (same queries, same moment),
+    then in batches; returns the exact top-10 rows of each query."""
+    from sarloc.mappack.ann import recall_at_k
 
-        add("exact", stats(ours), 1.0, n, {"rss_anon_before_mb": rss0.get("RssAnon"),
+    faiss.omp_set_num_threads(a.threads)
+    t0 = time.perf_counter()
+    fl = faiss.IndexFlatIP(dim)
+    for s0 in range(0, n, 65536):
+        fl.add(np.ascontiguousarray(np.asarray(pack.embeddings[s0 : s0 + 65536], np.float32)))
+    add_s = time.perf_counter() - t0
+    rss_f = _rss_mb()
+
+    def both(j):
+        t0 = time.perf_counter()
+        r = raw.search(q[j], 10)[0]
+        t1 = time.perf_counter()
+        f = fl.search(q[j : j + 1], 10)[1][0]
+        return r, f, (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
+
+    _, res = _lat(both, nq)
+    exact_rows = [r[0].rows for r in res]
+    ours, peer = (np.asarray([r[i] for r in res]) for i in (2, 3))
+    out.add("exact", _stats(ours), 1.0, n, {"rss_anon_before_mb": rss0.get("RssAnon"),
             "speed_vs_faiss_flat": float(np.median(peer) / np.median(ours))})  # fmt: skip
-        rows[-1].update({k: v for k, v in rss0.items()})  # memory before the FAISS copy existed
-        add("faiss-flat", stats(peer), recall_at_k(exact_rows, [r[1] for r in res], 10), n,
+    out.rows[-1].update({k: v for k, v in rss0.items()})  # memory before the FAISS copy existed
+    out.add("faiss-flat", _stats(peer), recall_at_k(exact_rows, [r[1] for r in res], 10), n,
             {"build_s": round(add_s, 1), "index_mb": round(n * dim * 4 / 2**20, 1), **rss_f})  # fmt: skip
-        if a.batch > 1:  # a SAR strip gives several windows: per-query cost when they are searched together
-            nb = max(1, nq // a.batch)
+    if a.batch > 1:
+        _bench_batches(out, raw, fl, q, nq, n, a)
+    fl.reset()  # the float32 copy is freed on return, before the next methods read memory
+    return exact_rows
 
-            def both_b(j):
-                qb = q[j * a.batch : (j + 1) * a.batch]
-                t0 = time.perf_counter()
-                raw.search(qb, 10)
-                t1 = time.perf_counter()
-                fl.search(qb, 10)
-                return (t1 - t0) * 1e3 / len(qb), (time.perf_counter() - t1) * 1e3 / len(qb)
 
-            _, res_b = _lat(both_b, nb)
-            ours_b, peer_b = (np.asarray([r[i] for r in res_b]) for i in (0, 1))
-            add(f"exact batch {a.batch}", stats(ours_b), 1.0, n,
-                {"per_query": True, "speed_vs_faiss_flat": float(np.median(peer_b) / np.median(ours_b))})  # fmt: skip
-            add(f"faiss-flat batch {a.batch}", stats(peer_b), float("nan"), n, {"per_query": True})
-        fl.reset()
-        del fl
-    lat, res = _lat(lambda j: nms.search(q[j], 10)[0], nq)
-    add("exact+nms", lat, float(np.mean([r.rows[0] == t for r, t in zip(res, true_rows, strict=True)])), n,
-        {"note": "recall@10 column = top-1 is the source tile"})  # fmt: skip
-
+def _bench_prior(out: _Rows, pack, raw, q: np.ndarray, nq: int, true_rows, a: argparse.Namespace) -> None:
+    """``prior``: tiles within the radius of a prior at 40 % of the radius from the true tile."""
     xy = pack.centres_m()
     rng = np.random.default_rng(2)
     ang = rng.uniform(0, 2 * np.pi, nq)
@@ -164,8 +174,13 @@ def bench_one(pack_dir: Path, n: int, dim: int, a: argparse.Namespace) -> list[d
     raw.grid_index  # build the spatial index outside the timing  # noqa: B018
     lat, res = _lat(lambda j: raw.search(q[j], 10, prior_xy_m=tuple(priors[j]), prior_radius_m=a.prior_radius_m)[0], nq)
     found = float(np.mean([t in r.rows for r, t in zip(res, true_rows, strict=True)]))
-    add("prior", lat, found, int(np.mean([r.candidates for r in res])),
-        {"prior_radius_m": a.prior_radius_m, "note": "recall@10 column = source tile in top-10"})  # fmt: skip
+    out.add("prior", lat, found, int(np.mean([r.candidates for r in res])),
+            {"prior_radius_m": a.prior_radius_m, "note": "recall@10 column = source tile in top-10"})  # fmt: skip
+
+
+def _bench_ivf(out: _Rows, pack, raw, q: np.ndarray, nq: int, exact_rows: list, a: argparse.Namespace) -> None:
+    """``ivf``: the smallest probe count reaching ``--target-recall`` of exact top-10, then timed."""
+    from sarloc.mappack.ann import IvfIndex, recall_at_k
 
     t0 = time.perf_counter()
     index = IvfIndex.build(pack.embeddings, nlist=None, iters=a.kmeans_iters, sample=a.kmeans_sample)
@@ -182,12 +197,39 @@ def bench_one(pack_dir: Path, n: int, dim: int, a: argparse.Namespace) -> list[d
             break
     nprobe, rec = chosen
     lat, res = _lat(lambda j: raw.search(q[j], 10, ann=True, nprobe=nprobe)[0], nq)
-    add("ivf", lat, rec, int(np.mean([r.candidates for r in res])),
-        {"nlist": index.nlist, "nprobe": nprobe, "build_s": round(build_s, 1)})  # fmt: skip
+    out.add("ivf", lat, rec, int(np.mean([r.candidates for r in res])),
+            {"nlist": index.nlist, "nprobe": nprobe, "build_s": round(build_s, 1)})  # fmt: skip
     del index
     raw._ann = None
 
-    return rows
+
+def bench_one(pack_dir: Path, n: int, dim: int, a: argparse.Namespace) -> list[dict]:
+    """All methods on one synthetic pack."""
+    from sarloc.mappack import PackSearcher
+    from sarloc.sim.packs import synthetic_queries
+
+    pack, gen_s = _open_pack(pack_dir, n, dim)
+    nq = a.queries if n < 1_000_000 else max(5, a.queries // 2)
+    q, true_rows = synthetic_queries(pack.embeddings, nq, noise=a.query_noise, seed=1)
+    raw = PackSearcher(pack, nms_radius_m=0.0, scorer=a.scorer, threads=a.threads, block_rows=a.block_rows)
+    nms = PackSearcher(pack, scorer=a.scorer, threads=a.threads, block_rows=a.block_rows)
+    out = _Rows({"n_tiles": n, "dim": dim, "queries": nq, "pack_gen_s": round(gen_s, 1),
+                 "scorer": raw.scorer.backend, "kernel": raw.scorer.kernel})  # fmt: skip
+    rss0 = _rss_mb()
+    try:
+        import faiss
+    except ImportError:
+        faiss = None
+    if faiss is None:
+        exact_rows = _bench_exact(out, raw, q, nq, n, rss0)
+    else:
+        exact_rows = _bench_vs_faiss(out, faiss, pack, raw, q, nq, n, dim, a, rss0)
+    lat, res = _lat(lambda j: nms.search(q[j], 10)[0], nq)
+    out.add("exact+nms", lat, float(np.mean([r.rows[0] == t for r, t in zip(res, true_rows, strict=True)])), n,
+            {"note": "recall@10 column = top-1 is the source tile"})  # fmt: skip
+    _bench_prior(out, pack, raw, q, nq, true_rows, a)
+    _bench_ivf(out, pack, raw, q, nq, exact_rows, a)
+    return out.rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,74 +20,98 @@ import time
 from pathlib import Path
 
 
-def main(argv=None) -> int:
-    from pymavlink import mavutil
-    from pymavlink.dialects.v20 import ardupilotmega as dialect
-
-    from sarloc.runtime.mavlink import MavlinkConfig, MavlinkLink
-
+def _parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=1000)
     ap.add_argument("--out", type=Path, default=Path("runs/bench/signing.json"))
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def _free_udp_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peer(port: int, k, sysid=1):
+    """A pymavlink sender to the link's port, signing with key ``k`` (None: unsigned)."""
+    from pymavlink import mavutil
+    from pymavlink.dialects.v20 import ardupilotmega as dialect
+
+    c = mavutil.mavlink_connection(f"udpout:127.0.0.1:{port}", source_system=sysid, source_component=1)
+    c.mav = dialect.MAVLink(c, srcSystem=sysid, srcComponent=1)
+    if k is not None:
+        c.setup_signing(k, sign_outgoing=True, allow_unsigned_callback=lambda m, i: False, link_id=1)
+    return c
+
+
+def _drain(link, seconds: float = 2.0) -> None:
+    """Poll the link for ``seconds`` so that every datagram sent is read."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        link.poll()
+        time.sleep(0.005)
+
+
+def _changed(link, s0: dict) -> dict:
+    """The link's counters that changed since the snapshot ``s0``, by how much."""
+    return {k: link.stats[k] - s0.get(k, 0) for k in link.stats if link.stats[k] != s0.get(k, 0)}
+
+
+def _send(link, name: str, c, n: int, replay_bufs: list) -> dict:
+    """Send ``n`` ATTITUDE messages from one peer at a bounded rate; keep every 10th autopilot packet for the
+    replays; returns the counters that changed."""
+    s0 = dict(link.stats)
+    for i in range(n):
+        msg = c.mav.attitude_encode(i, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0)
+        c.mav.send(msg)
+        if name.startswith("autopilot") and i % 10 == 0:
+            replay_bufs.append(msg.get_msgbuf())
+        if i % 50 == 0:
+            link.poll()
+            time.sleep(0.002)
+    _drain(link)
+    return _changed(link, s0)
+
+
+def _measure(n: int) -> tuple[dict, dict, dict]:
+    """Run the link and the peers: ``(counts per sender, packets sent per sender, the link's stats before)``."""
+    from sarloc.runtime.mavlink import MavlinkConfig, MavlinkLink
+
     key, other = os.urandom(32), os.urandom(32)
     with tempfile.TemporaryDirectory() as td:
         kf = Path(td) / "key"
         kf.write_bytes(key)
         kf.chmod(0o600)
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = _free_udp_port()
         # no per-type rate limit here: this measures signing, not flood control
         link = MavlinkLink(
             MavlinkConfig(url=f"udpin:127.0.0.1:{port}", signing_key_file=str(kf), inbound_max_rate_hz=10000.0)
         )
-
-        def peer(k, sysid=1):
-            c = mavutil.mavlink_connection(f"udpout:127.0.0.1:{port}", source_system=sysid, source_component=1)
-            c.mav = dialect.MAVLink(c, srcSystem=sysid, srcComponent=1)
-            if k is not None:
-                c.setup_signing(k, sign_outgoing=True, allow_unsigned_callback=lambda m, i: False, link_id=1)
-            return c
-
         senders = {
-            "autopilot, right key": peer(key),
-            "wrong key": peer(other),
-            "unsigned": peer(None),
-            "right key, other sysid": peer(key, sysid=42),
+            "autopilot, right key": _peer(port, key),
+            "wrong key": _peer(port, other),
+            "unsigned": _peer(port, None),
+            "right key, other sysid": _peer(port, key, sysid=42),
         }
         before = dict(link.stats)
         counts = {}
-        replay_bufs = []
+        replay_bufs: list = []
         for name, c in senders.items():
-            s0 = dict(link.stats)
-            for i in range(a.n):
-                msg = c.mav.attitude_encode(i, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0)
-                c.mav.send(msg)
-                if name.startswith("autopilot") and i % 10 == 0:
-                    replay_bufs.append(msg.get_msgbuf())
-                if i % 50 == 0:
-                    link.poll()
-                    time.sleep(0.002)
-            end = time.monotonic() + 2.0
-            while time.monotonic() < end:
-                link.poll()
-                time.sleep(0.005)
-            counts[name] = {k: link.stats[k] - s0.get(k, 0) for k in link.stats if link.stats[k] != s0.get(k, 0)}
+            counts[name] = _send(link, name, c, n, replay_bufs)
         s0 = dict(link.stats)
         for buf in replay_bufs:
             senders["autopilot, right key"].write(buf)
-        end = time.monotonic() + 2.0
-        while time.monotonic() < end:
-            link.poll()
-            time.sleep(0.005)
-        counts["replayed signed packets"] = {
-            k: link.stats[k] - s0.get(k, 0) for k in link.stats if link.stats[k] != s0.get(k, 0)
-        }
+        _drain(link)
+        counts["replayed signed packets"] = _changed(link, s0)
         for c in senders.values():
             c.close()
         link.close()
-    sent = {**{k: a.n for k in senders}, "replayed signed packets": len(replay_bufs)}
+    sent = {**{k: n for k in senders}, "replayed signed packets": len(replay_bufs)}
+    return counts, sent, before
+
+
+def _rows(counts: dict, sent: dict) -> list[dict]:
     rows = []
     for name, c in counts.items():
         acc = c.get("received_ATTITUDE", 0)
@@ -99,6 +123,13 @@ def main(argv=None) -> int:
                 "dropped": {k: v for k, v in c.items() if k.startswith("dropped")},
             }
         )
+    return rows
+
+
+def main(argv=None) -> int:
+    a = _parse_args(argv)
+    counts, sent, before = _measure(a.n)
+    rows = _rows(counts, sent)
     res = {"n": a.n, "rows": rows, "stats_before": before}
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))

@@ -40,6 +40,73 @@ def assemble_export(scene: str, loso: Path, refine: Path, out: Path, variant: st
     return out
 
 
+def _pack_and_flight(
+    scene: str, data: Path, export: Path, d: Path, track: str, seed: int, n_strips: int | None, strip_px: int
+) -> tuple[Path, Path]:
+    """The map pack of S's optical image and the simulated flight over S (each made unless already there)."""
+    from sarloc.mappack.build import MapPackConfig, build_map_pack
+    from sarloc.sim.flight import simulate_flight
+
+    pack = d / "pack"
+    if not (pack / "pack.json").is_file():
+        build_map_pack(data / scene, export / "optical_encoder.onnx", pack, MapPackConfig())
+    flight = d / f"flight_{track}_s{seed}"
+    if not (flight / "truth.json").is_file():
+        simulate_flight(
+            data / scene,
+            flight,
+            track=track,
+            n_strips=n_strips,
+            seed=seed,
+            strip_width_px=strip_px,
+            strip_rows=strip_px,
+            force=True,
+        )
+    return pack, flight
+
+
+def _run_daemon(flight: Path, export: Path, pack: Path, run_dir: Path, prior_radius_m: float | None) -> dict:
+    """The daemon over the flight, records in a fresh ``run_dir``; returns its stats."""
+    from sarloc.runtime.daemon import load_run_config, run
+
+    shutil.rmtree(run_dir, ignore_errors=True)
+    cfg = load_run_config(
+        None,
+        source=f"dir://{flight}",
+        export=str(export),
+        pack=str(pack),
+        out=str(run_dir),
+        follow=False,
+        prior_radius_m=prior_radius_m,
+    )
+    return run(cfg, install_signals=False)
+
+
+def _window_latency(wins: list[dict]) -> dict:
+    """p50/p95/p99 ms of each stage of the window records, and of their sum."""
+    stages = sorted({k for w in wins for k in w["stage_ms"]})
+    lat = {
+        k: {p: float(np.percentile([w["stage_ms"][k] for w in wins if k in w["stage_ms"]], p)) for p in (50, 95, 99)}
+        for k in stages
+    }
+    tot = [sum(w["stage_ms"].values()) for w in wins]
+    lat["total"] = {p: float(np.percentile(tot, p)) for p in (50, 95, 99)}
+    return lat
+
+
+def _window_errors(wins: list[dict], truth: dict) -> tuple[list[float], list[float]]:
+    """Window-level accuracy: the error of each window's implied vehicle position, of all and of trusted ones."""
+    from sarloc.eval.report import truth_at
+
+    werr = [
+        float(np.hypot(*(np.asarray(w["vehicle_xy_m"]) - truth_at(truth, w["t_s"]))))
+        for w in wins
+        if w["vehicle_xy_m"] is not None
+    ]
+    tw = [e for e, w in zip(werr, [w for w in wins if w["vehicle_xy_m"] is not None], strict=True) if w["trusted"]]
+    return werr, tw
+
+
 def fly(
     scene: str,
     data: Path,
@@ -54,61 +121,20 @@ def fly(
 ) -> dict:
     from sarloc.core.scene import load_scene
     from sarloc.eval.report import format_report, load_fixes, load_truth, plot_track, score_fixes
-    from sarloc.mappack.build import MapPackConfig, build_map_pack
-    from sarloc.runtime.daemon import load_run_config, run
-    from sarloc.sim.flight import simulate_flight
 
     d = out / scene
     export = assemble_export(scene, loso, refine, d / "export")
-    pack = d / "pack"
-    if not (pack / "pack.json").is_file():
-        build_map_pack(data / scene, export / "optical_encoder.onnx", pack, MapPackConfig())
+    pack, flight = _pack_and_flight(scene, data, export, d, track, seed, n_strips, strip_px)
     tag = f"{track}_s{seed}" + (f"_prior{prior_radius_m:.0f}" if prior_radius_m else "")
-    flight = d / f"flight_{track}_s{seed}"
-    if not (flight / "truth.json").is_file():
-        simulate_flight(
-            data / scene,
-            flight,
-            track=track,
-            n_strips=n_strips,
-            seed=seed,
-            strip_width_px=strip_px,
-            strip_rows=strip_px,
-            force=True,
-        )
     run_dir = d / f"run_{tag}"
-    shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = load_run_config(
-        None,
-        source=f"dir://{flight}",
-        export=str(export),
-        pack=str(pack),
-        out=str(run_dir),
-        follow=False,
-        prior_radius_m=prior_radius_m,
-    )
-    stats = run(cfg, install_signals=False)
+    stats = _run_daemon(flight, export, pack, run_dir, prior_radius_m)
     truth = load_truth(flight / "truth.json")
     fixes, _ = load_fixes(run_dir / "records.jsonl")
     rep = score_fixes(fixes, truth)
     recs = [json.loads(x) for x in (run_dir / "records.jsonl").read_text().splitlines()]
     wins = [r for r in recs if r["type"] == "window"]
-    stages = sorted({k for w in wins for k in w["stage_ms"]})
-    lat = {
-        k: {p: float(np.percentile([w["stage_ms"][k] for w in wins if k in w["stage_ms"]], p)) for p in (50, 95, 99)}
-        for k in stages
-    }
-    tot = [sum(w["stage_ms"].values()) for w in wins]
-    lat["total"] = {p: float(np.percentile(tot, p)) for p in (50, 95, 99)}
-    # window-level accuracy: windows whose implied vehicle position is within 50 m of the truth
-    from sarloc.eval.report import truth_at
-
-    werr = [
-        float(np.hypot(*(np.asarray(w["vehicle_xy_m"]) - truth_at(truth, w["t_s"]))))
-        for w in wins
-        if w["vehicle_xy_m"] is not None
-    ]
-    tw = [e for e, w in zip(werr, [w for w in wins if w["vehicle_xy_m"] is not None], strict=True) if w["trusted"]]
+    lat = _window_latency(wins)
+    werr, tw = _window_errors(wins, truth)  # windows whose implied vehicle position is within 50 m of the truth
     sc = load_scene(data / scene)
     plot = plot_track(fixes, truth, sc.optical_gray, sc.frame, d / f"track_{tag}.png")
     res = {

@@ -369,14 +369,8 @@ def search_check(device: Any, a: argparse.Namespace) -> dict[str, Any]:
     q = F.normalize(db[true_idx].float() + noise, dim=1).half()  # cosine ~0.8 with its source row
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-    out: dict[str, Any] = {
-        "n_tiles": n,
-        "dim": d,
-        "queries": nq,
-        "k": k,
-        "db_bytes": db.numel() * 2,
-        "build_s": time.perf_counter() - t0,
-    }
+    out: dict[str, Any] = {"n_tiles": n, "dim": d, "queries": nq, "k": k, "db_bytes": db.numel() * 2}
+    out["build_s"] = time.perf_counter() - t0
 
     def one(j: int):
         return torch.topk(torch.matmul(db, q[j]), k)
@@ -390,10 +384,9 @@ def search_check(device: Any, a: argparse.Namespace) -> dict[str, Any]:
         tsb = _time_ms(batch, device, a.iters, a.warmup)
         res = batch()
     s1, sb = _stats(ts1, 1), _stats(tsb, nq)
-    s1["read_gbs"] = out["db_bytes"] / (s1["p50_ms"] * 1e-3) / 1e9
-    sb["read_gbs"] = out["db_bytes"] / (sb["p50_ms"] * 1e-3) / 1e9
-    out["batch_1"] = {**s1, "ms_per_query": s1["ms_per_item"], "queries_per_s": s1["items_per_s"]}
-    out[f"batch_{nq}"] = {**sb, "ms_per_query": sb["ms_per_item"], "queries_per_s": sb["items_per_s"]}
+    for b, st in ((1, s1), (nq, sb)):
+        st["read_gbs"] = out["db_bytes"] / (st["p50_ms"] * 1e-3) / 1e9
+        out[f"batch_{b}"] = {**st, "ms_per_query": st["ms_per_item"], "queries_per_s": st["items_per_s"]}
     out["batch_sizes"] = [1, nq]
 
     # reference: a few queries in float32 on the CPU, in row blocks (bounded memory)
@@ -463,19 +456,13 @@ def tables(r: dict[str, Any]) -> str:
             "| mode | batch | p50 ms/call | p95 ms/call | ms/window | windows/s |",
             "|---|---:|---:|---:|---:|---:|",
         ]
-        for mode, rows in e.items():
+        graphs = [(f"{mode} + CUDA graph", rows) for mode, rows in r.get("cuda_graph", {}).items()]
+        for label, rows in [*e.items(), *((m, v) for m, v in graphs if isinstance(v, dict))]:
             for b, s in rows.items():
                 lines.append(
-                    f"| {mode} | {b} | {_f(s['p50_ms'])} | {_f(s['p95_ms'])} | {_f(s['ms_per_window'])} | "
+                    f"| {label} | {b} | {_f(s['p50_ms'])} | {_f(s['p95_ms'])} | {_f(s['ms_per_window'])} | "
                     f"{_f(s['windows_per_s'])} |"
                 )
-        for mode, rows in r.get("cuda_graph", {}).items():
-            if isinstance(rows, dict):
-                for b, s in rows.items():
-                    lines.append(
-                        f"| {mode} + CUDA graph | {b} | {_f(s['p50_ms'])} | {_f(s['p95_ms'])} | "
-                        f"{_f(s['ms_per_window'])} | {_f(s['windows_per_s'])} |"
-                    )
     if "parity" in r:
         lines += [
             "",
@@ -514,8 +501,8 @@ def tables(r: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the sections in order, writing the JSON after each; print tables. 1 when a check fails or errors."""
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, with the defaults that depend on ``--quick`` filled in."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     p.add_argument("--quick", action="store_true", help="tiny sizes (a CPU smoke run)")
@@ -540,6 +527,12 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         a.search_queries = min(a.search_queries, 8)
         a.search_check = min(a.search_check, 4)
+    return a
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sections in order, writing the JSON after each; print tables. 1 when a check fails or errors."""
+    a = _parse_args(argv)
     out_dir = a.out or Path(os.environ.get("OUT") or "runs/gpu")
 
     import torch

@@ -22,22 +22,21 @@ from pathlib import Path
 import numpy as np
 
 
-def main(argv=None) -> int:
-    import psutil
-
-    from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
-    from sarloc.mappack.build import MapPackConfig, build_map_pack
-    from sarloc.runtime.daemon import Daemon, load_run_config
-    from sarloc.runtime.strips import StripFile
-    from sarloc.sim.flight import simulate_flight
-    from sarloc.sim.scenes import SynthConfig, write_scene
-
+def _parse_args(argv) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--windows", type=int, default=100_000)
     ap.add_argument("--out", type=Path, default=Path("runs/soak"))
     ap.add_argument("--pool", type=int, default=200, help="shortlist pool (0: faster, no shortlist)")
-    a = ap.parse_args(argv)
-    work = a.out / "work"
+    return ap.parse_args(argv)
+
+
+def _flight(work: Path) -> None:
+    """A generated scene, its map pack (shipped demo model) and a 12-strip curved flight, unless already there."""
+    from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
+    from sarloc.mappack.build import MapPackConfig, build_map_pack
+    from sarloc.sim.flight import simulate_flight
+    from sarloc.sim.scenes import SynthConfig, write_scene
+
     if not (work / "pack" / "pack.json").is_file():
         write_scene(work / "scene", SynthConfig(width_px=640, height_px=640, seed=7), force=True)
         build_map_pack(
@@ -53,8 +52,13 @@ def main(argv=None) -> int:
             strip_rows=160,
             force=True,
         )
-    strips = [StripFile(p) for p in sorted((work / "flight").glob("strip_*.npy"))]
-    lap_s = max(s.read().meta.t0_s for s in strips) - min(s.read().meta.t0_s for s in strips) + 60.0
+
+
+def _daemon(a: argparse.Namespace, work: Path):
+    """The daemon over the flight: records (windows too) on disk, MAVLink to a port nobody listens to."""
+    from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
+    from sarloc.runtime.daemon import Daemon, load_run_config
+
     cfg = load_run_config(
         None,
         source=f"dir://{work / 'flight'}",
@@ -66,14 +70,21 @@ def main(argv=None) -> int:
         **{"mavlink.enabled": True, "mavlink.url": "udpout:127.0.0.1:9", "localizer.pool": a.pool},
     )
     (a.out / "run" / "records.jsonl").unlink(missing_ok=True)
-    d = Daemon(cfg)
+    return Daemon(cfg)
+
+
+def _endless(d, strips: list, lap_s: float, n_windows: int, samples: list[dict]):
+    """The flight's strips lap after lap (new strip ids and times each lap) until the daemon has seen
+    ``n_windows`` windows; at the end of every strip, a sample of RSS and ms per window goes to ``samples``. The
+    clock of the first sample starts now, not at the first block."""
+    import psutil
+
     proc = psutil.Process()
-    samples: list[dict] = []
     state = {"t": time.perf_counter(), "w": 0}
 
-    def endless():
+    def gen():
         lap = 0
-        while d.stats["windows"] < a.windows:
+        while d.stats["windows"] < n_windows:
             for sf in strips:
                 for block in sf.blocks(64):
                     meta = dataclasses.replace(
@@ -92,13 +103,15 @@ def main(argv=None) -> int:
                                 }
                             )
                         state.update(t=now, w=w)
-                if d.stats["windows"] >= a.windows:
+                if d.stats["windows"] >= n_windows:
                     return
             lap += 1
 
-    t0 = time.perf_counter()
-    stats = d.run(endless())
-    wall = time.perf_counter() - t0
+    return gen()
+
+
+def _summary(stats: dict, samples: list[dict], wall: float, pool: int) -> dict:
+    """``soak.json``: the drift, the last 10 % of strips against the first 10 % after warm-up, and the samples."""
     n = len(samples)
     warm = samples[max(1, n // 10) :]
     k = max(1, len(warm) // 10)
@@ -107,11 +120,11 @@ def main(argv=None) -> int:
     def mean(rows, key):
         return float(np.mean([r[key] for r in rows]))
 
-    res = {
+    return {
         "windows": stats["windows"],
         "strips": stats["strips"],
         "wall_s": wall,
-        "pool": a.pool,
+        "pool": pool,
         "rss_mb_first": mean(first, "rss_mb"),
         "rss_mb_last": mean(last, "rss_mb"),
         "rss_mb_max": max(r["rss_mb"] for r in samples),
@@ -123,8 +136,10 @@ def main(argv=None) -> int:
         "record_errors": stats.get("record_errors"),
         "samples": samples,
     }
-    a.out.mkdir(parents=True, exist_ok=True)
-    (a.out / "soak.json").write_text(json.dumps(res, indent=1))
+
+
+def _plot(out: Path, stats: dict, samples: list[dict]) -> None:
+    """``soak.png``: RSS and ms/window against windows processed (skipped without matplotlib)."""
     try:
         import matplotlib
 
@@ -140,9 +155,29 @@ def main(argv=None) -> int:
         ax[1].set_xlabel("windows processed")
         fig.suptitle(f"soak: {stats['windows']} windows, {stats['strips']} strips")
         fig.tight_layout()
-        fig.savefig(a.out / "soak.png", dpi=90)
+        fig.savefig(out / "soak.png", dpi=90)
     except ImportError:
         pass
+
+
+def main(argv=None) -> int:
+    from sarloc.runtime.strips import StripFile
+
+    a = _parse_args(argv)
+    work = a.out / "work"
+    _flight(work)
+    strips = [StripFile(p) for p in sorted((work / "flight").glob("strip_*.npy"))]
+    lap_s = max(s.read().meta.t0_s for s in strips) - min(s.read().meta.t0_s for s in strips) + 60.0
+    d = _daemon(a, work)
+    samples: list[dict] = []
+    blocks = _endless(d, strips, lap_s, a.windows, samples)
+    t0 = time.perf_counter()
+    stats = d.run(blocks)
+    wall = time.perf_counter() - t0
+    res = _summary(stats, samples, wall, a.pool)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "soak.json").write_text(json.dumps(res, indent=1))
+    _plot(a.out, stats, samples)
     print(json.dumps({k: v for k, v in res.items() if k != "samples"}, indent=1))
     return 0
 

@@ -53,3 +53,12 @@ def export_copy(tiny_export, tmp_path) -> Path:
     d = tmp_path / "export"
     shutil.copytree(tiny_export, d)
     return d
+
+
+@pytest.fixture(scope="session")
+def demo_flight_dir(tmp_path_factory) -> Path:
+    """A generated 512 x 512 scene (not one the demo model saw), its map pack (shipped demo model) and a 3-strip
+    straight simulated flight, built once per test session (read-only: copy what a test changes)."""
+    from helpers import demo_flight
+
+    return demo_flight(tmp_path_factory.mktemp("demo_flight"), scene_seed=11, heading_deg=30.0, flight_seed=1)

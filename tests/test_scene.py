@@ -137,3 +137,12 @@ def test_pixels_beyond_float32_are_replaced_by_a_finite_mean():
     raw = np.array([[1.70141178e38, 1.70141168e38, 3.40282357e38]])  # the last one rounds to inf in float32
     for out in (normalise_sar(raw, "linear_0_1"), normalise_sar(raw, "db"), normalise_optical(raw, "linear_0_1")):
         assert out.dtype == np.float32 and np.isfinite(out).all()
+
+
+def test_a_file_given_as_the_scene_folder_is_named_as_such(tmp_path):
+    from sarloc.core.scene import load_scene
+
+    f = tmp_path / "optical.tif"
+    f.write_bytes(b"x")
+    with pytest.raises(SceneError, match=r"is a file: give the scene folder that holds scene.json"):
+        load_scene(f)

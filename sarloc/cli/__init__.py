@@ -3,7 +3,7 @@
 One module per command group (:mod:`~sarloc.cli.data`, :mod:`~sarloc.cli.training`, :mod:`~sarloc.cli.evaluate`,
 :mod:`~sarloc.cli.models`, :mod:`~sarloc.cli.maps`, :mod:`~sarloc.cli.flight`); each adds its subcommands with
 ``add_parsers``. Exit codes: 0 success, 1 a known error (one line naming what to fix), 2 a usage error, 130
-interrupted.
+interrupted (Ctrl-C), 143 a training run stopped by SIGTERM (it saved where to resume).
 """
 
 from __future__ import annotations

@@ -59,6 +59,17 @@ def read_config(path: str | Path) -> dict:
     return obj
 
 
+def _cell(v: object) -> str:
+    """A table cell: floats to 3 decimals, integers as they are, anything missing or empty as "-"."""
+    if isinstance(v, bool) or v is None or v == [] or v == {}:
+        return f"{'-':>14s}"
+    if isinstance(v, float):
+        return f"{v:14.3f}"
+    if isinstance(v, int):
+        return f"{v:14d}"
+    return f"{str(v)[:14]:>14s}"
+
+
 def print_table(res: dict) -> None:
     cols = (
         "recall@1",
@@ -76,10 +87,7 @@ def print_table(res: dict) -> None:
     for k, m in res.items():
         if isinstance(m, dict) and "recall@1" in m:
             label = f"{res.get('scene', '')} {k} [{m.get('method', '')}]"
-            print(
-                f"{label:42s} "
-                + " ".join(f"{m[c]:14.3f}" if isinstance(m.get(c), float) else f"{m.get(c, -1):14d}" for c in cols)
-            )
+            print(f"{label:42s} " + " ".join(_cell(m.get(c)) for c in cols))
     rel = [(k, m) for k, m in res.items() if isinstance(m, dict) and m.get("reliability")]
     for k, m in rel:
         bins = "  ".join(

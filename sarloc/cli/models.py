@@ -23,9 +23,16 @@ def _cmd_export(a: argparse.Namespace) -> int:
 
 def _cmd_calib(a: argparse.Namespace) -> int:
     from sarloc.calib.quantize import calibrate_export
+    from sarloc.core.scene import find_scenes
 
+    scenes = find_scenes(a.scenes)
+    if a.guard_scene:  # the guard judges INT8 on a scene the calibration did not see
+        guard = Path(a.guard_scene).resolve()
+        scenes = [s for s in scenes if s.resolve() != guard]
+        if not scenes:
+            raise SarlocError("--scenes holds only the --guard-scene: calibrate on other scenes than the guard")
     out = calibrate_export(
-        a.export, a.scenes, n_per_scene=a.n_per_scene, seed=a.seed, calib_dir=a.calib_dir, calibrate_method=a.method
+        a.export, scenes, n_per_scene=a.n_per_scene, seed=a.seed, calib_dir=a.calib_dir, calibrate_method=a.method
     )
     for p in out.values():
         print(p)
@@ -38,7 +45,11 @@ def _cmd_calib(a: argparse.Namespace) -> int:
         w = int(read_model_manifest(model_path(a.export, "sar"))["window_px"])
         guard = int8_accuracy_guard(a.export, a.guard_scene, EvalConfig(window_px=w, queries=a.queries))
         atomic_write_json(Path(a.export) / "int8_guard.json", guard)
-        print(f"INT8 vs FP32 recall@1 on {guard['scene']}: {guard['int8']} vs {guard['fp32']}")
+        for kind in guard["fp32"]:
+            print(
+                f"recall@1 on {guard['scene']} ({kind} queries): INT8 {guard['int8'][kind]:.3f}, "
+                f"FP32 {guard['fp32'][kind]:.3f}"
+            )
         if not guard["passed"]:
             raise SarlocError(
                 f"INT8 loses {100 * guard['drop']:.1f} points of recall@1 against FP32 on {guard['scene']} "
@@ -82,7 +93,10 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     c.add_argument(
         "--method", choices=["minmax", "entropy", "percentile"], default="minmax", help="activation range calibration"
     )
-    c.add_argument("--guard-scene", help="held-out scene: fail when INT8 loses > 1 point of recall@1 vs FP32")
+    c.add_argument(
+        "--guard-scene",
+        help="held-out scene (left out of the calibration): fail when INT8 loses > 1 point of recall@1 vs FP32",
+    )
     c.add_argument("--queries", type=int, default=200, help="queries per kind for --guard-scene")
     c.set_defaults(fn=_cmd_calib)
 

@@ -111,6 +111,12 @@ def _cmd_figures(a: argparse.Namespace) -> int:
 
 def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     """Add the train, train-refiner, figures subcommand(s) to ``sub``."""
+    _add_train(sub, common)
+    _add_train_refiner(sub, common)
+    _add_figures(sub, common)
+
+
+def _add_train(sub, common: argparse.ArgumentParser) -> None:
     t = add_command(
         sub,
         "train",
@@ -173,6 +179,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     )
     t.set_defaults(fn=_cmd_train, train_parser=t)
 
+
+def _add_train_refiner(sub, common: argparse.ArgumentParser) -> None:
     r = add_command(sub, "train-refiner", common, "train the graph refiner and the verifier for a trained encoder")
     r.add_argument("--checkpoint", required=True, help="encoder checkpoint (sarloc train)")
     r.add_argument(
@@ -194,6 +202,8 @@ def add_parsers(sub, common: argparse.ArgumentParser) -> None:
     r.add_argument("--queries", type=int, default=400, help="arbitrary queries per scene")
     r.set_defaults(fn=_cmd_train_refiner)
 
+
+def _add_figures(sub, common: argparse.ArgumentParser) -> None:
     f = add_command(sub, "figures", common, "retrieval visualisation and 2-D embedding projection")
     f.add_argument("--checkpoint", required=True, help="encoder checkpoint (sarloc train)")
     f.add_argument("--baseline-checkpoint", help="a checkpoint trained without alignment, for comparison")

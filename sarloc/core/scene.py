@@ -219,6 +219,8 @@ def _read_meta(folder: Path) -> tuple[Path, dict[str, Any]]:
         SceneError: the folder or ``scene.json`` is missing, or it is not a JSON object.
     """
     meta_json = folder / "scene.json"
+    if folder.is_file():
+        raise SceneError(f"{folder} is a file: give the scene folder that holds scene.json (see docs/scenes.md)")
     if not folder.is_dir():
         raise SceneError(f"scene folder {folder} not found")
     if not meta_json.is_file():

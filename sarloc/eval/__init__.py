@@ -9,5 +9,7 @@ the product imports it.
 * :mod:`~sarloc.eval.rerank`: research re-rankers (query expansion, k-reciprocal, spatial) and calibration metrics.
 * :mod:`~sarloc.eval.export`: exported encoders (ONNX / engines) measured, the INT8 accuracy guard.
 * :mod:`~sarloc.eval.mappack`: search over a built map pack measured against a scene's truth.
-* :mod:`~sarloc.eval.report`, :mod:`~sarloc.eval.replay`: ``sarloc report`` and ``sarloc replay``.
+* :mod:`~sarloc.eval.report` (with :mod:`~sarloc.eval.scoring`, :mod:`~sarloc.eval.gis`,
+  :mod:`~sarloc.eval.track_plot`): ``sarloc report``: fixes scored against the truth, GeoJSON / CSV, the track plot.
+* :mod:`~sarloc.eval.replay`: ``sarloc replay``.
 """

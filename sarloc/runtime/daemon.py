@@ -172,6 +172,22 @@ class Daemon:
             for r in (block.row0, block.row0 + rows - 1):
                 self.nav.add_motion(float(block.meta.row_time_s(r)), "ground", (float(v[0]), float(v[1])))
 
+    def _strip_course(self, block) -> None:
+        """The strip metadata's course (the SAR's own motion measurement) as a course measurement of the filter,
+        while the motion input comes from the autopilot (with the strips' own velocity as the input it adds
+        nothing)."""
+        sigma = self.cfg.nav.course_sigma_deg
+        if block.meta.heading_deg is None or sigma <= 0 or self.cfg.motion == "strip":
+            return
+        if self.cfg.motion == "auto" and not self.autopilot.airspeed_known():
+            return  # auto without airspeed: the strips' velocity is the input
+        t = float(block.meta.row_time_s(block.row0 + block.pixels.shape[0] / 2.0))
+        now = self.clock.now(time.time())
+        if now is None:
+            return
+        with self._lock:
+            self.nav.add_course(t, float(block.meta.heading_deg), sigma, now)
+
     def _windows(self, batch) -> list[WindowFix]:
         meta = batch.meta
         t_mid = float(np.mean(batch.t_s)) if len(batch) else meta.t0_s
@@ -388,6 +404,7 @@ class Daemon:
                 raise SarlocError(f"strip {sid}: no heading in its metadata and none from MAVLink; skipped")
             heading = block.meta.heading_deg if h is None else h
             self._strip_motion(block, heading)
+            self._strip_course(block)
             batch = self.stream.push(block, h)
             if len(batch):
                 windows.extend(self._windows(batch))

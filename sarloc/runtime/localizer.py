@@ -141,9 +141,16 @@ class Localizer:
                 self.short_reg = ShortlistRegistrar(base, search_px=cfg.search_px)
                 logger.info("shortlist descriptors of the map in %.1f s", time.perf_counter() - t0)
             elif cfg.pool > cfg.k:
-                logger.warning("no shortlister.json in the export: using the coarse top-%d without a pool", cfg.k)
+                logger.warning(
+                    "no shortlister.json in the export: using the coarse top-%d without a pool (`sarloc train-refiner` "
+                    "writes it)",
+                    cfg.k,
+                )
         if verifier is None:
-            logger.warning("no verifier loaded: every window is untrusted (no position will be sent)")
+            logger.warning(
+                "no verifier.json in the export: every window is untrusted and no position will be sent; fit one "
+                "with `sarloc train-refiner --checkpoint CKPT --scenes SCENES --out EXPORT`"
+            )
         self.prep = encoder.preprocess
         self.fallback_onnx: Path | None = None  # FP32 ONNX to fall back to when the backend fails at run time
         self.stats = {"backend_errors": 0, "backend_fallbacks": 0}

@@ -50,6 +50,7 @@ _N = 6  # east, north, bias east, bias north, input scale error, input heading e
 _H_POS = np.hstack([np.eye(2), np.zeros((2, _N - 2))])
 _MIN_TURN_SPEED_MPS = 3.0  # below this an input's direction means little: no turn is counted
 _TURN_STEP_RAD = math.radians(10.0)  # a turn is counted once the input has turned this far from the reference
+_GATE_1DOF = 10.83  # chi-square, 1 degree of freedom, 99.9 %
 
 
 def chi2_2dof(p: float) -> float:
@@ -74,6 +75,8 @@ class NavConfig:
         heading_sigma_deg_per_s: random-walk rate of the heading error, degrees per sqrt(s).
         heading_turn_fraction: the heading error's one-sigma grows by this fraction of every turn of the input (an
             autopilot's yaw lags after a turn without GNSS: 5-6 % of a 90-180 degree turn in ArduPlane SITL).
+        course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
+            the daemon as a course measurement while the motion input comes from the autopilot; 0: not used.
         airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis.
         ground_sigma_mps: one-sigma of a ground-velocity input, per axis.
         correlation_s: correlation time of the input's errors: the position variance grows by
@@ -96,6 +99,7 @@ class NavConfig:
     init_heading_sigma_deg: float = 3.0
     heading_sigma_deg_per_s: float = 0.05
     heading_turn_fraction: float = 0.03
+    course_sigma_deg: float = 1.0
     airspeed_sigma_mps: float = 1.0
     ground_sigma_mps: float = 1.0
     correlation_s: float = 1.0
@@ -130,9 +134,10 @@ class NavConfig:
             v = finite_number(getattr(self, name))
             if v is None or v <= 0:
                 raise ConfigError(f"[nav] {name}={getattr(self, name)!r:.40} must be a finite number > 0")
-        v = finite_number(self.future_tolerance_s)
-        if v is None or v < 0:
-            raise ConfigError(f"[nav] future_tolerance_s={self.future_tolerance_s!r:.40} must be >= 0")
+        for name in ("future_tolerance_s", "course_sigma_deg"):
+            v = finite_number(getattr(self, name))
+            if v is None or v < 0:
+                raise ConfigError(f"[nav] {name}={getattr(self, name)!r:.40} must be a finite number >= 0")
         if not isinstance(self.reinit_after, int) or isinstance(self.reinit_after, bool) or self.reinit_after < 1:
             raise ConfigError(f"[nav] reinit_after={self.reinit_after!r:.40} must be an integer >= 1")
 
@@ -167,7 +172,7 @@ class NavEstimate:
 @dataclass
 class _Event:
     t_s: float
-    kind: str  # "air" / "ground" (motion input), "fix", "init"
+    kind: str  # "air" / "ground" (motion input), "fix", "init", "course"
     z: np.ndarray
     r: np.ndarray  # fix: 2x2 covariance; motion: 1x1 sigma^2
     seq: int
@@ -197,6 +202,16 @@ def _xp(st: _State) -> tuple[np.ndarray, np.ndarray]:
     """(x, P) of a state its caller knows is initialised (predict, turn and update run only on those)."""
     assert st.x is not None and st.p is not None, "navigation state used before initialisation"
     return st.x, st.p
+
+
+def _kalman(st: _State, h: np.ndarray, y: np.ndarray, r: np.ndarray) -> _State:
+    """Linear Kalman update of ``st`` with measurement matrix ``h``, residual ``y`` and noise covariance ``r``."""
+    sx, sp = _xp(st)
+    s = h @ sp @ h.T + r
+    k = sp @ h.T @ np.linalg.inv(s)
+    ikh = np.eye(_N) - k @ h
+    p = ikh @ sp @ ikh.T + k @ r @ k.T  # Joseph form: stays symmetric positive definite
+    return dataclasses.replace(st, x=sx + k @ y, p=0.5 * (p + p.T))
 
 
 def _perp(v: np.ndarray) -> np.ndarray:
@@ -232,6 +247,8 @@ class NavFilter:
             "motion_inputs": 0,
             "motion_refused": 0,
             "replayed_events": 0,
+            "courses_applied": 0,
+            "courses_gated": 0,
         }
         self._warned: set[str] = set()
 
@@ -281,14 +298,32 @@ class NavFilter:
     @staticmethod
     def _update(st: _State, ev: _Event) -> _State:
         """Kalman update with a position fix."""
-        h = _H_POS
-        sx, sp = _xp(st)
-        y = ev.z - h @ sx
-        s = h @ sp @ h.T + ev.r
-        k = sp @ h.T @ np.linalg.inv(s)
-        ikh = np.eye(_N) - k @ h
-        p = ikh @ sp @ ikh.T + k @ ev.r @ k.T  # Joseph form: stays symmetric positive definite
-        return dataclasses.replace(st, x=sx + k @ y, p=0.5 * (p + p.T))
+        sx, _ = _xp(st)
+        return _kalman(st, _H_POS, ev.z - _H_POS @ sx, ev.r)
+
+    def _course_model(self, st: _State, course: np.ndarray) -> tuple[np.ndarray, float, float] | None:
+        """The course measurement's (H, residual, variance) at ``st``: the filter's ground velocity across the
+        measured course should be zero. None without a usable motion input."""
+        sx, _ = _xp(st)
+        if st.u is None or float(np.hypot(*st.u.v)) < _MIN_TURN_SPEED_MPS:
+            return None
+        u = st.u.v
+        n = np.array([course[1], -course[0]])  # unit vector to the right of the course
+        h = np.zeros((1, _N))
+        h[0, 2:4] = n
+        h[0, 4] = float(n @ u)
+        h[0, 5] = float(n @ _perp(u))
+        y = -float(n @ u) - float(h[0] @ sx)
+        return h, y, st.u.sigma**2
+
+    def _course_update(self, st: _State, ev: _Event) -> _State:
+        m = self._course_model(st, ev.z)
+        if m is None:
+            return st
+        h, y, var_u = m
+        assert st.u is not None  # _course_model returns None without an input
+        r = np.array([[float(ev.r[0, 0]) * float(st.u.v @ st.u.v) + var_u]])  # course noise as cross-track speed
+        return _kalman(st, h, np.array([y]), r)
 
     # ------------------------------------------------------------------------------------------ history
     def _state_before(self, i: int) -> _State | None:
@@ -317,6 +352,8 @@ class NavFilter:
                 assert ev.info is not None  # _make_init sets info when it makes an event "init"
                 u0 = None if st is None else st.u
                 st = _State(ev.t_s, ev.info["x"], ev.info["p"], u0, None if u0 is None else u0.v)
+            elif ev.kind == "course" and st is not None and st.x is not None:
+                st = self._course_update(self._predict(st, ev.t_s), ev)
             elif st is not None and st.x is not None:
                 st = self._update(self._predict(st, ev.t_s), ev)  # decisions stand: a replay never re-gates
             self._after[j] = st
@@ -377,6 +414,37 @@ class NavFilter:
         self.stats["motion_inputs"] += 1
         self._prune(self._events[-1].t_s)
         return True
+
+    def add_course(self, t_s: float, course_deg: float, sigma_deg: float, now_s: float) -> tuple[bool, str]:
+        """The ground course at ``t_s`` from a source independent of the motion input (the SAR's own motion
+        measurement in the strip metadata), degrees clockwise from grid north: the filter's ground velocity across
+        it should be zero. It tells the input's heading error and the wind across the track within seconds of a
+        turn, before the first position fix of the new leg. Gated (1 degree of freedom, 99.9 %); returns
+        (applied, reason)."""
+        if not (math.isfinite(t_s) and math.isfinite(course_deg) and math.isfinite(sigma_deg) and sigma_deg > 0):
+            return False, "non-finite course"
+        if t_s > now_s + self.cfg.future_tolerance_s or t_s < self._oldest_s():
+            return False, "course outside the history"
+        st = self._state_at(t_s)
+        if st is None:
+            return False, "not initialised"
+        c = math.radians(course_deg)
+        z = np.array([math.sin(c), math.cos(c)])
+        m = self._course_model(st, z)
+        if m is None:
+            return False, "no motion input"
+        h, y, var_u = m
+        _, sp = _xp(st)
+        assert st.u is not None
+        s = float(h[0] @ sp @ h[0]) + math.radians(sigma_deg) ** 2 * float(st.u.v @ st.u.v) + var_u
+        if y * y / s > _GATE_1DOF:
+            self.stats["courses_gated"] += 1
+            return False, f"gated out (Mahalanobis^2 {y * y / s:.1f})"
+        ev = _Event(float(t_s), "course", z, np.eye(1) * math.radians(sigma_deg) ** 2, self._next_seq())
+        self._replay_from(self._insert(ev))
+        self.stats["courses_applied"] += 1
+        self._prune(now_s)
+        return True, "applied"
 
     def _check_fix(self, t_s: float, xy: np.ndarray, sigma_m: float, now_s: float) -> str | None:
         if xy.shape != (2,) or not np.all(np.isfinite(xy)) or not (math.isfinite(sigma_m) and sigma_m > 0):

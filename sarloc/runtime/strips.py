@@ -235,6 +235,8 @@ class StripFile:
             image, sidecar = p, p.with_suffix(".json")
             if not image.is_file():
                 raise SarlocError(f"strip image {image} not found; check the path")
+        elif p.is_dir():
+            raise SarlocError(f"strip source {p} is a folder: use dir://{p} for a folder of strips")
         else:
             raise SarlocError(f"strip {p}: unsupported extension {ext!r}; use .npy, .tif, .tiff or .png (+ .json)")
         self.image_path, self.sidecar_path = image, sidecar

@@ -257,7 +257,7 @@ def _prepare_out(out: Path, force: bool) -> None:
         raise SarlocError(f"simulate: {out} exists and is not a folder; choose another output path")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise SarlocError(f"simulate: output folder {out} is not empty; choose an empty folder or pass force=True")
+            raise SarlocError(f"simulate: output folder {out} is not empty; choose an empty folder or pass --force")
         for p in [*out.glob("strip_*.npy"), *out.glob("strip_*.json"), out / "truth.json"]:
             p.unlink(missing_ok=True)
 

@@ -51,7 +51,7 @@ def _check_output(sc: Scene, out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise SarlocError(f"geo_place_scene: {out} exists and is not a folder; choose another output path")
     if out.is_dir() and any(out.iterdir()) and not force:
-        raise SarlocError(f"geo_place_scene: output folder {out} is not empty; choose an empty folder or force=True")
+        raise SarlocError(f"geo_place_scene: output folder {out} is not empty; choose an empty folder (or force=True)")
     if out.resolve() == sc.path.resolve():
         raise SarlocError(f"geo_place_scene: output folder {out} is the scene itself; choose another folder")
 

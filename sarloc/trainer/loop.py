@@ -1,14 +1,16 @@
-"""The training loop: metric loss + modality alignment, single process or DDP under torchrun."""
+"""The training loop: metric loss + modality alignment, single process or DDP under torchrun.
+
+Its parts: the state of one process (:mod:`sarloc.trainer.run`), one training step (:mod:`sarloc.trainer.steps`),
+resumable training and stopping on signals (:mod:`sarloc.trainer.resume`) and the evaluation of a checkpoint
+(:mod:`sarloc.trainer.evaluate`); the names used from outside are importable from here too.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
-import random
 import signal
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,25 +18,37 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-import numpy as np
 import torch
 
-from sarloc.core.artifacts import atomic_write_json, sha256_bytes
-from sarloc.core.errors import ArtifactError, ConfigError
-from sarloc.core.scene import Scene, find_scenes, load_scene
-from sarloc.trainer.checkpoint import load_resume, save_checkpoint, save_resume
-from sarloc.trainer.config import RESUME_FREE_KEYS, TrainConfig, config_changes
+from sarloc.core.artifacts import atomic_write_json
+from sarloc.core.scene import find_scenes, load_scene
+from sarloc.trainer.checkpoint import save_checkpoint, save_resume
+from sarloc.trainer.config import RESUME_FREE_KEYS, TrainConfig
 from sarloc.trainer.data.pairs import PairSampler
-from sarloc.trainer.losses import (
-    Critic,
-    ModalityClassifier,
-    batch_hard_triplet,
-    critic_loss,
-    info_nce,
-    modality_adversarial_loss,
-    wasserstein_estimate,
-)
+from sarloc.trainer.evaluate import evaluate_checkpoint
+from sarloc.trainer.losses import Critic, ModalityClassifier
 from sarloc.trainer.models.encoder import CrossModalEncoder
+from sarloc.trainer.resume import (
+    RESUME_FILE,
+    RUN_FILES,
+    TrainingInterrupted,
+    _check_run_folder,
+    _check_scenes,
+    _Clock,
+    _control,
+    _load_for_resume,
+    _move_aside,
+    _restore,
+    _rewind_log,
+    _rng_state,
+    _stop_on_signals,
+    _StopFlag,
+    _training_state,
+    existing_run,
+    scenes_digest,
+)
+from sarloc.trainer.run import _Run
+from sarloc.trainer.steps import _train_step, lr_at, recalibrate_bn
 
 logger = logging.getLogger(__name__)
 
@@ -45,72 +59,6 @@ def _dist_info() -> tuple[int, int, int]:
     if world <= 1:
         return 0, 0, 1
     return int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0")), world
-
-
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to 5% of the peak."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
-    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
-def scenes_digest(scenes: list[Scene]) -> str:
-    """sha256 over the scenes' names and image hashes (the checkpoint's parent)."""
-    parts = [
-        f"{s.name}:{s.meta.get('optical', {}).get('sha256')}:{s.meta.get('sar', {}).get('sha256')}" for s in scenes
-    ]
-    return sha256_bytes("\n".join(sorted(parts)).encode())
-
-
-@torch.no_grad()
-def recalibrate_bn(model: CrossModalEncoder, sampler: PairSampler, n_batches: int, device: torch.device) -> None:
-    """Precise BN: re-estimate every batch-norm running mean/var as a plain average over ``n_batches`` fresh
-    batches with the final weights (running stats accumulated during training lag behind fast-moving weights)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns or n_batches <= 0:
-        return
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average
-    model.train()
-    for _ in range(n_batches):
-        b = sampler.sample()
-        model(torch.from_numpy(b.sar).to(device), torch.from_numpy(b.optical).to(device))
-    for m, mom in zip(bns, saved, strict=True):
-        m.momentum = mom
-    model.eval()
-
-
-@dataclass
-class _Run:
-    """One process's training set-up: where it runs, its data, the models and their optimisers.
-
-    ``ddp_*`` are the modules to call (DistributedDataParallel wrappers under torchrun, else the modules
-    themselves); ``refiner`` is set for joint training of the graph refiner, ``adversary`` for modality alignment.
-    """
-
-    rank: int
-    local_rank: int
-    world: int
-    device: torch.device
-    scenes: list[Scene]
-    sampler: PairSampler
-    model: CrossModalEncoder
-    ddp_model: torch.nn.Module
-    opt: torch.optim.Optimizer
-    ref_gen: torch.Generator
-    refiner: torch.nn.Module | None = None
-    ddp_refiner: torch.nn.Module | None = None
-    adversary: torch.nn.Module | None = None
-    ddp_adv: torch.nn.Module | None = None
-    adv_opt: torch.optim.Optimizer | None = None
-
-    @property
-    def distributed(self) -> bool:
-        """Under torchrun with more than one process."""
-        return self.world > 1
 
 
 def _init_process(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
@@ -189,73 +137,6 @@ def _set_up(scene_dirs: list[str | Path], cfg: TrainConfig, exclude: list[str] |
     return run
 
 
-RESUME_FILE = "resume.pt"
-#: the files that make a folder hold a training run (``train_log.jsonl`` only when it is not empty)
-RUN_FILES = ("train_log.jsonl", "checkpoint.pt", RESUME_FILE)
-#: what ``force`` moves aside: a run's own files (other files in the folder are left where they are)
-_RUN_FOLDER_FILES = ("config.json", "train_log.jsonl", "checkpoint.pt", "checkpoint.json", RESUME_FILE, "resume.json")
-
-
-def existing_run(out_dir: str | Path) -> list[str]:
-    """The files that show ``out_dir`` holds a training run already: ``checkpoint.pt``, ``resume.pt`` or a
-    non-empty ``train_log.jsonl`` (an empty one is all a run that failed before its first step leaves)."""
-    out_dir = Path(out_dir)
-    found = []
-    for name in RUN_FILES:
-        p = out_dir / name
-        if p.is_file() and (name != "train_log.jsonl" or p.stat().st_size > 0):
-            found.append(name)
-    return found
-
-
-def _check_run_folder(out_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse to mix two runs in one folder: without ``resume`` or ``force``, a folder holding a run is an error."""
-    if resume and force:
-        raise ConfigError("--resume and --force contradict each other: continue the run or start over, not both")
-    if resume:
-        if not (out_dir / RESUME_FILE).is_file():
-            raise ConfigError(
-                f"--resume: {out_dir / RESUME_FILE} not found, so there is nothing to resume; start over with --force"
-            )
-        return
-    found = existing_run(out_dir)
-    if found and not force:
-        raise ConfigError(
-            f"--out {out_dir} already holds a training run ({', '.join(found)}); continue it with --resume or "
-            "start over with --force (which moves the old run's files aside)"
-        )
-
-
-def _move_aside(out_dir: Path) -> Path:
-    """Move the previous run's files (config, log, checkpoints, resumable state) into ``out_dir/previous-<time>/``."""
-    names = [n for n in _RUN_FOLDER_FILES if (out_dir / n).is_file()]
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, i = out_dir / f"previous-{stamp}", 1
-    while dest.exists():
-        dest, i = out_dir / f"previous-{stamp}-{i}", i + 1
-    dest.mkdir()
-    for n in names:
-        os.replace(out_dir / n, dest / n)
-    logger.info("--force: moved the previous run's %s to %s", ", ".join(names), dest)
-    return dest
-
-
-def _rewind_log(path: Path, log_bytes: int) -> None:
-    """Cut ``train_log.jsonl`` back to where it was when the resumable state was saved (the lines of the steps
-    after it are logged again by the resumed run)."""
-    size = path.stat().st_size if path.is_file() else 0
-    if size > log_bytes:
-        os.truncate(path, log_bytes)
-        logger.info("%s: dropped the %d bytes logged after the resumable state", path, size - log_bytes)
-    elif size < log_bytes:
-        logger.warning(
-            "%s is shorter than when the resumable state was saved (%d < %d bytes); appending to it",
-            path,
-            size,
-            log_bytes,
-        )
-
-
 def _open_run_folder(
     out_dir: Path, cfg: TrainConfig, run: _Run, resumed: dict[str, Any] | None, force: bool
 ) -> IO[str]:
@@ -285,291 +166,6 @@ def _open_run_folder(
         f"; resuming at step {resumed['step']}" if resumed is not None else "",
     )
     return log_f
-
-
-def _metric_loss(z_sar, z_opt, targets, b, run: _Run, cfg: TrainConfig, logs: dict[str, float]) -> torch.Tensor:
-    """InfoNCE and/or the batch-hard triplet loss of ``cfg.metric_loss`` (logged in ``logs``)."""
-    if cfg.metric_loss in ("infonce", "both"):
-        loss = info_nce(z_sar, z_opt, targets, cfg.temperature)
-        logs["nce"] = loss.item()
-    else:
-        loss = z_sar.sum() * 0.0
-    if cfg.metric_loss in ("triplet", "both"):
-        trip = batch_hard_triplet(
-            z_sar,
-            z_opt,
-            torch.from_numpy(b.pos_mask).to(run.device),
-            cfg.margin,
-            torch.from_numpy(b.semi_mask).to(run.device),
-        )
-        loss = loss + trip
-        logs["triplet"] = trip.item()
-    return loss
-
-
-def _alignment_term(
-    a_sar, a_opt, run: _Run, cfg: TrainConfig, step: int, logs: dict[str, float]
-) -> torch.Tensor | None:
-    """The weighted modality-alignment term to add to the loss (None when there is none at this step).
-
-    Wasserstein: the critic is updated first (``critic_steps`` times); its gradients from the encoder loss are
-    discarded at its next zero_grad. Classifier: the gradient-reversal loss; the classifier steps with the encoder.
-    """
-    adversary, adv_opt = run.adversary, run.adv_opt
-    if cfg.align == "wasserstein" and adversary is not None and adv_opt is not None:
-        for _ in range(cfg.critic_steps):
-            c_loss = critic_loss(run.ddp_adv, a_opt, a_sar, cfg.gp_weight)
-            adv_opt.zero_grad(set_to_none=True)
-            c_loss.backward()
-            adv_opt.step()
-        logs["critic"] = c_loss.item()
-        w1 = wasserstein_estimate(adversary, a_opt, a_sar)
-        logs["w1"] = w1.item()
-        return cfg.align_weight * w1 if step >= cfg.align_start else None
-    if cfg.align == "classifier" and adversary is not None and adv_opt is not None:
-        lam = 1.0 if step >= cfg.align_start else 0.0
-        a_loss = modality_adversarial_loss(run.ddp_adv, a_opt, a_sar, lam)
-        logs["modality_bce"] = a_loss.item()
-        term = cfg.align_weight * a_loss
-        adv_opt.zero_grad(set_to_none=True)
-        return term
-    return None
-
-
-def _refiner_term(z_sar, z_opt, b, run: _Run, cfg: TrainConfig, logs: dict[str, float]) -> torch.Tensor:
-    """The weighted listwise loss of the jointly trained graph refiner (its parts logged in ``logs``)."""
-    from sarloc.trainer.joint import joint_refiner_loss
-
-    w = float(cfg.window_px)
-    oc = torch.from_numpy(b.opt_centres).to(device=run.device, dtype=z_opt.dtype)
-    r_loss, r_logs = joint_refiner_loss(
-        run.ddp_refiner,
-        z_sar,
-        z_opt,
-        torch.from_numpy(b.scene_idx).to(run.device),
-        torch.stack([oc[:, 0], -oc[:, 1]], 1) / w,
-        torch.from_numpy(b.pos_mask | b.semi_mask).to(run.device),
-        cfg.refiner_k,
-        run.ref_gen,
-    )
-    term = cfg.refiner_weight * r_loss
-    logs.update(r_logs)
-    return term
-
-
-def _train_step(run: _Run, cfg: TrainConfig, step: int) -> dict[str, float]:
-    """One optimiser step on a fresh batch; returns the logged losses."""
-    for g in run.opt.param_groups:
-        g["lr"] = lr_at(step, cfg) * g.get("lr_scale", 1.0)
-    b = run.sampler.sample()
-    sar = torch.from_numpy(b.sar).to(run.device)
-    optical = torch.from_numpy(b.optical).to(run.device)
-    targets = torch.from_numpy(b.targets).to(run.device)
-    z_sar, z_opt = run.ddp_model(sar, optical)
-    logs: dict[str, float] = {}
-    d = cfg.encoder.embed_dim  # the adversary sees the learned part only (the layout branch is fixed)
-    a_sar, a_opt = z_sar[:, :d], z_opt[:, :d]
-    loss = _metric_loss(z_sar, z_opt, targets, b, run, cfg, logs)
-    align = _alignment_term(a_sar, a_opt, run, cfg, step, logs)
-    if align is not None:
-        loss = loss + align
-    if run.ddp_refiner is not None:
-        loss = loss + _refiner_term(z_sar, z_opt, b, run, cfg, logs)
-    run.opt.zero_grad(set_to_none=True)
-    loss.backward()
-    run.opt.step()
-    if run.adv_opt is not None and cfg.align == "classifier":
-        run.adv_opt.step()
-    logs["loss"] = loss.item()
-    return logs
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """Training was stopped by SIGINT (Ctrl-C) or SIGTERM; raised on every rank once the resumable state is saved.
-
-    A KeyboardInterrupt, so code that lets Ctrl-C through still does. ``exit_code`` is 128 + the signal number
-    (130 for SIGINT, 143 for SIGTERM).
-
-    Attributes:
-        signum: the signal.
-        step: steps done when training stopped.
-        steps: steps of the whole run.
-        resume_path: the resumable state to continue from (None: none was ever written).
-        saved_step: the step ``resume_path`` holds: ``step``, or an earlier one when a second Ctrl-C aborted before
-            the state could be saved.
-        rank, world: this process's rank and the number of processes.
-    """
-
-    def __init__(
-        self,
-        signum: int,
-        step: int,
-        steps: int,
-        resume_path: Path | None,
-        saved_step: int | None,
-        rank: int = 0,
-        world: int = 1,
-    ) -> None:
-        self.signum, self.step, self.steps = int(signum), step, steps
-        self.resume_path, self.saved_step = resume_path, saved_step
-        self.rank, self.world = rank, world
-        super().__init__(str(self))
-
-    @property
-    def exit_code(self) -> int:
-        """128 + the signal number: 130 for SIGINT, 143 for SIGTERM."""
-        return 128 + self.signum
-
-    def __str__(self) -> str:
-        name = signal.Signals(self.signum).name
-        head = f"stopped by {name} at step {self.step}/{self.steps}"
-        if self.resume_path is None or self.saved_step is None:
-            return f"{head}; nothing was saved"
-        if self.saved_step == self.step:
-            return f"{head}; saved {self.resume_path}"
-        return f"{head} without saving; {self.resume_path} holds step {self.saved_step}"
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM handler for the training loop: the first signal asks it to stop after the current step; in a
-    single process a second Ctrl-C more than a second later aborts at once, without saving (under torchrun the
-    launcher forwards the terminal's SIGINT, so each worker sees two; there the launcher's kill timeout rules)."""
-
-    def __init__(self, abort_on_repeat: bool) -> None:
-        self.signum = 0
-        self._at = 0.0
-        self._abort_on_repeat = abort_on_repeat
-
-    def __call__(self, signum: int, frame: Any) -> None:
-        if self.signum:
-            if self._abort_on_repeat and signum == signal.SIGINT and time.monotonic() - self._at > 1.0:
-                raise KeyboardInterrupt
-            return
-        self.signum, self._at = signum, time.monotonic()
-        logger.warning(
-            "%s: stopping after this step to save a resumable checkpoint%s",
-            signal.Signals(signum).name,
-            " (Ctrl-C again to abort without saving)" if self._abort_on_repeat else "",
-        )
-
-
-@contextmanager
-def _stop_on_signals(flag: _StopFlag, install: bool) -> Iterator[None]:
-    """``flag`` handles SIGINT and SIGTERM for the block (main thread only; a signal ignored before stays ignored);
-    the previous handlers are put back after it, as in :func:`sarloc.runtime.daemon.run`."""
-    if not (install and threading.current_thread() is threading.main_thread()):
-        yield
-        return
-    old = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        if signal.getsignal(sig) is not signal.SIG_IGN:
-            old[sig] = signal.signal(sig, flag)
-    try:
-        yield
-    finally:
-        for sig, h in old.items():
-            signal.signal(sig, h if h is not None else signal.SIG_DFL)
-
-
-@dataclass
-class _Clock:
-    """Training time: ``prior_s`` from earlier sessions of a resumed run plus this session's."""
-
-    prior_s: float = 0.0
-    t0: float = field(default_factory=time.time)
-    last_save: float = field(default_factory=time.monotonic)
-
-    def total(self) -> float:
-        """Seconds of training so far, over all sessions."""
-        return self.prior_s + time.time() - self.t0
-
-    def deadline(self, cfg: TrainConfig) -> float | None:
-        """The wall-clock time (``time.time()``) at which ``max_minutes`` of training is reached (None: no cap)."""
-        return self.t0 + cfg.max_minutes * 60 - self.prior_s if cfg.max_minutes else None
-
-
-def _control(run: _Run, cfg: TrainConfig, clock: _Clock, flag: _StopFlag, done: int) -> tuple[bool, int, bool]:
-    """(out of time, stop signal number or 0, resumable checkpoint due) after ``done`` steps.
-
-    Under torchrun every rank joins the same all-reduce (max) each step, so all of them stop, or save, at the same
-    step, whichever rank got the signal or saw the clock pass.
-    """
-    out_of_time = bool(cfg.max_minutes) and clock.total() > cfg.max_minutes * 60
-    due = (cfg.checkpoint_every > 0 and done % cfg.checkpoint_every == 0) or (
-        cfg.checkpoint_minutes > 0 and time.monotonic() - clock.last_save >= cfg.checkpoint_minutes * 60
-    )
-    vals = [float(out_of_time), float(flag.signum), float(due)]
-    if run.distributed:
-        t = torch.tensor(vals, device=run.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        vals = t.tolist()
-    return bool(vals[0]), int(vals[1]), bool(vals[2])
-
-
-def _rng_state(run: _Run) -> dict[str, Any]:
-    """This process's random states: torch's (CPU, and its CUDA device), the joint refiner's generator, and as
-    JSON the batch sampler's, numpy's and Python's global ones."""
-    np_state = np.random.get_state()
-    state: dict[str, Any] = {
-        "torch": torch.get_rng_state(),
-        "ref_gen": run.ref_gen.get_state(),
-        "json": json.dumps(
-            {
-                "sampler": run.sampler.rng.bit_generator.state,
-                "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-                "python": random.getstate(),
-            }
-        ),
-    }
-    if run.device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(run.device)
-    return state
-
-
-def _restore_rng(run: _Run, state: dict[str, Any]) -> None:
-    """Inverse of :func:`_rng_state`."""
-    torch.set_rng_state(state["torch"])
-    if run.device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], run.device)
-    run.ref_gen.set_state(state["ref_gen"])
-    j = json.loads(state["json"])
-    run.sampler.rng.bit_generator.state = j["sampler"]
-    n = j["numpy"]
-    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), *n[2:]))
-    p = j["python"]
-    random.setstate((p[0], tuple(p[1]), p[2]))
-
-
-def _training_state(run: _Run) -> dict[str, Any]:
-    """The models' and optimisers' state dicts (there is no scheduler or scaler state: the learning rate is a pure
-    function of the step, :func:`lr_at`, and training runs in FP32)."""
-    state: dict[str, Any] = {"model": run.model.state_dict(), "opt": run.opt.state_dict()}
-    if run.refiner is not None:
-        state["refiner"] = run.refiner.state_dict()
-    if run.adversary is not None:
-        state["adversary"] = run.adversary.state_dict()
-    if run.adv_opt is not None:
-        state["adv_opt"] = run.adv_opt.state_dict()
-    return state
-
-
-def _restore(run: _Run, blob: dict[str, Any], path: Path) -> None:
-    """Load the models, optimisers and this rank's random states saved in ``blob``."""
-    try:
-        run.model.load_state_dict(blob["model"])
-        run.opt.load_state_dict(blob["opt"])
-        if run.refiner is not None:
-            run.refiner.load_state_dict(blob["refiner"])
-        if run.adversary is not None:
-            run.adversary.load_state_dict(blob["adversary"])
-        if run.adv_opt is not None:
-            run.adv_opt.load_state_dict(blob["adv_opt"])
-        _restore_rng(run, blob["rng"][run.rank])
-    except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ArtifactError(
-            f"resumable state {path} does not fit this run ({detail}); start over with --force"
-        ) from None
 
 
 def _save_resume(
@@ -609,37 +205,6 @@ def _save_resume(
     path = save_resume(out_dir / RESUME_FILE, cfg, {**_training_state(run), "rng": rngs}, info)
     logger.info("saved the resumable state %s (step %d/%d)", path, done, cfg.steps)
     clock.last_save = time.monotonic()
-
-
-def _load_for_resume(out_dir: Path, cfg: TrainConfig, world: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The info and blob of ``out_dir/resume.pt``, refusing a config that differs in what matters (naming the key)
-    or another number of processes."""
-    path = out_dir / RESUME_FILE
-    old, info, blob = load_resume(path)
-    changes = config_changes(old, cfg)
-    if changes:
-        key, was, now = changes[0]
-        more = f" (and {', '.join(c[0] for c in changes[1:])})" if len(changes) > 1 else ""
-        raise ConfigError(
-            f"--resume: {key} = {now!r:.60} differs from the {was!r:.60} of {path}{more}; resume with the options of "
-            "the interrupted run, or start over with --force"
-        )
-    if int(info.get("world_size", 1)) != world:
-        raise ConfigError(
-            f"--resume: {path} was written by {info.get('world_size')} process(es), this run has {world}; resume with "
-            "the same number of processes (torchrun --nproc_per_node)"
-        )
-    return info, blob
-
-
-def _check_scenes(run: _Run, info: dict[str, Any], path: Path) -> None:
-    """Refuse to resume on other training scenes than the saved run's."""
-    if info.get("scenes_sha256") != scenes_digest(run.scenes):
-        was, now = ", ".join(info.get("scenes") or []), ", ".join(s.name for s in run.scenes)
-        raise ConfigError(
-            f"--resume: the training scenes ({now:.200}) differ from those of {path} ({was:.200}) or their images "
-            "changed; use the same --scenes and --exclude, or start over with --force"
-        )
 
 
 def _progress_bar(cfg: TrainConfig, start: int, deadline: float | None):
@@ -722,6 +287,102 @@ def _finish(
     return ckpt
 
 
+@dataclass
+class _Progress:
+    """Where a training session stands: the step it started at and the steps done, the training time, the losses'
+    moving averages, the steps earlier sessions were resumed at, the step the resumable state holds (None: none
+    saved) and why the loop stops (out of time, or the number of the stop signal)."""
+
+    start: int = 0
+    done: int = 0
+    clock: _Clock = field(default_factory=_Clock)
+    ema: dict[str, float] = field(default_factory=dict)
+    resumed_from: list[int] = field(default_factory=list)
+    saved_step: int | None = None
+    out_of_time: bool = False
+    sig: int = 0
+
+
+def _resume_into(
+    run: _Run, cfg: TrainConfig, out_dir: Path, resumed: tuple[dict[str, Any], dict[str, Any]], p: _Progress
+) -> dict[str, Any]:
+    """Load the resumable state into the models, optimisers and random states and ``p``; returns its info."""
+    info, blob = resumed
+    _check_scenes(run, info, out_dir / RESUME_FILE)
+    _restore(run, blob, out_dir / RESUME_FILE)
+    del resumed, blob  # the state's tensors are copied into the models: free them
+    p.start = p.done = min(int(info["step"]), cfg.steps)
+    p.clock.prior_s = float(info.get("train_seconds", 0.0))
+    p.ema = {k: float(v) for k, v in (info.get("ema") or {}).items()}
+    p.resumed_from = [*info.get("resumed_from", []), p.start]
+    p.saved_step = p.start
+    if p.start >= cfg.steps and run.rank == 0:
+        logger.info("%s holds the end of training (step %d); redoing what follows it", RESUME_FILE, p.start)
+    return info
+
+
+def _record(run: _Run, cfg: TrainConfig, step: int, logs: dict[str, float], p: _Progress, bar, log_f) -> None:
+    """Fold a step's losses into the moving averages; rank 0 shows them on the bar and logs the step."""
+    for k, v in logs.items():
+        p.ema[k] = v if k not in p.ema else 0.9 * p.ema[k] + 0.1 * v
+    if run.rank == 0:
+        if bar is not None:
+            bar.update(1)
+            keep = ("loss", "nce", "w1", "refiner")
+            bar.set_postfix({k: f"{v:.3f}" for k, v in p.ema.items() if k in keep})
+        if log_f is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
+            rec = {"step": step, "lr": lr_at(step, cfg), "t_s": round(p.clock.total(), 2), **logs}
+            log_f.write(json.dumps(rec) + "\n")
+
+
+def _run_steps(
+    run: _Run,
+    cfg: TrainConfig,
+    out_dir: Path,
+    p: _Progress,
+    flag: _StopFlag,
+    bar,
+    log_f: IO[str] | None,
+    resumed: bool,
+) -> None:
+    """The steps from ``p.done`` until the last, the time cap or a stop signal, saving the resumable state when due
+    and at the end (``p`` follows along, for the caller to report where a KeyboardInterrupt stopped them)."""
+    rank = run.rank
+    if resumed and p.start < cfg.steps:  # a run resumed at its time cap stays stopped
+        p.out_of_time, p.sig, _ = _control(run, cfg, p.clock, flag, p.start)
+        if p.out_of_time and rank == 0:
+            logger.info(
+                "max_minutes=%.1f is already used up at step %d; resume with a larger --max-minutes to go on",
+                cfg.max_minutes,
+                p.start,
+            )
+    while p.done < cfg.steps and not (p.out_of_time or p.sig):
+        step = p.done
+        logs = _train_step(run, cfg, step)
+        _record(run, cfg, step, logs, p, bar, log_f)
+        p.done = step + 1
+        p.out_of_time, p.sig, due = _control(run, cfg, p.clock, flag, p.done)
+        if p.out_of_time and rank == 0:
+            logger.info("stopping at step %d: max_minutes=%.1f reached", p.done, cfg.max_minutes)
+        if due and p.done < cfg.steps and not (p.out_of_time or p.sig):
+            _save_resume(run, cfg, out_dir, p.done, p.clock, p.ema, log_f, p.resumed_from)
+            p.saved_step = p.done
+    if p.done > p.start or not resumed:  # the state at the loop's end: precise BN and saving come after
+        _save_resume(run, cfg, out_dir, p.done, p.clock, p.ema, log_f, p.resumed_from)
+        p.saved_step = p.done
+    if not run.distributed:  # a signal during that last save still stops the run (one process: no collective)
+        p.sig = p.sig or flag.signum
+
+
+def _stop_early(run: _Run, log_f: IO[str] | None) -> None:
+    """After a stop signal: close the log and, under torchrun, leave the process group."""
+    if log_f is not None:
+        log_f.close()
+    if run.distributed:
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def train(
     scene_dirs: list[str | Path],
     out_dir: str | Path,
@@ -763,136 +424,50 @@ def train(
     _check_run_folder(out_dir, resume, force)
     resumed = _load_for_resume(out_dir, cfg, _dist_info()[2]) if resume else None
     run = _set_up(scene_dirs, cfg, exclude)
-    rank = run.rank
-    start, clock, ema, resumed_from = 0, _Clock(), {}, []
-    info: dict[str, Any] | None = None
-    if resumed is not None:
-        info, blob = resumed
-        _check_scenes(run, info, out_dir / RESUME_FILE)
-        _restore(run, blob, out_dir / RESUME_FILE)
-        del blob
-        start = min(int(info["step"]), cfg.steps)
-        clock.prior_s = float(info.get("train_seconds", 0.0))
-        ema = {k: float(v) for k, v in (info.get("ema") or {}).items()}
-        resumed_from = [*info.get("resumed_from", []), start]
+    rank, p = run.rank, _Progress()
+    info = _resume_into(run, cfg, out_dir, resumed, p) if resumed is not None else None
+    del resumed  # the state's tensors are copied into the models: free them
     log_f = _open_run_folder(out_dir, cfg, run, info, force) if rank == 0 else None
     resume_path = out_dir / RESUME_FILE
-    saved_step: int | None = start if resumed is not None else None
     flag = _StopFlag(abort_on_repeat=not run.distributed)
-    bar = _progress_bar(cfg, start, clock.deadline(cfg)) if progress and rank == 0 else None
-    done, sig, out_of_time = start, 0, False
+    bar = _progress_bar(cfg, p.start, p.clock.deadline(cfg)) if progress and rank == 0 else None
     run.model.train()
     with _stop_on_signals(flag, handle_signals), _log_through(bar):
         try:
-            if resumed is not None and start < cfg.steps:  # a run resumed at its time cap stays stopped
-                out_of_time, sig, _ = _control(run, cfg, clock, flag, start)
-                if out_of_time and rank == 0:
-                    logger.info(
-                        "max_minutes=%.1f is already used up at step %d; resume with a larger --max-minutes to go on",
-                        cfg.max_minutes,
-                        start,
-                    )
-            while done < cfg.steps and not (out_of_time or sig):
-                step = done
-                logs = _train_step(run, cfg, step)
-                for k, v in logs.items():
-                    ema[k] = v if k not in ema else 0.9 * ema[k] + 0.1 * v
-                if rank == 0:
-                    if bar is not None:
-                        bar.update(1)
-                        keep = ("loss", "nce", "w1", "refiner")
-                        bar.set_postfix({k: f"{v:.3f}" for k, v in ema.items() if k in keep})
-                    if log_f is not None and (step % cfg.log_every == 0 or step == cfg.steps - 1):
-                        rec = {"step": step, "lr": lr_at(step, cfg), "t_s": round(clock.total(), 2), **logs}
-                        log_f.write(json.dumps(rec) + "\n")
-                done = step + 1
-                out_of_time, sig, due = _control(run, cfg, clock, flag, done)
-                if out_of_time and rank == 0:
-                    logger.info("stopping at step %d: max_minutes=%.1f reached", done, cfg.max_minutes)
-                if due and done < cfg.steps and not (out_of_time or sig):
-                    _save_resume(run, cfg, out_dir, done, clock, ema, log_f, resumed_from)
-                    saved_step = done
-            if done > start or resumed is None:  # the state at the loop's end: precise BN and saving come after
-                _save_resume(run, cfg, out_dir, done, clock, ema, log_f, resumed_from)
-                saved_step = done
-            if not run.distributed:  # a signal during that last save still stops the run (one process: no collective)
-                sig = sig or flag.signum
+            _run_steps(run, cfg, out_dir, p, flag, bar, log_f, resumed=info is not None)
         except KeyboardInterrupt:  # a second Ctrl-C (or one outside the main thread): no saving
             raise TrainingInterrupted(
                 flag.signum or signal.SIGINT,
-                done,
+                p.done,
                 cfg.steps,
-                resume_path if saved_step is not None else None,
-                saved_step,
+                resume_path if p.saved_step is not None else None,
+                p.saved_step,
                 rank,
                 run.world,
             ) from None
         finally:
             if bar is not None:
                 bar.close()
-    if sig:
-        if log_f is not None:
-            log_f.close()
-        if run.distributed:
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-        raise TrainingInterrupted(sig, done, cfg.steps, resume_path, saved_step, rank, run.world)
+    if p.sig:
+        _stop_early(run, log_f)
+        raise TrainingInterrupted(p.sig, p.done, cfg.steps, resume_path, p.saved_step, rank, run.world)
     try:
-        return _finish(run, cfg, out_dir, done, clock, ema, log_f, resumed_from)
+        return _finish(run, cfg, out_dir, p.done, p.clock, p.ema, log_f, p.resumed_from)
     except KeyboardInterrupt:  # Ctrl-C during precise BN or the checkpoint: the state before them is saved
-        raise TrainingInterrupted(signal.SIGINT, done, cfg.steps, resume_path, saved_step, rank, run.world) from None
-
-
-def evaluate_checkpoint(
-    ckpt: str | Path,
-    scene_dir: str | Path,
-    eval_cfg,
-    kinds=("aligned", "arbitrary"),
-    overlap_arbitrary: bool = True,
-    dense_stride_px: int | None = 8,
-    layout_only: bool = False,
-) -> dict[str, Any]:
-    """Load a checkpoint and evaluate coarse retrieval on one scene (see :mod:`sarloc.eval.retrieval`).
-
-    Keys of the result: ``aligned`` and ``arbitrary`` (non-overlapping tile gallery, or ``eval_cfg.stride_px``),
-    ``arbitrary_overlap50`` (50%-overlap gallery) and ``arbitrary_dense`` (gallery every ``dense_stride_px``
-    pixels with non-maximum suppression; skipped when None). ``layout_only`` evaluates the parameter-free
-    layout branch alone (the learned part switched off): the ablation that shows what learning adds.
-    """
-    from dataclasses import replace
-
-    from sarloc.core.scene import make_queries
-    from sarloc.eval.retrieval import evaluate_dense, evaluate_embeddings
-    from sarloc.trainer.checkpoint import checkpoint_embed_fns, load_checkpoint
-
-    model, cfg, info = load_checkpoint(ckpt)
-    if layout_only:
-        model.cfg = replace(model.cfg, layout_weight=1e4)
-    scene = load_scene(scene_dir)
-    fs, fo = checkpoint_embed_fns(model)
-    out: dict[str, Any] = {"scene": scene.name, "checkpoint": str(ckpt), "trained_on": info.get("scenes")}
-    with torch.no_grad():
-        for kind in kinds:
-            q = make_queries(scene, kind, eval_cfg.window_px, eval_cfg.queries, eval_cfg.seed)
-            out[kind] = evaluate_embeddings(scene, q, fs, fo, cfg.preprocess, eval_cfg)
-            if kind != "arbitrary":
-                continue
-            if overlap_arbitrary and eval_cfg.stride_px in (None, eval_cfg.window_px):
-                out["arbitrary_overlap50"] = evaluate_embeddings(
-                    scene, q, fs, fo, cfg.preprocess, replace(eval_cfg, stride_px=eval_cfg.window_px // 2)
-                )
-            if dense_stride_px:
-                out["arbitrary_dense"] = evaluate_dense(scene, q, fs, fo, cfg.preprocess, eval_cfg, dense_stride_px)
-    return out
+        raise TrainingInterrupted(
+            signal.SIGINT, p.done, cfg.steps, resume_path, p.saved_step, rank, run.world
+        ) from None
 
 
 __all__ = [
     "RESUME_FILE",
     "RESUME_FREE_KEYS",
+    "RUN_FILES",
     "TrainingInterrupted",
     "evaluate_checkpoint",
     "existing_run",
     "lr_at",
+    "recalibrate_bn",
     "scenes_digest",
     "train",
 ]

@@ -215,3 +215,12 @@ def test_cli_calib_and_guard(export_copy, synth_scenes, synth_scene, capsys, mon
     assert json.loads((export_copy / "int8_guard.json").read_text())["passed"] is False
     assert main(["calib", "--scenes", str(synth_scenes), "--export", str(export_copy / "nope")]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def test_cli_calib_leaves_the_guard_scene_out_of_the_calibration(export_copy, synth_scene, capsys):
+    """The guard judges INT8 on a scene the calibration did not see: a guard that is the only scene is refused."""
+    args = ["calib", "--scenes", str(synth_scene), "--export", str(export_copy), "--guard-scene", str(synth_scene)]
+    assert main(args) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "holds only the --guard-scene" in err
+    assert not (export_copy / "calib").exists()

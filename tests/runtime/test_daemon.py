@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import demo_flight, run_args, subprocess_env
+from helpers import run_args, subprocess_env
 
 from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
 from sarloc.core.errors import ConfigError
 
 
-@pytest.fixture(scope="module")
-def flight(tmp_path_factory):
-    """A generated scene (not one the demo model saw), its map pack and a 3-strip simulated flight."""
-    return demo_flight(tmp_path_factory.mktemp("flight"), scene_seed=11, heading_deg=30.0, flight_seed=1)
+@pytest.fixture
+def flight(demo_flight_dir):
+    """The session's demo flight (tests/conftest.py): a generated scene, its map pack, 3 simulated strips."""
+    return demo_flight_dir
 
 
 def _free_udp_port() -> int:

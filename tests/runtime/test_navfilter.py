@@ -245,3 +245,54 @@ def test_a_turn_grows_the_heading_uncertainty_in_proportion():
     p1 = f.state(13.0)[1][5, 5]
     grown = math.degrees(math.sqrt(p1)) - math.degrees(math.sqrt(p0))
     assert grown == pytest.approx(NavConfig().heading_turn_fraction * 90.0, rel=0.1), grown
+
+
+def _legs_with_courses(courses: bool, err_deg: float = 4.0):
+    """Three legs (north, east, south) with an input heading ``err_deg`` off; position fixes on the first leg only;
+    with ``courses`` the true course (0.5 degree noise) every second on every leg, as the strip metadata gives it.
+    Returns the filter and the errors on the second and third legs."""
+    legs = [(0.0, 20.0), (20.0, 0.0), (0.0, -20.0)]
+    f = NavFilter()
+    pos = np.zeros(2)
+    rng = np.random.default_rng(11)
+    errs = []
+    for leg, air in enumerate(legs):
+        air = np.asarray(air)
+        truth_v = _rot_cw(air, err_deg)
+        course = math.degrees(math.atan2(truth_v[0], truth_v[1]))
+        for k in range(1000):
+            t = leg * 100.0 + k / 10
+            f.add_motion(t, "air", tuple(air))
+            if k:
+                pos = pos + truth_v * 0.1
+            if leg == 0 and k % 50 == 0:
+                xy = tuple(pos + rng.normal(0, 5.0, 2))
+                (f.add_fix if f.initialised else f.add_consensus)(t, xy, 5.0, now_s=t)
+            if courses and k % 10 == 5 and f.initialised:
+                f.add_course(t, course + rng.normal(0, 0.5), 1.0, now_s=t)
+            if leg > 0:
+                errs.append(np.hypot(*(np.asarray(f.estimate(t).xy_m) - pos)))
+    return f, np.asarray(errs)
+
+
+def test_the_strips_course_tells_the_heading_error_before_the_next_fix():
+    """A course independent of the autopilot (the SAR's own motion measurement): with it the filter separates the
+    input's heading error from a wind within seconds of a turn, so two legs without any position fix stay close;
+    without it the heading error taken for a wind on the first leg drives the error up after the turns."""
+    f, errs = _legs_with_courses(True)
+    assert f.stats["courses_applied"] > 250 and f.stats["courses_gated"] == 0
+    # one course per leg direction: the heading error and the wind across the track share the first legs' evidence
+    assert f.estimate(300.0).heading_offset_deg == pytest.approx(4.0, abs=2.5)
+    _, errs0 = _legs_with_courses(False)
+    assert max(errs) < 0.5 * max(errs0), (max(errs), max(errs0))
+
+
+def test_a_wrong_course_is_gated():
+    f = NavFilter()
+    for k in range(100):
+        f.add_motion(k / 10, "air", (0.0, 20.0))
+    f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
+    assert f.add_course(9.0, 2.0, 1.0, now_s=10.0)[0]  # 2 degrees off a 3 degree prior: plausible
+    applied, why = f.add_course(9.5, 90.0, 1.0, now_s=10.0)  # flying north, "course east": a bad metadata heading
+    assert not applied and "gated" in why and f.stats["courses_gated"] == 1
+    assert not f.add_course(9.6, math.nan, 1.0, now_s=10.0)[0]

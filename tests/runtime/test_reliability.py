@@ -13,14 +13,15 @@ import time
 
 import numpy as np
 import pytest
-from helpers import demo_flight, run_args, subprocess_env
+from helpers import run_args, subprocess_env
 
 from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
 
 
-@pytest.fixture(scope="module")
-def flight(tmp_path_factory):
-    return demo_flight(tmp_path_factory.mktemp("rel"), scene_seed=13, heading_deg=60.0, flight_seed=3)
+@pytest.fixture
+def flight(demo_flight_dir):
+    """The session's demo flight (tests/conftest.py): a generated scene, its map pack, 3 simulated strips."""
+    return demo_flight_dir
 
 
 def _cfg(flight, out, **kw):

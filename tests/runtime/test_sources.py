@@ -417,3 +417,10 @@ def test_strip_meta_number_beyond_float_range_is_refused(field):
     kw = dict(strip_id="s", gsd_m=2.0, heading_deg=10.0, t0_s=0.0, row_rate_hz=5.0) | {field: 10**400}
     with pytest.raises(SarlocError, match=f"bad metadata: {field}=1000"):
         StripMeta(**kw)
+
+
+def test_a_folder_without_dir_scheme_says_to_use_dir(tmp_path):
+    from sarloc.runtime.sources import open_source
+
+    with pytest.raises(SarlocError, match=r"is a folder: use dir://"):
+        list(open_source(str(tmp_path)))

@@ -1,0 +1,42 @@
+"""The state one training process works on (:class:`_Run`), shared by the loop (:mod:`sarloc.trainer.loop`), its
+steps (:mod:`sarloc.trainer.steps`) and its resumable state (:mod:`sarloc.trainer.resume`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sarloc.core.scene import Scene
+from sarloc.trainer.data.pairs import PairSampler
+from sarloc.trainer.models.encoder import CrossModalEncoder
+
+
+@dataclass
+class _Run:
+    """One process's training set-up: where it runs, its data, the models and their optimisers.
+
+    ``ddp_*`` are the modules to call (DistributedDataParallel wrappers under torchrun, else the modules
+    themselves); ``refiner`` is set for joint training of the graph refiner, ``adversary`` for modality alignment.
+    """
+
+    rank: int
+    local_rank: int
+    world: int
+    device: torch.device
+    scenes: list[Scene]
+    sampler: PairSampler
+    model: CrossModalEncoder
+    ddp_model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    ref_gen: torch.Generator
+    refiner: torch.nn.Module | None = None
+    ddp_refiner: torch.nn.Module | None = None
+    adversary: torch.nn.Module | None = None
+    ddp_adv: torch.nn.Module | None = None
+    adv_opt: torch.optim.Optimizer | None = None
+
+    @property
+    def distributed(self) -> bool:
+        """Under torchrun with more than one process."""
+        return self.world > 1
