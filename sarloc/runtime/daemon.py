@@ -370,6 +370,13 @@ class Daemon:
             self._finish(source)
         if self.fatal:
             raise SarlocError(self.fatal)
+        mav = self.stats.get("mavlink") or {}
+        if mav.get("dropped_link_down") and not (mav.get("sent_HEARTBEAT") or mav.get("sent_GPS_INPUT")):
+            url = self.cfg.mavlink_opts.get("url", "")
+            raise SarlocError(
+                f"MAVLink: nothing reached the autopilot: the link {url} never opened (the log says why); free the "
+                "port or fix [mavlink] url (the fixes are in records.jsonl)"
+            )
         return self.stats
 
     def _write_start(self) -> None:

@@ -362,3 +362,20 @@ def test_run_restores_the_signal_handlers(flight, tmp_path):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     run(cfg)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_a_mavlink_port_that_never_opens_exits_1_after_the_run(flight, tmp_path, capsys):
+    """A busy port (another program holds it): the daemon keeps localising, records its fixes, and then exits 1
+    saying that nothing reached the autopilot, instead of 0 as if the flight had been served."""
+    from sarloc.cli import main
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as busy:
+        busy.bind(("127.0.0.1", 0))
+        port = busy.getsockname()[1]
+        out = tmp_path / "run"
+        rc = main(run_args(flight, out, "--no-follow", "--mavlink", f"udpin:127.0.0.1:{port}"))
+    assert rc == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("sarloc run: error: MAVLink: nothing reached the autopilot") and str(port) in err
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    assert any(r["type"] == "fix" for r in recs) and recs[-1]["type"] == "stop"
