@@ -76,7 +76,9 @@ class NavConfig:
         heading_turn_fraction: the heading error's one-sigma grows by this fraction of every turn of the input (an
             autopilot's yaw lags after a turn without GNSS: 5-6 % of a 90-180 degree turn in ArduPlane SITL).
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
-            the daemon as a course measurement while the motion input comes from the autopilot; 0: not used.
+            the daemon as a course measurement while the motion input comes from the autopilot; 0 (the default):
+            not used (in closed loops it raised availability over a real scene but let marginal windows through
+            the gate more often: docs/research/closed_loop.md).
         airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis.
         ground_sigma_mps: one-sigma of a ground-velocity input, per axis.
         correlation_s: correlation time of the input's errors: the position variance grows by
@@ -99,7 +101,7 @@ class NavConfig:
     init_heading_sigma_deg: float = 3.0
     heading_sigma_deg_per_s: float = 0.05
     heading_turn_fraction: float = 0.03
-    course_sigma_deg: float = 1.0
+    course_sigma_deg: float = 0.0
     airspeed_sigma_mps: float = 1.0
     ground_sigma_mps: float = 1.0
     correlation_s: float = 1.0
