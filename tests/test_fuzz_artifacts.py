@@ -1,9 +1,9 @@
-"""Property-based fuzzing of the artefact, config and record loaders that ``test_fuzz_parsers.py`` did not reach.
+"""Property-based fuzzing of the artefact, config and record loaders that ``test_fuzz_parsers_*.py`` did not reach.
 
-Same rule and machinery as ``tests/test_fuzz_parsers.py`` (its strategies, ``outcome`` and case counters are
-shared, so its last test prints and checks these parsers too): a bad input gives a one-line SarlocError, a
-refusal the loader documents (a list of problems, an empty timing cache), or a value the caller can use; never
-another exception. Parsers here:
+Same rule and machinery as ``tests/test_fuzz_parsers_*.py`` (the strategies, ``outcome`` and case counters of
+``fuzz_common.py`` are shared, so their last test prints and checks these parsers too): a bad input gives a one-line
+SarlocError, a refusal the loader documents (a list of problems, an empty timing cache), or a value the caller can
+use; never another exception. Parsers here:
 
 * training configs: ``TrainConfig.from_dict`` (``--config`` JSON, checkpoints) and ``sarloc.cli.common.read_config``;
 * TensorRT engine manifests: ``read_engine_manifest`` + ``check_engine_manifest`` (no TensorRT needed), and the
@@ -25,9 +25,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given
-from hypothesis import strategies as st
-from test_fuzz_parsers import (
+from fuzz_common import (
     TINY_MAN,
     cut_or_flipped,
     fuzz,
@@ -38,6 +36,8 @@ from test_fuzz_parsers import (
     to_json_text,
     write,
 )
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sarloc.core.artifacts import sha256_bytes
 from sarloc.core.errors import SarlocError
