@@ -59,9 +59,18 @@ def _cmd_train(a: argparse.Namespace) -> int:
     if a.config:
         overrides.update(read_config(a.config))
     cfg = resolve_config(a.preset, **overrides)
+    if not a.scenes and not a.dataset:
+        raise SarlocError("give --scenes, --dataset or both")
     try:
         ckpt = train(
-            a.scenes, a.out, cfg, exclude=a.exclude, progress=not a.no_progress, resume=a.resume, force=a.force
+            a.scenes or [],
+            a.out,
+            cfg,
+            exclude=a.exclude,
+            progress=not a.no_progress,
+            resume=a.resume,
+            force=a.force,
+            datasets=a.dataset,
         )
     except TrainingInterrupted as e:
         if e.rank == 0:
@@ -129,7 +138,14 @@ def _add_train(sub, common: argparse.ArgumentParser) -> None:
             "(SIGTERM); the same command plus --resume continues the run."
         ),
     )
-    t.add_argument("--scenes", nargs="+", required=True, help="scene folders or folders of scene folders")
+    t.add_argument("--scenes", nargs="+", help="scene folders or folders of scene folders")
+    t.add_argument(
+        "--dataset",
+        nargs="+",
+        metavar="NAME[@SPLIT]:ROOT",
+        help="public datasets in their published layout, alone or with --scenes: sen1-2, sen12ms, qxs-saropt, "
+        "osdataset, sar2opt, spacenet6 (a bare ROOT is detected; docs/trainer.md)",
+    )
     t.add_argument("--out", required=True, help="run folder")
     t.add_argument("--preset", default="default", help="default | loso | quick | smoke")
     t.add_argument("--exclude", nargs="*", default=None, help="scene names to hold out")

@@ -24,6 +24,7 @@ from sarloc.core.artifacts import atomic_write_json
 from sarloc.core.scene import find_scenes, load_scene
 from sarloc.trainer.checkpoint import save_checkpoint, save_resume
 from sarloc.trainer.config import RESUME_FREE_KEYS, TrainConfig
+from sarloc.trainer.data.datasets.training import MixedSampler, training_data
 from sarloc.trainer.data.pairs import PairSampler
 from sarloc.trainer.evaluate import evaluate_checkpoint
 from sarloc.trainer.losses import Critic, ModalityClassifier
@@ -107,21 +108,38 @@ def _add_adversary(run: _Run, cfg: TrainConfig) -> None:
         run.ddp_adv = torch.nn.parallel.DistributedDataParallel(run.adversary)
 
 
-def _set_up(scene_dirs: list[str | Path], cfg: TrainConfig, exclude: list[str] | None) -> _Run:
+def _set_up(scene_dirs: list[str | Path], cfg: TrainConfig, exclude: list[str] | None, datasets: list | None) -> _Run:
     """Process, data, models and optimisers, created in a fixed order (the torch seed is drawn from in it)."""
     rank, local_rank, world, device = _init_process(cfg)
-    paths = [p for p in find_scenes(list(scene_dirs)) if not exclude or p.name not in exclude]
+    found = find_scenes(list(scene_dirs)) if scene_dirs or not datasets else []
+    paths = [p for p in found if not exclude or p.name not in exclude]
     scenes = [load_scene(p) for p in paths]
     scenes = [s for s in scenes if not exclude or s.name not in exclude]
-    sampler = PairSampler(
-        scenes,
-        cfg.window_px,
-        cfg.batch_size,
-        cfg.preprocess,
-        cfg.augment,
-        cfg.scenes_per_batch,
-        seed=cfg.seed * 1000 + rank,
-    )
+    dataset_info: list[dict[str, Any]] = []
+    sampler: PairSampler | MixedSampler
+    if datasets:  # public datasets, alone or mixed with the scenes (sarloc.trainer.data.datasets)
+        scenes, sampler, dataset_info = training_data(
+            scenes,
+            datasets,
+            window_px=cfg.window_px,
+            batch_size=cfg.batch_size,
+            prep=cfg.preprocess,
+            aug=cfg.augment,
+            scenes_per_batch=cfg.scenes_per_batch,
+            seed=cfg.seed,
+            rank=rank,
+            world=world,
+        )
+    else:
+        sampler = PairSampler(
+            scenes,
+            cfg.window_px,
+            cfg.batch_size,
+            cfg.preprocess,
+            cfg.augment,
+            cfg.scenes_per_batch,
+            seed=cfg.seed * 1000 + rank,
+        )
     model = CrossModalEncoder(cfg.encoder).to(device)
     ddp_model: torch.nn.Module = model
     if world > 1:
@@ -130,7 +148,7 @@ def _set_up(scene_dirs: list[str | Path], cfg: TrainConfig, exclude: list[str] |
         )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ref_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7)
-    run = _Run(rank, local_rank, world, device, scenes, sampler, model, ddp_model, opt, ref_gen)
+    run = _Run(rank, local_rank, world, device, scenes, sampler, model, ddp_model, opt, ref_gen, datasets=dataset_info)
     if cfg.refiner_weight > 0:
         _add_refiner(run, cfg)
     _add_adversary(run, cfg)
@@ -147,7 +165,12 @@ def _open_run_folder(
         _move_aside(out_dir)
     atomic_write_json(
         out_dir / "config.json",
-        {"train": cfg.to_dict(), "scenes": [s.name for s in run.scenes], "world_size": run.world},
+        {
+            "train": cfg.to_dict(),
+            "scenes": [s.name for s in run.scenes],
+            "world_size": run.world,
+            **({"datasets": run.datasets} if run.datasets else {}),
+        },
     )
     log_path = out_dir / "train_log.jsonl"
     if resumed is None:
@@ -392,6 +415,7 @@ def train(
     resume: bool = False,
     force: bool = False,
     handle_signals: bool = True,
+    datasets: list | None = None,
 ) -> Path:
     """Train the cross-modal encoder; returns the checkpoint path (``out_dir/checkpoint.pt``).
 
@@ -414,6 +438,10 @@ def train(
             number of processes; the result equals that of an uninterrupted run.
         force: start over in a folder that holds a run, moving its files into ``out_dir/previous-<time>/``.
         handle_signals: install the SIGINT/SIGTERM handlers for the loop (main thread only; restored after it).
+        datasets: public datasets to train on as well (or alone, with no ``scene_dirs``): ``NAME[@SPLIT]:ROOT``
+            strings, :class:`~sarloc.trainer.data.datasets.DatasetSpec` or opened
+            :class:`~sarloc.trainer.data.datasets.PairSource` (:mod:`sarloc.trainer.data.datasets`); they are
+            listed in ``config.json`` and their listings' digests join the checkpoint's parent digest.
 
     Raises:
         ConfigError: ``out_dir`` holds a run and neither ``resume`` nor ``force`` is given; ``resume`` without a
@@ -423,7 +451,7 @@ def train(
     out_dir = Path(out_dir)
     _check_run_folder(out_dir, resume, force)
     resumed = _load_for_resume(out_dir, cfg, _dist_info()[2]) if resume else None
-    run = _set_up(scene_dirs, cfg, exclude)
+    run = _set_up(scene_dirs, cfg, exclude, datasets)
     rank, p = run.rank, _Progress()
     info = _resume_into(run, cfg, out_dir, resumed, p) if resumed is not None else None
     del resumed  # the state's tensors are copied into the models: free them

@@ -3,11 +3,13 @@ steps (:mod:`sarloc.trainer.steps`) and its resumable state (:mod:`sarloc.traine
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from sarloc.core.scene import Scene
+from sarloc.trainer.data.datasets.training import MixedSampler
 from sarloc.trainer.data.pairs import PairSampler
 from sarloc.trainer.models.encoder import CrossModalEncoder
 
@@ -18,6 +20,8 @@ class _Run:
 
     ``ddp_*`` are the modules to call (DistributedDataParallel wrappers under torchrun, else the modules
     themselves); ``refiner`` is set for joint training of the graph refiner, ``adversary`` for modality alignment.
+    With public datasets (``sarloc train --dataset``) ``sampler`` is a :class:`MixedSampler`, ``scenes`` ends with
+    one pixel-less stand-in per dataset and ``datasets`` describes each (name, root, split, pairs, sha256).
     """
 
     rank: int
@@ -25,7 +29,7 @@ class _Run:
     world: int
     device: torch.device
     scenes: list[Scene]
-    sampler: PairSampler
+    sampler: PairSampler | MixedSampler
     model: CrossModalEncoder
     ddp_model: torch.nn.Module
     opt: torch.optim.Optimizer
@@ -35,6 +39,7 @@ class _Run:
     adversary: torch.nn.Module | None = None
     ddp_adv: torch.nn.Module | None = None
     adv_opt: torch.optim.Optimizer | None = None
+    datasets: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def distributed(self) -> bool:
