@@ -53,6 +53,7 @@ def _cmd_train(a: argparse.Namespace) -> int:
         "refiner_weight": a.refiner_weight if a.refiner_weight is not None else (0.5 if a.refiner else None),
         "checkpoint_every": a.checkpoint_every,
         "checkpoint_minutes": a.checkpoint_minutes,
+        "precision": a.precision,
     }
     if enc:
         overrides["encoder"] = enc
@@ -167,6 +168,13 @@ def _add_train(sub, common: argparse.ArgumentParser) -> None:
     )
     t.add_argument(
         "--refiner-weight", type=float, help="weight of the joint refiner's listwise loss (implies --refiner)"
+    )
+    t.add_argument(
+        "--precision",
+        choices=["fp32", "bf16", "fp16"],
+        help="numeric precision of the forward passes (default: the config's, fp32): bf16 autocasts to bfloat16 "
+        "(CUDA GPUs from Ampere on, or CPU), fp16 to float16 with a gradient scaler (CUDA only); weights and "
+        "losses stay FP32 (docs/trainer.md)",
     )
     t.add_argument("--config", help="TOML (or JSON) file of config overrides, nested tables allowed")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")

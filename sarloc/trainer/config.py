@@ -14,6 +14,8 @@ from sarloc.trainer.models.encoder import EncoderConfig
 
 ALIGN_MODES = ("none", "wasserstein", "classifier")
 METRIC_LOSSES = ("infonce", "triplet", "both")
+#: numeric precision of training: FP32, or autocast to bfloat16 / float16 (float16 with a gradient scaler, CUDA only)
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class TrainConfig:
         checkpoint_every: steps between resumable checkpoints (``RUN/resume.pt``; 0 = by time only).
         checkpoint_minutes: minutes of training between resumable checkpoints (0 = by steps only). Whatever these
             say, one is also written when training ends, is interrupted (SIGINT/SIGTERM) or reaches ``max_minutes``.
+        precision: "fp32" (the default and the reference), "bf16" (autocast to bfloat16, CUDA or CPU) or "fp16"
+            (autocast to float16 with a gradient scaler, CUDA only); weights and losses stay FP32 either way.
     """
 
     window_px: int = 64
@@ -76,6 +80,7 @@ class TrainConfig:
     refiner_lr_scale: float = 4.0
     checkpoint_every: int = 0
     checkpoint_minutes: float = 10.0
+    precision: str = "fp32"
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -85,6 +90,8 @@ class TrainConfig:
             raise ConfigError(f"align must be one of {ALIGN_MODES}, got {self.align!r}")
         if self.metric_loss not in METRIC_LOSSES:
             raise ConfigError(f"metric_loss must be one of {METRIC_LOSSES}, got {self.metric_loss!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if self.steps < 1 or self.batch_size < 2 or self.window_px < 16:
             raise ConfigError("need steps >= 1, batch_size >= 2 and window_px >= 16")
         positive = {"lr": self.lr, "temperature": self.temperature, "critic_lr": self.critic_lr}

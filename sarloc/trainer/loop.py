@@ -49,7 +49,7 @@ from sarloc.trainer.resume import (
     scenes_digest,
 )
 from sarloc.trainer.run import _Run
-from sarloc.trainer.steps import _train_step, lr_at, recalibrate_bn
+from sarloc.trainer.steps import _AmpRun, _train_step, check_precision, lr_at, make_scaler, recalibrate_bn
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +63,8 @@ def _dist_info() -> tuple[int, int, int]:
 
 
 def _init_process(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
-    """Rank, local rank, world size and device of this process; joins the process group under torchrun and sets
-    the thread count and the torch seed."""
+    """Rank, local rank, world size and device of this process; refuses a precision the device lacks, joins the
+    process group under torchrun and sets the thread count and the torch seed."""
     rank, local_rank, world = _dist_info()
     distributed = world > 1
     device = torch.device(
@@ -72,6 +72,7 @@ def _init_process(cfg: TrainConfig) -> tuple[int, int, int, torch.device]:
         if torch.cuda.is_available() and distributed
         else ("cuda" if torch.cuda.is_available() else "cpu")
     )
+    check_precision(cfg, device)
     if distributed and device.type == "cuda":
         torch.cuda.set_device(device)  # one GPU per rank, also for the object collectives
     if distributed and not torch.distributed.is_initialized():
@@ -108,7 +109,9 @@ def _add_adversary(run: _Run, cfg: TrainConfig) -> None:
         run.ddp_adv = torch.nn.parallel.DistributedDataParallel(run.adversary)
 
 
-def _set_up(scene_dirs: list[str | Path], cfg: TrainConfig, exclude: list[str] | None, datasets: list | None) -> _Run:
+def _set_up(
+    scene_dirs: list[str | Path], cfg: TrainConfig, exclude: list[str] | None, datasets: list | None
+) -> _AmpRun:
     """Process, data, models and optimisers, created in a fixed order (the torch seed is drawn from in it)."""
     rank, local_rank, world, device = _init_process(cfg)
     found = find_scenes(list(scene_dirs)) if scene_dirs or not datasets else []
@@ -148,7 +151,20 @@ def _set_up(scene_dirs: list[str | Path], cfg: TrainConfig, exclude: list[str] |
         )
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ref_gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank + 7)
-    run = _Run(rank, local_rank, world, device, scenes, sampler, model, ddp_model, opt, ref_gen, datasets=dataset_info)
+    run = _AmpRun(
+        rank,
+        local_rank,
+        world,
+        device,
+        scenes,
+        sampler,
+        model,
+        ddp_model,
+        opt,
+        ref_gen,
+        datasets=dataset_info,
+        scaler=make_scaler(cfg, device),
+    )
     if cfg.refiner_weight > 0:
         _add_refiner(run, cfg)
     _add_adversary(run, cfg)
@@ -179,13 +195,14 @@ def _open_run_folder(
         _rewind_log(log_path, int(resumed.get("log_bytes", 0)))
         log_f = open(log_path, "a", buffering=1)
     logger.info(
-        "training on %d scenes (%s), %d steps x %d pairs x %d process(es), align=%s%s",
+        "training on %d scenes (%s), %d steps x %d pairs x %d process(es), align=%s, precision=%s%s",
         len(run.scenes),
         ", ".join(s.name for s in run.scenes),
         cfg.steps,
         cfg.batch_size,
         run.world,
         cfg.align,
+        cfg.precision,
         f"; resuming at step {resumed['step']}" if resumed is not None else "",
     )
     return log_f
@@ -219,6 +236,7 @@ def _save_resume(
         "train_seconds": round(clock.total(), 3),
         "log_bytes": log_bytes,
         "world_size": run.world,
+        "precision": cfg.precision,
         "scenes": [s.name for s in run.scenes],
         "scenes_sha256": scenes_digest(run.scenes),
         "ema": ema,
@@ -292,6 +310,7 @@ def _finish(
             "train_seconds": round(clock.total(), 1),
             "world_size": run.world,
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "precision": cfg.precision,
             "torch": torch.__version__,
             "scenes": [s.name for s in run.scenes],
             "scenes_sha256": scenes_digest(run.scenes),

@@ -25,6 +25,7 @@ from sarloc.core.scene import Scene
 from sarloc.trainer.checkpoint import load_resume
 from sarloc.trainer.config import TrainConfig, config_changes
 from sarloc.trainer.run import _Run
+from sarloc.trainer.steps import _scaler_of
 
 logger = logging.getLogger(__name__)
 
@@ -261,9 +262,12 @@ def _restore_rng(run: _Run, state: dict[str, Any]) -> None:
 
 
 def _training_state(run: _Run) -> dict[str, Any]:
-    """The models' and optimisers' state dicts (there is no scheduler or scaler state: the learning rate is a pure
-    function of the step, :func:`lr_at`, and training runs in FP32)."""
+    """The models' and optimisers' state dicts, and in fp16 the gradient scaler's (there is no scheduler state:
+    the learning rate is a pure function of the step, :func:`lr_at`)."""
     state: dict[str, Any] = {"model": run.model.state_dict(), "opt": run.opt.state_dict()}
+    scaler = _scaler_of(run)
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
     if run.refiner is not None:
         state["refiner"] = run.refiner.state_dict()
     if run.adversary is not None:
@@ -284,6 +288,9 @@ def _restore(run: _Run, blob: dict[str, Any], path: Path) -> None:
             run.adversary.load_state_dict(blob["adversary"])
         if run.adv_opt is not None:
             run.adv_opt.load_state_dict(blob["adv_opt"])
+        scaler = _scaler_of(run)
+        if scaler is not None:
+            scaler.load_state_dict(blob["scaler"])
         _restore_rng(run, blob["rng"][run.rank])
     except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as e:
         detail = str(e).splitlines()[0] if str(e) else type(e).__name__

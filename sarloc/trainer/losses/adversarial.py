@@ -3,6 +3,9 @@
 The critic f (1-Lipschitz, enforced softly by the gradient penalty) estimates the Wasserstein-1 distance
 between the optical and SAR embedding distributions, W1 ~ E[f(optical)] - E[f(sar)]. The critic maximises
 that estimate; the encoder minimises it, pulling the two modalities' feature distributions together.
+
+Under mixed precision the critic and its losses run in FP32 (a small MLP on embeddings; the gradient penalty is a
+double backward); the modality classifier runs under autocast, its BCE on FP32 logits.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from sarloc.trainer.losses.fp32 import in_fp32
 
 
 class Critic(nn.Module):
@@ -29,11 +34,13 @@ class Critic(nn.Module):
         return self.net(z).squeeze(-1)
 
 
+@in_fp32
 def wasserstein_estimate(critic: nn.Module, z_opt: torch.Tensor, z_sar: torch.Tensor) -> torch.Tensor:
     """E[f(optical)] - E[f(sar)]: the critic's Wasserstein-1 estimate (encoder minimises it)."""
     return critic(z_opt).mean() - critic(z_sar).mean()
 
 
+@in_fp32
 def gradient_penalty(
     critic: nn.Module, z_a: torch.Tensor, z_b: torch.Tensor, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -47,6 +54,7 @@ def gradient_penalty(
     return ((grad.norm(2, dim=1) - 1.0) ** 2).mean()
 
 
+@in_fp32
 def critic_loss(critic: nn.Module, z_opt: torch.Tensor, z_sar: torch.Tensor, gp_weight: float = 10.0) -> torch.Tensor:
     """Loss the critic minimises: -(W1 estimate) + gp_weight * gradient penalty (embeddings detached)."""
     z_opt, z_sar = z_opt.detach(), z_sar.detach()
@@ -88,6 +96,6 @@ def modality_adversarial_loss(
     Minimising it trains the classifier and, through the reversed gradient, pushes the encoder to make the
     modalities indistinguishable.
     """
-    logits = torch.cat([clf(z_opt, lam), clf(z_sar, lam)])
+    logits = torch.cat([clf(z_opt, lam), clf(z_sar, lam)]).float()  # the BCE in FP32 under autocast too
     labels = torch.cat([torch.ones(len(z_opt)), torch.zeros(len(z_sar))]).to(logits)
     return F.binary_cross_entropy_with_logits(logits, labels)

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sarloc.trainer.losses.fp32 import in_fp32
+
 
 def _check_pair(q: torch.Tensor, g: torch.Tensor, targets: torch.Tensor | None = None) -> None:
     if q.ndim != 2 or g.ndim != 2 or q.shape[1] != g.shape[1]:
@@ -14,6 +16,7 @@ def _check_pair(q: torch.Tensor, g: torch.Tensor, targets: torch.Tensor | None =
         raise ValueError(f"targets must be ({q.shape[0]}, {g.shape[0]}), got {tuple(targets.shape)}")
 
 
+@in_fp32
 def info_nce(
     q: torch.Tensor, g: torch.Tensor, targets: torch.Tensor, temperature: float = 0.07, symmetric: bool = True
 ) -> torch.Tensor:
@@ -28,7 +31,8 @@ def info_nce(
         symmetric: also the optical->SAR direction (requires N == B).
 
     Returns:
-        Scalar loss: cross-entropy between the target distribution and softmax(q g^T / T).
+        Scalar loss: cross-entropy between the target distribution and softmax(q g^T / T), computed in FP32
+        under mixed precision too (:func:`~sarloc.trainer.losses.fp32.in_fp32`).
     """
     _check_pair(q, g, targets)
     logits = q @ g.t() / temperature
@@ -41,6 +45,7 @@ def info_nce(
     return loss
 
 
+@in_fp32
 def batch_hard_triplet(
     q: torch.Tensor,
     g: torch.Tensor,
@@ -56,6 +61,8 @@ def batch_hard_triplet(
         pos_mask: (B, N) bool, True for positives (each row needs at least one).
         margin: hinge margin on distance.
         ignore_mask: (B, N) bool, pairs that are neither positive nor negative (semi-positives).
+
+    Computed in FP32 under mixed precision too.
     """
     _check_pair(q, g, pos_mask)
     d = 1.0 - q @ g.t()
