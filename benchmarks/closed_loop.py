@@ -52,6 +52,20 @@ def results_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def _params(items: list[str]) -> dict[str, float]:
+    """``NAME=VALUE`` options (``--param``, ``--nav``) as a dict."""
+    out = {}
+    for it in items:
+        name, sep, value = it.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise SarlocError(f"{it!r}: expected NAME=VALUE with a number, e.g. EK3_CHECK_SCALE=200") from None
+        if not sep or not name.strip():
+            raise SarlocError(f"{it!r}: expected NAME=VALUE")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--vehicle", choices=["plane", "copter"], default="plane")
@@ -66,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--place", type=float, nargs=2, metavar=("LAT", "LON"), default=(47.3769, 8.5417),
                    help="where to put a scene without geo-reference (its centre; a synthetic placement)")  # fmt: skip
     p.add_argument("--rtl-hold-s", type=float, default=180.0, help="watch the vehicle this long after RTL")
+    p.add_argument("--deny-after-s", type=float, default=30.0,
+                   help="seconds on GNSS (sarloc running) from the mission's start to the denial")  # fmt: skip
+    p.add_argument("--flow", action="store_true",
+                   help="optical flow + rangefinder: EKF3's velocity from them (copter; fly below 60 m)")  # fmt: skip
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="an extra autopilot parameter")
+    p.add_argument("--nav", action="append", default=[], metavar="KEY=VALUE", help="a daemon [nav] setting")
+    p.add_argument("--pack", help="an existing map pack of the scene's optical image (default: built under --out)")
     p.add_argument("--motion", choices=["airspeed", "velocity", "strip", "auto"], help="the daemon's motion input")
     p.add_argument("--analyse", metavar="OUT", help="only analyse a recorded flight")
     p.add_argument("--table", nargs="+", metavar="OUT", help="a markdown table of recorded flights' result.json")
@@ -100,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
                 place_lat_lon=tuple(a.place),
                 rtl_hold_s=a.rtl_hold_s,
                 motion=a.motion,
+                deny_after_s=a.deny_after_s,
+                pack=a.pack,
+                flow=a.flow,
+                extra_params=_params(a.param),
+                nav=_params(a.nav),
             )
             res = run_closed_loop(cfg)
     except SarlocError as e:

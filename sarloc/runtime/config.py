@@ -156,6 +156,8 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         raise ConfigError(f"{where} [localizer]: k, batch, search_px >= 1, pool >= 0, 0 <= threshold <= 1")
     if fc.gate_m <= 0 or fc.min_inliers < 1 or fc.horizon_s <= 0 or fc.max_windows < 1 or fc.window_sigma_scale <= 0:
         raise ConfigError(f"{where} [fusion]: gate_m, horizon_s, window_sigma_scale > 0; min_inliers, max_windows >= 1")
+    if not (fc.corroborate_px >= 0 and fc.corroborate_s > 0):
+        raise ConfigError(f"{where} [fusion]: corroborate_px >= 0 (0 = off) and corroborate_s > 0")
     if cfg.clock not in CLOCKS:
         raise ConfigError(f"{where}: clock must be one of {', '.join(CLOCKS)}, got {cfg.clock!r}")
     if cfg.motion not in MOTIONS:

@@ -44,7 +44,7 @@ from sarloc.core.errors import SarlocError, brief
 from sarloc.runtime.autopilot_io import WIND_PRIOR_SIGMA_MPS, AutopilotIO, eas_to_tas, pack_frame
 from sarloc.runtime.clockmap import ClockMap
 from sarloc.runtime.config import CLOCKS, MOTIONS, RunConfig, load_run_config
-from sarloc.runtime.fusion import SlidingWindows, strip_consensus
+from sarloc.runtime.fusion import Corroboration, SlidingWindows, strip_consensus
 from sarloc.runtime.localizer import Localizer
 from sarloc.runtime.navfilter import NavFilter
 from sarloc.runtime.prefetch import Prefetcher
@@ -77,6 +77,8 @@ class Daemon:
         self.stream = WindowStream(map_gsd_m=gsd, window_px=self.loc.window_px, stride_px=cfg.stride_px)
         self.nav = NavFilter(cfg.nav)
         self.recent = SlidingWindows(cfg.fusion)
+        fc = cfg.fusion
+        self.corroboration = Corroboration(fc.corroborate_px * gsd, fc.corroborate_s) if fc.corroborate_px > 0 else None
         self.clock = ClockMap(cfg.clock, cfg.max_clock_offset_s)
         self.out = Path(cfg.out)
         self.records_path = self.out / "records.jsonl"
@@ -229,6 +231,14 @@ class Daemon:
         self.stats["windows"] += len(res)
         return fixes
 
+    def _apply_window(self, w: WindowFix, now: float) -> tuple[bool, str]:
+        """One trusted window into the navigation filter at its acquisition time (gated there)."""
+        assert w.vehicle_xy_m is not None
+        ok, why = self.nav.add_fix(w.t_s, w.vehicle_xy_m, w.sigma_m * self.cfg.fusion.window_sigma_scale, now)
+        self.stats["windows_applied"] += int(ok)
+        self.stats["windows_gated"] += int(why.startswith("gated"))
+        return ok, why
+
     def _fuse(self, windows: list[WindowFix]) -> list[str]:
         """Trusted windows into the navigation filter at their acquisition times; the sliding consensus
         initialises (and, on persistent disagreement, re-initialises) it. Returns a verdict per window."""
@@ -239,15 +249,21 @@ class Daemon:
             if now is None:
                 return ["no clock"] * len(windows)
             gated = False
-            scale = self.cfg.fusion.window_sigma_scale
             for w in windows:
                 if w.vehicle_xy_m is None or not w.trusted:
                     verdicts.append("untrusted")
                     continue
-                ok, why = self.nav.add_fix(w.t_s, w.vehicle_xy_m, w.sigma_m * scale, now)
-                self.stats["windows_applied"] += int(ok)
-                self.stats["windows_gated"] += int(why.startswith("gated"))
-                gated |= why.startswith("gated")
+                ready = [w] if self.corroboration is None else self.corroboration.push(w, self.nav.displacement_m)
+                why = "held: no agreeing window yet"
+                for x in sorted(ready, key=lambda v: v.t_s):
+                    _ok, verdict = self._apply_window(x, now)
+                    gated |= verdict.startswith("gated")
+                    if x is w:
+                        why = verdict
+                    else:  # held earlier, corroborated now: its record says so
+                        self.rec.write({"type": "window_late", "strip_id": x.strip_id, "index": x.index,
+                                        "t_s": x.t_s, "vehicle_xy_m": x.vehicle_xy_m, "nav": verdict,
+                                        "wall_s": wall})  # fmt: skip
                 verdicts.append(why)
             self.recent.add(windows)
             if self.recent.windows and (gated or not self.nav.initialised):
@@ -262,7 +278,7 @@ class Daemon:
                     displacement=self.nav.displacement_m,
                 )
                 if c.trusted:
-                    sigma = max(c.sigma_h_m, 1.0) * scale
+                    sigma = max(c.sigma_h_m, 1.0) * self.cfg.fusion.window_sigma_scale
                     changed, why = self.nav.add_consensus(c.t_s, c.xy_m, sigma, now, self._wind_prior())
                     if changed:
                         est = self.nav.estimate(now)
@@ -440,6 +456,8 @@ class Daemon:
         self.stats["record_errors"] = self.rec.errors
         if self.fatal:
             self.stats["fatal"] = self.fatal
+        if self.corroboration is not None:
+            self.stats.update({f"windows_{k}": v for k, v in self.corroboration.stats.items()})
         self.rec.write({"type": "stop", "stats": self.stats, "wall_s": time.time()})
         self.rec.close()
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -35,6 +36,10 @@ class FusionConfig:
         window_sigma_scale: a window fix enters the navigation filter with its one-sigma times this factor
             (overlapping windows share pixels, so their errors are correlated; the filter treats fixes as
             independent).
+        corroborate_px: a trusted window enters the navigation filter only once another trusted window acquired
+            within ``corroborate_s`` of it agrees with it to this many map pixels (after the filter's displacement
+            between their acquisition times); until then it is held. ``0`` applies every trusted window at once.
+        corroborate_s: the largest acquisition-time difference between two windows that corroborate each other.
     """
 
     gate_m: float = 30.0
@@ -44,6 +49,8 @@ class FusionConfig:
     horizon_s: float = 120.0
     max_windows: int = 48
     window_sigma_scale: float = 2.0
+    corroborate_px: float = 2.5
+    corroborate_s: float = 20.0
 
 
 def _independent(windows: list[WindowFix], members: np.ndarray, conf: np.ndarray, min_sep_m: float) -> int:
@@ -195,4 +202,61 @@ class SlidingWindows:
         self.windows = []
 
 
-__all__ = ["FusionConfig", "SlidingWindows", "strip_consensus"]
+class Corroboration:
+    """Holds each trusted window until another one, acquired close in time, agrees with it.
+
+    An isolated wrong match (a window a few pixels off whose neighbours are right) then never reaches the
+    navigation filter, while windows that agree pass with no delay when a neighbour arrived before them (the
+    windows of one strip arrive in batches, several per row position across the strip). Measured on closed-loop
+    flights over a generated 10 m scene: consecutive correct windows agreed within 19 m at the 99th percentile
+    (30 m at most); the few trusted windows 4-6 pixels off differed from their neighbours by 29-64 m.
+
+    Args:
+        agree_m: the largest distance between two agreeing windows, metres.
+        window_s: the largest acquisition-time difference between them, seconds.
+    """
+
+    def __init__(self, agree_m: float, window_s: float) -> None:
+        self.agree_m = float(agree_m)
+        self.window_s = float(window_s)
+        self._recent: list[list[Any]] = []  # [window, applied]
+        self.stats = {"corroborated": 0, "expired": 0}
+
+    def push(self, w: WindowFix, displacement: Callable[[float, float], Any]) -> list[WindowFix]:
+        """Add a trusted window; return the windows to apply now (``w`` and earlier held ones it agrees with).
+
+        Args:
+            w: a trusted window with a vehicle position.
+            displacement: ``(t0_s, t1_s) -> (dx, dy)`` metres, the vehicle's displacement between two times.
+        """
+        xy = np.asarray(w.vehicle_xy_m, float)
+        partners = []
+        for entry in self._recent:
+            o = entry[0]
+            if abs(o.t_s - w.t_s) > self.window_s:
+                continue
+            moved = np.asarray(o.vehicle_xy_m, float) + np.asarray(displacement(o.t_s, w.t_s), float)
+            if float(np.hypot(*(xy - moved))) <= self.agree_m:
+                partners.append(entry)
+        out = [w] if partners else []
+        for entry in partners:
+            if not entry[1]:
+                entry[1] = True
+                out.append(entry[0])
+        self.stats["corroborated"] += len(out)
+        self._recent.append([w, bool(partners)])
+        newest = max(e[0].t_s for e in self._recent)
+        keep = []
+        for e in self._recent:
+            if newest - e[0].t_s <= self.window_s:
+                keep.append(e)
+            elif not e[1]:
+                self.stats["expired"] += 1
+        self._recent = keep
+        return out
+
+    def clear(self) -> None:
+        self._recent = []
+
+
+__all__ = ["Corroboration", "FusionConfig", "SlidingWindows", "strip_consensus"]

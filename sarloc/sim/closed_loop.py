@@ -60,11 +60,28 @@ AUTOPILOT_PARAMS: dict[str, dict[str, float]] = {
     "plane": {},
     "copter": {},
 }
+#: An optical-flow camera and a downward rangefinder (SITL's own sensors) as EKF3's horizontal velocity source, so
+#: that the autopilot's velocity does not come from sarloc's positions (a vehicle without airspeed, docs/autopilot.md)
+FLOW_PARAMS: dict[str, float] = {
+    "FLOW_TYPE": 10,  # the SITL optical-flow sensor (a real one: its driver's type)
+    "SIM_FLOW_ENABLE": 1,
+    "RNGFND1_TYPE": 100,  # the SITL rangefinder, pointing down (RNGFND1_ORIENT 25, the default)
+    "RNGFND1_MAX": 60,  # metres: flow fusion needs the height above ground, so fly below this
+    "EK3_FLOW_USE": 1,  # flow for navigation
+    "EK3_FLOW_M_NSE": 0.05,  # rad/s: the simulated sensor's noise (SIM_FLOW_RND); the default 0.25 is for low flight
+    "EK3_SRC1_VELXY": 5,  # horizontal velocity from optical flow only: neither sarloc's nor the GNSS's is fused
+    "EK3_SRC1_VELZ": 0,  # vertical velocity from the barometer and IMU
+    "EK3_SRC_OPTIONS": 0,  # source set 1 alone
+}
 #: What the test flights set beyond that (mission speed, not sarloc's business)
 FLIGHT_PARAMS: dict[str, dict[str, float]] = {"plane": {}, "copter": {"WPNAV_SPEED": 1500}}
 
 #: SERIAL ports: 0 = the test's ground station, 1 = sarloc (GPS_INPUT), 2 = the telemetry recorder
-VEHICLE_SPEED_MPS = {"plane": 22.0, "copter": 15.0}
+#: Ground speeds on the mission legs, measured in SITL (the copter holds 10 m/s although WPNAV_SPEED is 15)
+VEHICLE_SPEED_MPS = {"plane": 22.0, "copter": 10.0}
+#: Course deviation that ends a strip: a copter's course on a straight leg wanders by +-5 degrees (measured in SITL
+#: at 10 m/s), which a SAR's motion compensation absorbs; a plane's stays within 1 degree
+MAX_TURN_DEG = {"plane": 5.0, "copter": 12.0}
 
 
 @dataclass(frozen=True)
@@ -91,9 +108,14 @@ class ClosedLoopConfig:
         rtl_hold_s: after RTL, watch the vehicle this long (a plane loiters over home; a copter lands).
         extra_params: more autopilot parameters.
         pack: an existing map pack of this scene and export to reuse (default: build one in ``out``).
-        motion: the daemon's motion input (default: ``airspeed`` for the plane, ``strip`` for the copter, which has
-            no airspeed sensor; ``velocity`` would feed the autopilot's velocity, built from sarloc's own positions
-            once the GNSS is gone, back to it).
+        motion: the daemon's motion input (default: ``airspeed`` for the plane; for the copter, which has no
+            airspeed sensor, ``velocity`` with ``flow`` and ``strip`` without: without an independent velocity source
+            the autopilot's velocity is built from sarloc's own positions once the GNSS is gone).
+        nav: the daemon's ``[nav]`` settings beyond its defaults (e.g. ``{"course_sigma_deg": 1.0}``).
+        max_turn_deg: a strip ends where the course leaves its heading by more than this (default per vehicle:
+            :data:`MAX_TURN_DEG`).
+        flow: give the vehicle SITL's optical-flow camera and rangefinder (:data:`FLOW_PARAMS`); fly below
+            ``RNGFND1_MAX``.
     """
 
     scene: str
@@ -118,6 +140,9 @@ class ClosedLoopConfig:
     extra_params: dict[str, float] = field(default_factory=dict)
     pack: str | None = None
     motion: str | None = None
+    flow: bool = False
+    max_turn_deg: float | None = None
+    nav: dict[str, float] = field(default_factory=dict)
 
 
 def _prepare(cfg: ClosedLoopConfig, out: Path):
@@ -165,7 +190,7 @@ def _mission(scene, home: tuple[float, float], cfg: ClosedLoopConfig) -> tuple[l
 
 
 def _daemon_config(cfg: ClosedLoopConfig, export: Path, pack: Path, out: Path, udp_port: int, mav_url: str) -> Path:
-    motion = cfg.motion or ("airspeed" if cfg.vehicle == "plane" else "strip")
+    motion = cfg.motion or ("airspeed" if cfg.vehicle == "plane" else "velocity" if cfg.flow else "strip")
     text = f"""# sarloc run --config this file: the daemon of the closed loop
 source = "udp://127.0.0.1:{udp_port}"
 export = "{export}"
@@ -185,6 +210,8 @@ gps_id = 1
 gps_rate_hz = 10.0
 require_autopilot_s = 60.0
 """
+    if cfg.nav:
+        text += "\n[nav]\n" + "".join(f"{k} = {float(v)!r}\n" for k, v in cfg.nav.items())
     p = out / "onboard.toml"
     p.write_text(text)
     return p
@@ -219,6 +246,7 @@ class _Feeder:
                 max_rows=cfg.strip_rows,
                 block_rows=cfg.block_rows,
                 heading_noise_deg=cfg.heading_noise_deg,
+                max_turn_deg=cfg.max_turn_deg or MAX_TURN_DEG[cfg.vehicle],
                 min_speed_mps=3.0,
             ),
         )
@@ -249,6 +277,7 @@ def _autopilot_params(cfg: ClosedLoopConfig) -> dict[str, float]:
         **AUTOPILOT_PARAMS["common"],
         **AUTOPILOT_PARAMS[cfg.vehicle],
         **FLIGHT_PARAMS[cfg.vehicle],
+        **(FLOW_PARAMS if cfg.flow else {}),
         **cfg.extra_params,
     }
 
@@ -381,7 +410,8 @@ def _fly(cfg, vehicle, rec, daemon, events: dict[str, Any], rtl_seq: int, t_star
                 denied = True
                 logger.info("GNSS denied at mission item %d", state["seq"])
             continue
-        if state["seq"] >= rtl_seq or state["mode"] in ("RTL", "LAND", "QRTL"):
+        # (a copter that lands at the end of its mission disarms in AUTO, and its mission restarts at item 0)
+        if state["seq"] >= rtl_seq or state["mode"] in ("RTL", "LAND", "QRTL") or "rtl_wall_s" in events:
             events.setdefault("rtl_wall_s", now)
             if cfg.vehicle == "copter" and not state["armed"]:
                 events["landed_wall_s"] = now

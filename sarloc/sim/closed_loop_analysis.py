@@ -125,6 +125,8 @@ def _daemon_results(recs: list[dict[str, Any]], truth: np.ndarray, t_deny: float
     res: dict[str, Any] = {}
     wins = [r for r in recs if r.get("type") == "window" and r.get("vehicle_xy_m")]
     applied = [w for w in wins if w.get("nav") == "applied" or str(w.get("nav", "")).startswith("consensus")]
+    # held until another window agreed with it, then applied (its application time is the later record's)
+    applied += [r for r in recs if r.get("type") == "window_late" and r.get("nav") == "applied"]
     if applied:
         wt = np.array([w["t_s"] for w in applied])
         wxy = np.array([w["vehicle_xy_m"] for w in applied])
@@ -146,7 +148,8 @@ def _daemon_results(recs: list[dict[str, Any]], truth: np.ndarray, t_deny: float
         res["sent_position_error_m"] = {"median": _pct(ne[m], 50), "p99": _pct(ne[m], 99)}
     stop = next((r for r in reversed(recs) if r.get("type") == "stop"), None)
     if stop:
-        res["daemon"] = {k: stop["stats"].get(k) for k in ("windows", "windows_applied", "windows_gated", "output")}
+        keys = ("windows", "windows_applied", "windows_gated", "windows_corroborated", "windows_expired", "output")
+        res["daemon"] = {k: stop["stats"].get(k) for k in keys}
         res["daemon"]["nav"] = stop["stats"].get("nav")
         res["daemon"]["mavlink"] = stop["stats"].get("mavlink")
     return res

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sarloc.runtime.fusion import FusionConfig, SlidingWindows, strip_consensus
+from sarloc.runtime.fusion import Corroboration, FusionConfig, SlidingWindows, strip_consensus
 from sarloc.runtime.types import WindowFix
 
 
@@ -94,3 +94,36 @@ def test_overlapping_windows_are_not_independent_evidence():
     c = WindowFix("s", 2, (64.0, 0.0), 0.0, (1700.0, 1000.0), (1003.0, 1000.0), 0.3, 0.8, 15.0, True)
     f = strip_consensus([a, b, c], 0.0, None, min_separation_m=640.0)
     assert f.trusted and f.n_inliers == 3  # a and c are 700 m apart: independent
+
+
+def _moving(v):
+    return lambda t0, t1: np.asarray(v) * (t1 - t0)
+
+
+def test_corroboration_holds_an_isolated_outlier_and_passes_agreeing_windows():
+    v = np.array([20.0, 0.0])
+    c = Corroboration(agree_m=25.0, window_s=20.0)
+    good = [_win(i, 7.0 * i, (float(20.0 * 7.0 * i + 3.0 * (-1) ** i), 0.0)) for i in range(4)]
+    outlier = _win(9, 10.0, (200.0 + 45.0, 0.0))  # 45 m off a track its neighbours agree on within 6 m
+    assert c.push(good[0], _moving(v)) == []  # nothing to agree with yet: held
+    assert c.push(outlier, _moving(v)) == []
+    out = c.push(good[1], _moving(v))
+    assert good[1] in out and good[0] in out and outlier not in out  # the held first window is released
+    assert c.push(good[2], _moving(v)) == [good[2]]
+    c.push(good[3], _moving(v))
+    c.push(_win(10, 60.0, (1200.0, 0.0)), _moving(v))  # 50 s later: the outlier expires unapplied
+    assert c.stats["expired"] >= 1
+
+
+def test_corroboration_uses_the_displacement_between_acquisition_times():
+    c = Corroboration(agree_m=10.0, window_s=20.0)
+    a, b = _win(0, 0.0, (0.0, 0.0)), _win(1, 10.0, (300.0, 0.0))
+    c.push(a, _moving((0.0, 0.0)))
+    assert c.push(b, _moving((0.0, 0.0))) == []  # a vehicle at rest would not have moved 300 m
+    c2 = Corroboration(agree_m=10.0, window_s=20.0)
+    c2.push(a, _moving((30.0, 0.0)))
+    got = c2.push(b, _moving((30.0, 0.0)))
+    assert len(got) == 2 and a in got and b in got
+    c3 = Corroboration(agree_m=10.0, window_s=5.0)  # too far apart in time to vouch for each other
+    c3.push(a, _moving((30.0, 0.0)))
+    assert c3.push(b, _moving((30.0, 0.0))) == []

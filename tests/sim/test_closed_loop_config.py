@@ -1,0 +1,46 @@
+"""The closed loop's set-up, without a simulator: the autopilot parameters and the daemon's motion per vehicle."""
+
+from __future__ import annotations
+
+import pytest
+import tomllib
+
+from sarloc.sim.closed_loop import FLOW_PARAMS, MAX_TURN_DEG, ClosedLoopConfig, _autopilot_params, _daemon_config
+
+
+def _cfg(tmp_path, **kw) -> ClosedLoopConfig:
+    return ClosedLoopConfig(scene=str(tmp_path / "scene"), out=str(tmp_path / "out"), **kw)
+
+
+def _motion(cfg: ClosedLoopConfig, tmp_path) -> str:
+    toml = _daemon_config(cfg, tmp_path / "export", tmp_path / "pack", tmp_path, 14550, "tcp:127.0.0.1:5762")
+    return tomllib.loads(toml.read_text())["motion"]
+
+
+@pytest.mark.parametrize(
+    ("vehicle", "flow", "motion"),
+    [("plane", False, "airspeed"), ("copter", False, "strip"), ("copter", True, "velocity")],
+)
+def test_motion_input_follows_the_vehicle_and_its_sensors(tmp_path, vehicle, flow, motion):
+    assert _motion(_cfg(tmp_path, vehicle=vehicle, flow=flow), tmp_path) == motion
+
+
+def test_flow_makes_optical_flow_the_only_horizontal_velocity_source(tmp_path):
+    with_flow = _autopilot_params(_cfg(tmp_path, vehicle="copter", flow=True))
+    without = _autopilot_params(_cfg(tmp_path, vehicle="copter"))
+    assert with_flow["EK3_SRC1_VELXY"] == 5 and with_flow["EK3_SRC_OPTIONS"] == 0
+    assert with_flow["FLOW_TYPE"] == 10 and with_flow["RNGFND1_TYPE"] == 100
+    assert not set(FLOW_PARAMS) & set(without)
+    assert with_flow["GPS2_TYPE"] == 14  # sarloc stays GPS2
+
+
+def test_extra_params_override_and_turn_limit_defaults(tmp_path):
+    cfg = _cfg(tmp_path, vehicle="copter", flow=True, extra_params={"EK3_FLOW_M_NSE": 0.1})
+    assert _autopilot_params(cfg)["EK3_FLOW_M_NSE"] == 0.1
+    assert MAX_TURN_DEG["copter"] > MAX_TURN_DEG["plane"]
+
+
+def test_nav_settings_reach_the_daemon_config(tmp_path):
+    cfg = _cfg(tmp_path, nav={"course_sigma_deg": 1.0})
+    toml = _daemon_config(cfg, tmp_path / "export", tmp_path / "pack", tmp_path, 14550, "tcp:127.0.0.1:5762")
+    assert tomllib.loads(toml.read_text())["nav"] == {"course_sigma_deg": 1.0}
