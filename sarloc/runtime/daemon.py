@@ -231,13 +231,13 @@ class Daemon:
         self.stats["windows"] += len(res)
         return fixes
 
-    def _apply_window(self, w: WindowFix, now: float) -> tuple[bool, str]:
-        """One trusted window into the navigation filter at its acquisition time (gated there)."""
+    def _apply_window(self, w: WindowFix, now: float) -> str:
+        """One trusted window into the navigation filter at its acquisition time (gated there); the verdict."""
         assert w.vehicle_xy_m is not None
         ok, why = self.nav.add_fix(w.t_s, w.vehicle_xy_m, w.sigma_m * self.cfg.fusion.window_sigma_scale, now)
         self.stats["windows_applied"] += int(ok)
         self.stats["windows_gated"] += int(why.startswith("gated"))
-        return ok, why
+        return why
 
     def _fuse(self, windows: list[WindowFix]) -> list[str]:
         """Trusted windows into the navigation filter at their acquisition times; the sliding consensus
@@ -256,7 +256,7 @@ class Daemon:
                 ready = [w] if self.corroboration is None else self.corroboration.push(w, self.nav.displacement_m)
                 why = "held: no agreeing window yet"
                 for x in sorted(ready, key=lambda v: v.t_s):
-                    _ok, verdict = self._apply_window(x, now)
+                    verdict = self._apply_window(x, now)
                     gated |= verdict.startswith("gated")
                     if x is w:
                         why = verdict
