@@ -99,3 +99,16 @@ def subprocess_env() -> dict[str, str]:
     import os
 
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+
+def fast_train_config(dir: Path) -> Path:
+    """A training config that keeps precise BN short (for tests that train a few steps)."""
+    p = dir / "fast.json"
+    p.write_text(json.dumps({"bn_recalib_batches": 2}))
+    return p
+
+
+def train_argv(scene: Path, out: Path, config: Path, *extra: str) -> list[str]:
+    """``sarloc train`` arguments for a smoke-preset run on ``scene`` (add ``extra``)."""
+    return ["train", "--scenes", str(scene), "--out", str(out), "--preset", "smoke", "--config", str(config),
+            "--no-progress", *extra]  # fmt: skip

@@ -10,6 +10,7 @@ import os
 import signal
 
 import pytest
+from helpers import fast_train_config, train_argv
 
 torch = pytest.importorskip("torch")
 
@@ -58,25 +59,10 @@ def _interrupts_enabled():
 
 @pytest.fixture
 def fast_config(tmp_path):
-    p = tmp_path / "fast.json"
-    p.write_text(json.dumps(FAST))
-    return p
+    return fast_train_config(tmp_path)
 
 
-def _argv(scene, out, config, *extra):
-    return [
-        "train",
-        "--scenes",
-        str(scene),
-        "--out",
-        str(out),
-        "--preset",
-        "smoke",
-        "--config",
-        str(config),
-        "--no-progress",
-        *extra,
-    ]
+_argv = train_argv
 
 
 def _signal_at(monkeypatch, step: int) -> None:
