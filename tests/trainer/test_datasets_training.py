@@ -118,16 +118,7 @@ def test_the_digest_follows_the_data(tmp_path):
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True)
-def _unbound_logging():
-    """``main`` binds the sarloc logger to the captured stderr of the test that calls it; restore it after."""
-    lg = logging.getLogger("sarloc")
-    saved = (lg.handlers[:], lg.level, lg.propagate)
-    lg.handlers[:] = []
-    lg.propagate = True
-    yield
-    lg.handlers[:], lg.propagate = saved[0], saved[2]
-    lg.setLevel(saved[1])
+pytestmark = pytest.mark.usefixtures("unbound_sarloc_logging")
 
 
 def _train(out, *data, extra=()):

@@ -4,7 +4,6 @@ the FP32 parts, the recorded precision and bit-identical resume."""
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import signal
@@ -37,16 +36,7 @@ from sarloc.trainer.steps import recalibrate_bn  # noqa: E402
 FAST = {"bn_recalib_batches": 2}
 
 
-@pytest.fixture(autouse=True)
-def _unbound_logging():
-    """``main`` binds the sarloc logger to the captured stderr of the test that calls it; put it back after."""
-    lg = logging.getLogger("sarloc")
-    saved = (lg.handlers[:], lg.level, lg.propagate)
-    lg.handlers[:] = []
-    lg.propagate = True
-    yield
-    lg.handlers[:], lg.propagate = saved[0], saved[2]
-    lg.setLevel(saved[1])
+pytestmark = pytest.mark.usefixtures("unbound_sarloc_logging")
 
 
 @pytest.fixture(autouse=True)

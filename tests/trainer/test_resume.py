@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -25,17 +24,7 @@ from sarloc.trainer.config import config_changes, resolve_config  # noqa: E402
 FAST = {"bn_recalib_batches": 2}
 
 
-@pytest.fixture(autouse=True)
-def _unbound_logging():
-    """``main`` binds the sarloc logger to the captured stderr of the test that calls it; start each test without
-    such a handler (a closed stream) and put the logger back afterwards."""
-    lg = logging.getLogger("sarloc")
-    saved = (lg.handlers[:], lg.level, lg.propagate)
-    lg.handlers[:] = []
-    lg.propagate = True
-    yield
-    lg.handlers[:], lg.propagate = saved[0], saved[2]
-    lg.setLevel(saved[1])
+pytestmark = pytest.mark.usefixtures("unbound_sarloc_logging")
 
 
 @pytest.fixture
