@@ -53,7 +53,7 @@ def results_table(results: list[dict]) -> str:
 
 
 def _params(items: list[str]) -> dict[str, float]:
-    """``NAME=VALUE`` options (``--param``, ``--nav``) as a dict."""
+    """``NAME=VALUE`` options (``--param``, ``--nav``, ``--fusion``) as a dict."""
     out = {}
     for it in items:
         name, sep, value = it.partition("=")
@@ -86,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="optical flow + rangefinder: EKF3's velocity from them (copter; fly below 60 m)")  # fmt: skip
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="an extra autopilot parameter")
     p.add_argument("--nav", action="append", default=[], metavar="KEY=VALUE", help="a daemon [nav] setting")
+    p.add_argument("--fusion", action="append", default=[], metavar="KEY=VALUE", help="a daemon [fusion] setting")
     p.add_argument("--pack", help="an existing map pack of the scene's optical image (default: built under --out)")
     p.add_argument("--motion", choices=["airspeed", "velocity", "strip", "auto"], help="the daemon's motion input")
     p.add_argument("--analyse", metavar="OUT", help="only analyse a recorded flight")
@@ -126,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 flow=a.flow,
                 extra_params=_params(a.param),
                 nav=_params(a.nav),
+                fusion=_params(a.fusion),
             )
             res = run_closed_loop(cfg)
     except SarlocError as e:

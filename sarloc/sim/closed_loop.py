@@ -112,6 +112,7 @@ class ClosedLoopConfig:
             airspeed sensor, ``velocity`` with ``flow`` and ``strip`` without: without an independent velocity source
             the autopilot's velocity is built from sarloc's own positions once the GNSS is gone).
         nav: the daemon's ``[nav]`` settings beyond its defaults (e.g. ``{"course_sigma_deg": 1.0}``).
+        fusion: the daemon's ``[fusion]`` settings beyond its defaults (e.g. ``{"window_sigma_scale": 1.0}``).
         max_turn_deg: a strip ends where the course leaves its heading by more than this (default per vehicle:
             :data:`MAX_TURN_DEG`).
         flow: give the vehicle SITL's optical-flow camera and rangefinder (:data:`FLOW_PARAMS`); fly below
@@ -143,6 +144,7 @@ class ClosedLoopConfig:
     flow: bool = False
     max_turn_deg: float | None = None
     nav: dict[str, float] = field(default_factory=dict)
+    fusion: dict[str, float] = field(default_factory=dict)
 
 
 def _prepare(cfg: ClosedLoopConfig, out: Path):
@@ -212,6 +214,8 @@ require_autopilot_s = 60.0
 """
     if cfg.nav:
         text += "\n[nav]\n" + "".join(f"{k} = {float(v)!r}\n" for k, v in cfg.nav.items())
+    if cfg.fusion:
+        text += "\n[fusion]\n" + "".join(f"{k} = {float(v)!r}\n" for k, v in cfg.fusion.items())
     p = out / "onboard.toml"
     p.write_text(text)
     return p

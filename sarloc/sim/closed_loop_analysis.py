@@ -146,6 +146,16 @@ def _daemon_results(recs: list[dict[str, Any]], truth: np.ndarray, t_deny: float
         ne = np.hypot(*(nxy - _track_at(truth, nt)).T)
         m = nt >= t_deny
         res["sent_position_error_m"] = {"median": _pct(ne[m], 50), "p99": _pct(ne[m], 99)}
+        sig = np.array([r.get("sigma_h_m") or np.nan for r in navr])[m]
+        ok = np.isfinite(sig) & (sig > 0)
+        if ok.any():  # is the stated one-sigma honest? (an isotropic 2-D Gaussian: 39 / 86 / 98.9 % within 1 / 2 / 3)
+            z = ne[m][ok] / sig[ok]
+            res["sent_sigma_consistency"] = {f"within_{k}_sigma": float(np.mean(z <= k)) for k in (1, 2, 3)} | {
+                "error_over_sigma_median": _pct(z, 50),
+                "error_over_sigma_p99": _pct(z, 99),
+                "sigma_median_m": _pct(sig[ok], 50),
+                "sigma_p99_m": _pct(sig[ok], 99),
+            }
     stop = next((r for r in reversed(recs) if r.get("type") == "stop"), None)
     if stop:
         keys = ("windows", "windows_applied", "windows_gated", "windows_corroborated", "windows_expired", "output")

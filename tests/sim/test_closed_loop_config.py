@@ -44,3 +44,19 @@ def test_nav_settings_reach_the_daemon_config(tmp_path):
     cfg = _cfg(tmp_path, nav={"course_sigma_deg": 1.0})
     toml = _daemon_config(cfg, tmp_path / "export", tmp_path / "pack", tmp_path, 14550, "tcp:127.0.0.1:5762")
     assert tomllib.loads(toml.read_text())["nav"] == {"course_sigma_deg": 1.0}
+
+
+def test_sent_sigma_consistency_counts_errors_in_units_of_the_stated_sigma():
+    import numpy as np
+
+    from sarloc.sim.closed_loop_analysis import _daemon_results
+
+    truth = np.array([[0.0, 0.0, 0.0], [100.0, 0.0, 0.0]])  # (t, east, north): standing still at the origin
+    errs = [5.0, 15.0, 25.0, 35.0]  # with a one-sigma of 10 m: 0.5, 1.5, 2.5 and 3.5 sigma
+    navr = [{"type": "nav", "valid": True, "wall_s": 10.0 + i, "xy_m": [e, 0.0], "sigma_h_m": 10.0}
+            for i, e in enumerate(errs)]  # fmt: skip
+    navr.append({"type": "nav", "valid": True, "wall_s": 1.0, "xy_m": [500.0, 0.0], "sigma_h_m": 10.0})  # pre-denial
+    res = _daemon_results(navr, truth, t_deny=5.0, gsd=10.0)
+    c = res["sent_sigma_consistency"]
+    assert (c["within_1_sigma"], c["within_2_sigma"], c["within_3_sigma"]) == (0.25, 0.5, 0.75)
+    assert c["error_over_sigma_median"] == 2.0 and res["sent_position_error_m"]["median"] == 20.0
