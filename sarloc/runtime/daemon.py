@@ -224,6 +224,7 @@ class Daemon:
                         **dataclasses.asdict(wf),
                         "prior_radius_m": radius,
                         "candidates": r.candidates,
+                        "alternatives": r.alternatives,
                         "nav": verdict,
                         "wall_s": time.time(),
                     }

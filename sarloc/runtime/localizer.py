@@ -60,7 +60,12 @@ class LocalizerConfig:
 
 @dataclass
 class WindowResult:
-    """Localisation of one window: position on the map (metres) and its confidence."""
+    """Localisation of one window: position on the map (metres) and its confidence.
+
+    ``alternatives`` lists every refined candidate (the chosen one included) as ``(x_m, y_m, verifier
+    probability, refiner score, registration score, registration second peak)``, for window records and research
+    on the candidates of consecutive windows (:mod:`sarloc.eval.track_graph`).
+    """
 
     xy_m: tuple[float, float] | None
     xy_px: tuple[float, float] | None
@@ -70,6 +75,7 @@ class WindowResult:
     sigma_m: float
     candidates: int
     stage_ms: dict[str, float] = field(default_factory=dict)
+    alternatives: list[tuple[float, ...]] = field(default_factory=list)
 
 
 def _check_parent(what: str, parent: Any, ckpt: str | None, fix: str) -> None:
@@ -299,6 +305,7 @@ class Localizer:
             pick = int(np.argmax(p))
             conf = float(p[pick])
         else:
+            p = np.zeros(len(rows))
             pick = int(np.argmax(scores[0]))
             conf = 0.0
         t4 = time.perf_counter()
@@ -308,6 +315,12 @@ class Localizer:
         # one-sigma error of a right fix: ~1.5 px of registration (co-registration + sub-pixel fit); wrong fixes
         # are the verifier's business, not this number's
         sigma = 1.5 * self.grid.gsd_m if self.registrar is not None else self.tile_m / 2.0
+        cx, cy = self.grid.pixel_to_metric(reg_xy[:, 0], reg_xy[:, 1])
+        alts: list[tuple[float, ...]] = [
+            (round(float(cx[j]), 2), round(float(cy[j]), 2), round(float(p[j]), 4),
+             round(float(scores[0, j]), 4), round(float(rs[j]), 4), round(float(r2[j]), 4))
+            for j in np.flatnonzero(valid)
+        ]  # fmt: skip
         return WindowResult(
             (float(xm), float(ym)),
             (xpx, ypx),
@@ -317,6 +330,7 @@ class Localizer:
             sigma,
             res.candidates,
             stage,
+            alts,
         )
 
 

@@ -80,6 +80,12 @@ def test_run_without_torch_sends_mavlink_and_replays_identically(flight, tmp_pat
     fixes = [r for r in recs if r["type"] == "fix"]
     assert len(fixes) == 3
     assert sum(r["type"] == "window" for r in recs) >= 3 * 6
+    # every window record lists its refined candidates, the chosen one among them with the record's confidence
+    for w in (r for r in recs if r["type"] == "window" and r["xy_m"] is not None):
+        alts = np.asarray(w["alternatives"])
+        assert alts.shape[1] == 6 and 1 <= len(alts) <= 10, alts.shape
+        chosen = np.flatnonzero(np.abs(alts[:, :2] - w["xy_m"]).max(1) < 0.05)
+        assert len(chosen) >= 1 and np.isclose(alts[chosen[0], 2], w["confidence"], atol=1e-4), (alts, w)
     # accuracy on this generated flight: trusted fixes are right (metre-level), and most strips are trusted
     truth = load_truth(flight / "strips" / "truth.json")
     stats = score_fixes(fixes, truth)
