@@ -18,8 +18,8 @@ summed verifier probability of those candidates.
 
 from __future__ import annotations
 
-import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,22 +129,25 @@ def strip_graph(key: str, windows: list[dict], fix: dict, gate_m: float = 30.0, 
     return StripGraph(key, t_ref, xy_a, win_a, feats.astype(np.float32), right, truth_xy, cons)
 
 
-def graphs_from_run(run_dir: Path, truth_path: Path | None, key: str, gate_m: float = 30.0) -> list[StripGraph]:
-    """Strip graphs of one daemon run (its ``records.jsonl``), labelled with the flight's ``truth.json`` if given."""
-    from sarloc.eval.report import load_truth, truth_at
+def _read_run(run_dir: Path, truth_path: Path | None) -> tuple[list[dict], dict[str, list[dict]], Callable | None]:
+    """A daemon run's records, its window records per strip and the flight's truth as ``t_s -> (east, north)``."""
+    from sarloc.eval.replay import read_records
+    from sarloc.eval.scoring import load_truth, truth_at
 
-    truth = None
-    if truth_path is not None:
-        tr = load_truth(truth_path)
-
-        def truth(t):
-            return truth_at(tr, t)
-
-    recs = [json.loads(x) for x in (Path(run_dir) / "records.jsonl").read_text().splitlines() if x.strip()]
+    recs = read_records(Path(run_dir) / "records.jsonl")
     wins: dict[str, list[dict]] = {}
     for r in recs:
         if r.get("type") == "window":
             wins.setdefault(r["strip_id"], []).append(r)
+    if truth_path is None:
+        return recs, wins, None
+    tr = load_truth(truth_path)
+    return recs, wins, lambda t: truth_at(tr, t)
+
+
+def graphs_from_run(run_dir: Path, truth_path: Path | None, key: str, gate_m: float = 30.0) -> list[StripGraph]:
+    """Strip graphs of one daemon run (its ``records.jsonl``), labelled with the flight's ``truth.json`` if given."""
+    recs, wins, truth = _read_run(run_dir, truth_path)
     out = []
     for r in recs:
         if r.get("type") == "fix" and r.get("strip_id") in wins:
@@ -163,24 +166,16 @@ def window_graphs_from_run(
     """One graph per window, causal: the candidates of that window and of up to ``depth - 1`` earlier windows of
     its strip, moved to the window's time. ``consensus`` is what the daemon did with the window: whether it reached
     the navigation filter (trusted and corroborated; the filter's gate comes after) and its implied position."""
-    from sarloc.eval.report import load_truth, truth_at
-
-    tr = load_truth(truth_path) if truth_path is not None else None
-    recs = [json.loads(x) for x in (Path(run_dir) / "records.jsonl").read_text().splitlines() if x.strip()]
+    recs, wins, truth = _read_run(run_dir, truth_path)
     late = {(r["strip_id"], r["index"]) for r in recs if r.get("type") == "window_late"}
     vel = {r["strip_id"]: r.get("vel_mps") for r in recs if r.get("type") == "fix"}
-    wins: dict[str, list[dict]] = {}
-    for r in recs:
-        if r.get("type") == "window":
-            wins.setdefault(r["strip_id"], []).append(r)
     out = []
     for sid, ws in wins.items():
         ws = sorted(ws, key=lambda w: w["index"])
         for i, w in enumerate(ws):
             sub = ws[max(0, i - depth + 1) : i + 1]
-            t = float(w["t_s"])
-            truth = None if tr is None else (lambda _t, tr=tr: truth_at(tr, _t))
-            g = strip_graph(f"{key}/{sid}/{w['index']}", sub, {"t_s": t, "vel_mps": vel.get(sid)}, gate_m, truth)
+            fix = {"t_s": float(w["t_s"]), "vel_mps": vel.get(sid)}
+            g = strip_graph(f"{key}/{sid}/{w['index']}", sub, fix, gate_m, truth)
             if g is None or not np.any(g.window == len(sub) - 1):
                 continue  # this window abstained: nothing to decide
             reached = str(w.get("nav")) not in NOT_TO_FILTER or (sid, w["index"]) in late
