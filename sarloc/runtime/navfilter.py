@@ -11,7 +11,11 @@ then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavF
   ``(1 + k) u + d (u_north, -u_east) + b``, ``u`` the motion input in force. The heading error's uncertainty grows
   with time and with every turn of the input (``heading_turn_fraction`` of the angle turned): the fixes that
   follow a turn tell a heading error (a drift across the track that turns with the vehicle) from a wind (a drift
-  fixed on the ground).
+  fixed on the ground). Optionally (``heading_transient_s`` > 0) the heading error has two parts: ``d``, steady,
+  and a transient ``e`` that every turn moves by ``g`` times the signed angle turned and that decays with that
+  time constant (an autopilot's yaw without GNSS is pulled off in a turn and recovers over tens of seconds); the
+  gain ``g`` is a state too, learnt from the fixes after earlier turns, and the turn's added uncertainty goes to
+  ``e``, so it decays with it.
 * **Prediction from a motion input** (a time-stamped velocity; each one holds until the next): ``airspeed`` - the
   autopilot's heading and true airspeed (independent of the positions sarloc sends, so no feedback loop; ``b``
   is the wind); ``ground`` - a ground velocity (the strip metadata's heading and along-track speed, or the
@@ -46,7 +50,9 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["NavConfig", "NavEstimate", "NavFilter", "chi2_2dof"]
 
-_N = 6  # east, north, bias east, bias north, input scale error, input heading error (rad, clockwise)
+# east, north, bias east, bias north, input scale error, input heading error (rad, clockwise), its transient part
+# after turns (rad, clockwise), the transient per angle turned clockwise
+_N = 8
 _H_POS = np.hstack([np.eye(2), np.zeros((2, _N - 2))])
 _MIN_TURN_SPEED_MPS = 3.0  # below this an input's direction means little: no turn is counted
 _TURN_STEP_RAD = math.radians(10.0)  # a turn is counted once the input has turned this far from the reference
@@ -75,6 +81,12 @@ class NavConfig:
         heading_sigma_deg_per_s: random-walk rate of the heading error, degrees per sqrt(s).
         heading_turn_fraction: the heading error's one-sigma grows by this fraction of every turn of the input (an
             autopilot's yaw lags after a turn without GNSS: 5-6 % of a 90-180 degree turn in ArduPlane SITL).
+        heading_transient_s: time constant of the heading error's transient part after a turn of an air-velocity
+            input (the autopilot's yaw), seconds; 0 (the default): one heading error, no transient.
+        turn_gain_sigma: one-sigma of the transient per angle turned at initialisation (0.03: 2.7 degrees after a
+            90 degree turn); used with ``heading_transient_s`` only.
+        turn_gain_sigma_per_s: random-walk rate of that gain, per sqrt(s): an autopilot's yaw stays right through
+            turns while it has GNSS and is pulled off once it has none, so what was learnt before has to give way.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
             the daemon as a course measurement while the motion input comes from the autopilot; 0 (the default):
             not used (in closed loops it raised availability over a real scene but let marginal windows through
@@ -101,6 +113,9 @@ class NavConfig:
     init_heading_sigma_deg: float = 3.0
     heading_sigma_deg_per_s: float = 0.05
     heading_turn_fraction: float = 0.03
+    heading_transient_s: float = 0.0
+    turn_gain_sigma: float = 0.03
+    turn_gain_sigma_per_s: float = 0.001
     course_sigma_deg: float = 0.0
     airspeed_sigma_mps: float = 1.0
     ground_sigma_mps: float = 1.0
@@ -109,7 +124,7 @@ class NavConfig:
     reinit_after: int = 3
     history_s: float = 180.0
     future_tolerance_s: float = 1.0
-    max_sigma_m: float = 200.0
+    max_sigma_m: float = 400.0
 
     def __post_init__(self) -> None:
         from sarloc.core.config import finite_number
@@ -136,7 +151,13 @@ class NavConfig:
             v = finite_number(getattr(self, name))
             if v is None or v <= 0:
                 raise ConfigError(f"[nav] {name}={getattr(self, name)!r:.40} must be a finite number > 0")
-        for name in ("future_tolerance_s", "course_sigma_deg"):
+        for name in (
+            "future_tolerance_s",
+            "course_sigma_deg",
+            "heading_transient_s",
+            "turn_gain_sigma",
+            "turn_gain_sigma_per_s",
+        ):
             v = finite_number(getattr(self, name))
             if v is None or v < 0:
                 raise ConfigError(f"[nav] {name}={getattr(self, name)!r:.40} must be a finite number >= 0")
@@ -151,8 +172,8 @@ class NavEstimate:
     Attributes:
         t_s: the time of the estimate (data clock).
         xy_m: (east, north); vel_mps: ground velocity (v_east, v_north); bias_mps: wind / velocity bias;
-        scale: the input's speed-scale error ``k``; heading_offset_deg: the input's heading error ``d``, degrees
-            (clockwise: the true course is this much clockwise of the input's).
+        scale: the input's speed-scale error ``k``; heading_offset_deg: the input's heading error ``d`` (with its
+            transient part), degrees (clockwise: the true course is this much clockwise of the input's).
         sigma_h_m: one-sigma horizontal error (square root of the largest eigenvalue of the position covariance).
         sigma_v_mps: one-sigma ground-velocity error per axis (the input's and the bias's).
         valid: initialised and ``sigma_h_m <= max_sigma_m``.
@@ -271,7 +292,11 @@ class NavFilter:
         f = np.eye(_N)
         f[0, 2] = f[1, 3] = dt
         f[0:2, 4] = v * dt  # position moves by ((1 + k) u + d perp(u) + b) dt: linear in the state for a known u
-        f[0:2, 5] = _perp(v) * dt
+        f[0:2, 5] = f[0:2, 6] = _perp(v) * dt
+        if self.cfg.heading_transient_s > 0:  # the transient decays over the step (its mean effect on the position)
+            a = math.exp(-dt / self.cfg.heading_transient_s)
+            f[0:2, 6] *= (1.0 - a) * self.cfg.heading_transient_s / dt
+            f[6, 6] = a
         x = f @ sx
         x[:2] += v * dt
         q = np.zeros((_N, _N))
@@ -279,6 +304,8 @@ class NavFilter:
         q[2, 2] = q[3, 3] = self.cfg.bias_sigma_mps_per_s**2 * dt
         q[4, 4] = self.cfg.scale_sigma_per_s**2 * dt
         q[5, 5] = math.radians(self.cfg.heading_sigma_deg_per_s) ** 2 * dt
+        if self.cfg.heading_transient_s > 0:
+            q[7, 7] = self.cfg.turn_gain_sigma_per_s**2 * dt
         return dataclasses.replace(st, t_s=t_s, x=x, p=f @ sp @ f.T + q)
 
     def _turned(self, st: _State, u: _Input) -> _State:
@@ -288,14 +315,20 @@ class NavFilter:
             return st
         if prev is None:
             return dataclasses.replace(st, turn_ref=u.v)
-        turn = abs(math.atan2(prev[0] * u.v[1] - prev[1] * u.v[0], float(prev @ u.v)))
-        if turn < _TURN_STEP_RAD:  # measured from a held reference: the input's noise is not a turn
+        cw = -math.atan2(prev[0] * u.v[1] - prev[1] * u.v[0], float(prev @ u.v))  # clockwise turn, radians
+        if abs(cw) < _TURN_STEP_RAD:  # measured from a held reference: the input's noise is not a turn
             return st
-        p = _xp(st)[1].copy()
+        x, p = (a.copy() for a in _xp(st))
+        i = 5
+        if self.cfg.heading_transient_s > 0 and u.kind == "air":  # the yaw's transient: the gain times the turn
+            i = 6
+            f = np.eye(_N)
+            f[6, 7] = cw
+            x, p = f @ x, f @ p @ f.T
         # one-sigma grows linearly with the angle turned (a yaw error proportional to the turn, like a gyro scale
         # error), not with its square root: a 90 degree turn at 10 Hz is many small steps
-        p[5, 5] = (math.sqrt(p[5, 5]) + self.cfg.heading_turn_fraction * turn) ** 2
-        return dataclasses.replace(st, p=p, turn_ref=u.v)
+        p[i, i] = (math.sqrt(p[i, i]) + self.cfg.heading_turn_fraction * abs(cw)) ** 2
+        return dataclasses.replace(st, x=x, p=p, turn_ref=u.v)
 
     @staticmethod
     def _update(st: _State, ev: _Event) -> _State:
@@ -314,7 +347,7 @@ class NavFilter:
         h = np.zeros((1, _N))
         h[0, 2:4] = n
         h[0, 4] = float(n @ u)
-        h[0, 5] = float(n @ _perp(u))
+        h[0, 5] = h[0, 6] = float(n @ _perp(u))
         y = -float(n @ u) - float(h[0] @ sx)
         return h, y, st.u.sigma**2
 
@@ -551,8 +584,12 @@ class NavFilter:
                 b, b0 = (float(be), float(bn)), min(float(bs) ** 2, b0)
         k0 = self.cfg.init_scale_sigma**2
         d0 = math.radians(self.cfg.init_heading_sigma_deg) ** 2
+        g0 = self.cfg.turn_gain_sigma**2 if self.cfg.heading_transient_s > 0 else 0.0
         ev.kind = "init"
-        ev.info = {"x": np.array([*ev.z, *b, 0.0, 0.0], float), "p": np.diag([ev.r[0, 0], ev.r[1, 1], b0, b0, k0, d0])}
+        ev.info = {
+            "x": np.array([*ev.z, *b, 0.0, 0.0, 0.0, 0.0], float),
+            "p": np.diag([ev.r[0, 0], ev.r[1, 1], b0, b0, k0, d0, 0.0, g0]),
+        }
 
     def _reinit_due(self) -> bool:
         """Re-initialise at the newest gated-out fix when the last ``reinit_after`` of them agree with each other."""
@@ -614,16 +651,17 @@ class NavFilter:
         x, p = _xp(st)  # _state_at returns initialised states only
         v, var = self._vel_var(st.u, t_s)
         sigma_h = _sigma(p[:2, :2])
-        vel = v * (1 + x[4]) + x[5] * _perp(v) + x[2:4]
+        vel = v * (1 + x[4]) + (x[5] + x[6]) * _perp(v) + x[2:4]
+        var_d = float(p[5, 5] + p[6, 6] + 2 * p[5, 6])
         return NavEstimate(
             t_s=float(t_s),
             xy_m=(float(x[0]), float(x[1])),
             vel_mps=(float(vel[0]), float(vel[1])),
             bias_mps=(float(x[2]), float(x[3])),
             scale=float(x[4]),
-            heading_offset_deg=math.degrees(float(x[5])),
+            heading_offset_deg=math.degrees(float(x[5] + x[6])),
             sigma_h_m=sigma_h,
-            sigma_v_mps=math.sqrt(var + _sigma(p[2:4, 2:4]) ** 2 + (float(p[4, 4]) + float(p[5, 5])) * float(v @ v)),
+            sigma_v_mps=math.sqrt(var + _sigma(p[2:4, 2:4]) ** 2 + (float(p[4, 4]) + var_d) * float(v @ v)),
             valid=sigma_h <= self.cfg.max_sigma_m,
             since_fix_s=float(t_s - self.last_fix_s) if self.last_fix_s is not None else math.inf,
         )

@@ -296,3 +296,55 @@ def test_a_wrong_course_is_gated():
     applied, why = f.add_course(9.5, 90.0, 1.0, now_s=10.0)  # flying north, "course east": a bad metadata heading
     assert not applied and "gated" in why and f.stats["courses_gated"] == 1
     assert not f.add_course(9.6, math.nan, 1.0, now_s=10.0)[0]
+
+
+def _laps_with_turn_transients(
+    cfg: NavConfig, gain: float = 0.03, tau_s: float = 30.0, laps: int = 3, from_lap: int = 0
+):
+    """Laps of a square flown clockwise at 23 m/s, 90 degree turns at 16 degrees/s. The input's heading reads
+    anticlockwise of the truth by a steady 0.5 degree plus, from lap ``from_lap`` on (the GNSS lost), a transient
+    that every turn moves by ``gain`` times the angle turned and that decays with ``tau_s`` (an autopilot's yaw
+    without GNSS after a turn). Fixes every 5 s on straight flight from 20 s after a turn, delivered 20 s after
+    their acquisition. Returns the filter and the (error, one-sigma) of the output from the second lap on."""
+    rng = np.random.default_rng(3)
+    f = NavFilter(cfg)
+    dt, t, course, e = 0.1, 0.0, 0.0, 0.0
+    pos, pending, out, since_turn = np.zeros(2), [], [], math.inf
+    steps = ([0.0] * 1000 + [1.6] * 56) * 4 * laps  # degrees turned per step: 100 s straight, then the turn
+    for k, turn in enumerate(steps):
+        t += dt
+        g = gain if k >= from_lap * 4 * 1056 else 0.0
+        course, e = course + turn, (e + g * turn) * math.exp(-dt / tau_s)
+        since_turn = 0.0 if turn else since_turn + dt
+        v = _rot_cw(np.array([0.0, 23.0]), course)
+        pos = pos + v * dt
+        f.add_motion(t, "air", tuple(_rot_cw(v, -(0.5 + e)) + rng.normal(0, 0.2, 2)))
+        if since_turn > 20.0 and k % 50 == 0:
+            pending.append((t + 20.0, t, tuple(pos + rng.normal(0, 7.0, 2))))
+        while pending and pending[0][0] <= t + 1e-9:
+            _, ta, xy = pending.pop(0)
+            (f.add_fix if f.initialised else f.add_consensus)(ta, xy, 10.0, now_s=t)
+        est = f.estimate(t)
+        if est is not None and k > 4 * 1056:
+            out.append((np.hypot(*(np.asarray(est.xy_m) - pos)), est.sigma_h_m))
+    return f, np.asarray(out)
+
+
+def test_the_heading_transient_after_turns_is_learnt():
+    """With ``heading_transient_s`` the filter learns how far each turn pulls the input's heading (the gain per
+    angle turned) and lets that decay, so the error after a turn stays lower than with one heading error, which
+    takes each leg's average; the one-sigma covers more of the errors."""
+    f, a = _laps_with_turn_transients(NavConfig(heading_transient_s=30.0))
+    x, _ = f.state(f.last_fix_s)
+    assert x[7] == pytest.approx(0.03, abs=0.005), x[7]  # the gain per angle turned
+    assert math.degrees(x[5]) == pytest.approx(0.5, abs=0.3)  # the steady part
+    _, a0 = _laps_with_turn_transients(NavConfig())
+    p99, p99_0 = np.percentile(a[:, 0], 99), np.percentile(a0[:, 0], 99)
+    assert p99 < 0.75 * p99_0 and np.median(a[:, 0]) < 0.75 * np.median(a0[:, 0]), (p99, p99_0)
+    assert (a[:, 0] <= a[:, 1]).mean() > (a0[:, 0] <= a0[:, 1]).mean()
+    # the transient appears only after two laps (the GNSS lost): the gain learnt near zero before gives way
+    late, _ = _laps_with_turn_transients(NavConfig(heading_transient_s=30.0), laps=5, from_lap=2)
+    assert late.state(late.last_fix_s)[0][7] == pytest.approx(0.03, abs=0.008)
+    off, _ = _laps_with_turn_transients(NavConfig(), gain=0.0)  # off (the default): the extra states stay zero
+    xo, po = off.state(off.last_fix_s)
+    assert xo[6] == xo[7] == 0.0 and po[6, 6] == po[7, 7] == 0.0
