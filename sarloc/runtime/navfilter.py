@@ -309,7 +309,9 @@ class NavFilter:
         return dataclasses.replace(st, t_s=t_s, x=x, p=f @ sp @ f.T + q)
 
     def _turned(self, st: _State, u: _Input) -> _State:
-        """Grow the heading error's variance by ``heading_turn_fraction`` of the turn since the last input."""
+        """A turn of the input since the last counted one: the heading error's one-sigma grows by
+        ``heading_turn_fraction`` of it; with the transient (air input) the transient moves by the gain times the
+        clockwise angle and takes that growth instead."""
         prev = st.turn_ref
         if float(np.hypot(*u.v)) < _MIN_TURN_SPEED_MPS:
             return st

@@ -310,10 +310,12 @@ def _laps_with_turn_transients(
     f = NavFilter(cfg)
     dt, t, course, e = 0.1, 0.0, 0.0, 0.0
     pos, pending, out, since_turn = np.zeros(2), [], [], math.inf
-    steps = ([0.0] * 1000 + [1.6] * 56) * 4 * laps  # degrees turned per step: 100 s straight, then the turn
+    leg = [0.0] * 1000 + [1.6] * 56  # degrees turned per step: 100 s straight, then the turn
+    lap = 4 * len(leg)
+    steps = leg * 4 * laps
     for k, turn in enumerate(steps):
         t += dt
-        g = gain if k >= from_lap * 4 * 1056 else 0.0
+        g = gain if k >= from_lap * lap else 0.0
         course, e = course + turn, (e + g * turn) * math.exp(-dt / tau_s)
         since_turn = 0.0 if turn else since_turn + dt
         v = _rot_cw(np.array([0.0, 23.0]), course)
@@ -325,7 +327,7 @@ def _laps_with_turn_transients(
             _, ta, xy = pending.pop(0)
             (f.add_fix if f.initialised else f.add_consensus)(ta, xy, 10.0, now_s=t)
         est = f.estimate(t)
-        if est is not None and k > 4 * 1056:
+        if est is not None and k > lap:
             out.append((np.hypot(*(np.asarray(est.xy_m) - pos)), est.sigma_h_m))
     return f, np.asarray(out)
 
