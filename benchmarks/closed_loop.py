@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--nav", action="append", default=[], metavar="KEY=VALUE", help="a daemon [nav] setting")
     p.add_argument("--fusion", action="append", default=[], metavar="KEY=VALUE", help="a daemon [fusion] setting")
     p.add_argument("--pack", help="an existing map pack of the scene's optical image (default: built under --out)")
+    p.add_argument(
+        "--gnss-aiding",
+        action="store_true",
+        help="the daemon's gnss_aiding: the autopilot's GNSS reaches its filter until the denial",
+    )
     p.add_argument("--motion", choices=["airspeed", "velocity", "strip", "auto"], help="the daemon's motion input")
     p.add_argument("--analyse", metavar="OUT", help="only analyse a recorded flight")
     p.add_argument("--table", nargs="+", metavar="OUT", help="a markdown table of recorded flights' result.json")
@@ -128,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
                 extra_params=_params(a.param),
                 nav=_params(a.nav),
                 fusion=_params(a.fusion),
+                gnss_aiding=a.gnss_aiding,
             )
             res = run_closed_loop(cfg)
     except SarlocError as e:

@@ -3,9 +3,11 @@
 In, from the MAVLink link: the motion input between fixes (``motion`` in :mod:`sarloc.runtime.config`: ATTITUDE yaw
 with VFR_HUD airspeed turned into true airspeed, or GLOBAL_POSITION_INT ground velocity), SYSTEM_TIME clock samples
 for the :class:`~sarloc.runtime.clockmap.ClockMap`, the heading for strips without one, and the autopilot's wind
-estimate to start the filter's wind. Out: the filter's state predicted to *now* as a
-:class:`~sarloc.runtime.types.NavState` for the :class:`~sarloc.runtime.mavlink.MavlinkSender`, with accuracies
-from the filter covariance; no-fix while the filter has no position or its one-sigma error is beyond
+estimate to start the filter's wind; with ``gnss_aiding``, the fixes of the autopilot's own GNSS receiver while
+it has them (the filter then learns the motion input's errors from them and starts a GNSS-denied flight from the
+GNSS position; a GNSS that keeps disagreeing with the track is no longer used). Out: the filter's state predicted to
+*now* as a :class:`~sarloc.runtime.types.NavState` for the :class:`~sarloc.runtime.mavlink.MavlinkSender`, with
+accuracies from the filter covariance; no-fix while the filter has no position or its one-sigma error is beyond
 ``[nav] max_sigma_m``. Headings and velocities are turned between true north and the pack's grid north (meridian
 convergence, :func:`pack_frame`).
 """
@@ -32,7 +34,16 @@ logger = logging.getLogger("sarloc.runtime.daemon")
 #: denial; partly from sarloc's own positions after it)
 WIND_PRIOR_SIGMA_MPS = 1.5
 
+#: GNSS aiding: at most one fix per this many seconds; one-sigma floor (a receiver's h_acc leaves out its latency and
+#: the errors that persist for minutes); fixes older than GNSS_MAX_AGE_S at receipt are not used; after
+#: GNSS_GATED_LIMIT gated-out fixes in a row the GNSS is not used again in this run (it disagrees with the track)
+GNSS_AIDING_INTERVAL_S = 1.0
+GNSS_MIN_SIGMA_M = 2.0
+GNSS_MAX_AGE_S = 1.0
+GNSS_GATED_LIMIT = 5
+
 ToLonLat = Callable[[float, float], tuple[float, float]]
+FromLonLat = Callable[[float, float], tuple[float, float]]
 
 
 def eas_to_tas(alt_amsl_m: float) -> float:
@@ -55,6 +66,22 @@ def _grid_convergence_deg(crs: str, pack) -> float:
     except Exception as e:  # a projection that fails here only loses a sub-degree correction
         logger.warning("meridian convergence unknown (%s); headings used as grid headings", brief(e))
         return 0.0
+
+
+def pack_from_lonlat(pack) -> FromLonLat | None:
+    """The (lon, lat) -> pack metric grid transform (None without a CRS)."""
+    crs = pack.metric_crs
+    if crs is None:
+        return None
+    import pyproj
+
+    tr = pyproj.Transformer.from_crs("EPSG:4326", crs, always_xy=True)
+
+    def from_lonlat(lon: float, lat: float) -> tuple[float, float]:
+        x, y = tr.transform(lon, lat)
+        return float(x), float(y)
+
+    return from_lonlat
 
 
 def pack_frame(pack) -> tuple[ToLonLat | None, float]:
@@ -84,6 +111,7 @@ class AutopilotIO:
         rec: the records (a ``nav`` record about once a second).
         lock: the daemon's lock, which guards ``nav`` and ``clock`` use together.
         to_lonlat, grid_from_true_deg: the pack's frame (:func:`pack_frame`).
+        from_lonlat: the inverse of ``to_lonlat`` (:func:`pack_from_lonlat`), for GNSS aiding.
     """
 
     def __init__(
@@ -95,6 +123,7 @@ class AutopilotIO:
         lock: threading.Lock,
         to_lonlat: ToLonLat | None,
         grid_from_true_deg: float,
+        from_lonlat: FromLonLat | None = None,
     ) -> None:
         self.cfg = cfg
         self.nav = nav
@@ -109,6 +138,13 @@ class AutopilotIO:
         self._last_motion_rx: float | None = None
         self._last_nav_record = -math.inf
         self._last_ap_clock: float | None = None
+        self.from_lonlat = from_lonlat
+        self.gnss_stats = {"used": 0, "gated": 0, "skipped": 0}
+        self._gnss_rx: float | None = None  # receipt of the last GNSS fix handed to the filter
+        self._gnss_gated_run = 0
+        self._gnss_state = "none"  # none -> aiding <-> lost; "off" once it disagreed with the track
+        if cfg.gnss_aiding and from_lonlat is None:
+            logger.warning("gnss_aiding needs a map pack with a CRS: the autopilot's GNSS is not used")
 
     def start(self) -> None:
         """Open the link and start the sender thread (with ``cfg.mavlink`` only)."""
@@ -148,10 +184,12 @@ class AutopilotIO:
                     off,
                     self.cfg.max_clock_offset_s,
                 )
+        mono_now = time.monotonic()
+        if self.cfg.gnss_aiding:
+            self._feed_gnss(link, wall_s, mono_now)
         motion = self.cfg.motion
         if motion not in ("auto", "airspeed", "velocity"):
             return
-        mono_now = time.monotonic()
         sample = None
         if motion in ("auto", "airspeed"):
             att, asp = link.attitude(max_age_s=1.0), link.airspeed_mps(max_age_s=1.0)
@@ -174,6 +212,49 @@ class AutopilotIO:
         t = self.clock.now(wall_s - (mono_now - sample[0]))
         if t is not None:
             self.nav.add_motion(t, sample[1], sample[2])
+
+    def _feed_gnss(self, link: Any, wall_s: float, mono_now: float) -> None:
+        """GNSS aiding: hand the autopilot's own GNSS fix to the filter, at most every GNSS_AIDING_INTERVAL_S."""
+        if self._gnss_state == "off" or self.from_lonlat is None:
+            return
+        g = link.gnss(max_age_s=2.0)
+        if g is None:
+            if self._gnss_state == "aiding" and self._gnss_rx is not None and mono_now - self._gnss_rx > 2.0:
+                self._gnss_event("lost", "the autopilot's GNSS has no fix: navigating on the SAR fixes")
+            return
+        if self._gnss_rx is not None and g.rx_mono_s - self._gnss_rx < GNSS_AIDING_INTERVAL_S:
+            return
+        self._gnss_rx = g.rx_mono_s
+        if not (-0.5 <= g.age_s <= GNSS_MAX_AGE_S and math.isfinite(g.h_acc_m)):
+            self.gnss_stats["skipped"] += 1  # too old (a clock problem) or without an accuracy
+            return
+        now = self.clock.now(wall_s)
+        t_rx = self.clock.now(wall_s - (mono_now - g.rx_mono_s))
+        if now is None or t_rx is None:
+            return
+        xy = self.from_lonlat(g.lon_deg, g.lat_deg)
+        sigma = max(g.h_acc_m, GNSS_MIN_SIGMA_M)
+        ok, why = self.nav.add_gnss(t_rx - max(g.age_s, 0.0), xy, sigma, now, self.wind_prior())
+        if ok:
+            self.gnss_stats["used"] += 1
+            self._gnss_gated_run = 0
+            if self._gnss_state != "aiding":
+                self._gnss_event("aiding", f"GNSS aiding: the autopilot's {g.name} fixes reach the filter")
+        elif why.startswith("gated"):
+            self.gnss_stats["gated"] += 1
+            self._gnss_gated_run += 1
+            if self._gnss_gated_run >= GNSS_GATED_LIMIT:
+                self._gnss_event(
+                    "off",
+                    f"the autopilot's GNSS disagreed with the track {GNSS_GATED_LIMIT} times in a row ({why}): "
+                    "not used again in this run",
+                    warn=True,
+                )
+
+    def _gnss_event(self, state: str, msg: str, warn: bool = False) -> None:
+        self._gnss_state = state
+        (logger.warning if warn else logger.info)(msg)
+        self.rec.write({"type": "nav", "event": f"gnss {state}", "wall_s": time.time(), "reason": msg})
 
     def wind_prior(self) -> tuple[tuple[float, float], float] | None:
         """The autopilot's wind estimate (grid frame) as the filter's starting wind, while it is fresh."""

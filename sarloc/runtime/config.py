@@ -63,6 +63,10 @@ class RunConfig:
         field_elevation_m: altitude above mean sea level of the take-off point; when set, the altitude sent is this
             plus the autopilot's own height above home (GLOBAL_POSITION_INT.relative_alt), else no altitude is sent
             (the autopilot then needs ``BARO_FIELD_ELV``, see docs/mavlink.md).
+        gnss_aiding: while the autopilot's own GNSS receiver reports a 3-D fix (its GPS_RAW_INT or GPS2_RAW, the
+            instance sarloc does not feed; ArduPilot), its fixes reach the navigation filter once a second: the
+            filter learns the motion input's errors from them and a GNSS-denied flight starts from the GNSS
+            position. A GNSS that keeps disagreeing with the track is dropped for the run. Needs ``[mavlink]``.
         nav: navigation filter settings (``[nav]`` table, :class:`~sarloc.runtime.navfilter.NavConfig`).
     """
 
@@ -86,6 +90,7 @@ class RunConfig:
     max_clock_offset_s: float = 0.5
     motion: str = "auto"
     field_elevation_m: float | None = None
+    gnss_aiding: bool = False
     localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
     nav: NavConfig = field(default_factory=NavConfig)
@@ -164,4 +169,6 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         raise ConfigError(f"{where}: motion must be one of {', '.join(MOTIONS)}, got {cfg.motion!r}")
     if not cfg.max_clock_offset_s > 0:
         raise ConfigError(f"{where}: max_clock_offset_s must be > 0, got {cfg.max_clock_offset_s!r}")
+    if cfg.gnss_aiding and not cfg.mavlink:
+        raise ConfigError(f"{where}: gnss_aiding reads the autopilot's GNSS over MAVLink: enable [mavlink] or drop it")
     return cfg

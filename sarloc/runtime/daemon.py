@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from sarloc.core.errors import SarlocError, brief
-from sarloc.runtime.autopilot_io import WIND_PRIOR_SIGMA_MPS, AutopilotIO, eas_to_tas, pack_frame
+from sarloc.runtime.autopilot_io import WIND_PRIOR_SIGMA_MPS, AutopilotIO, eas_to_tas, pack_frame, pack_from_lonlat
 from sarloc.runtime.clockmap import ClockMap
 from sarloc.runtime.config import CLOCKS, MOTIONS, RunConfig, load_run_config
 from sarloc.runtime.fusion import Corroboration, SlidingWindows, strip_consensus
@@ -101,7 +101,14 @@ class Daemon:
         # grid heading = true heading + _grid_from_true_deg (meridian convergence)
         self._to_lonlat, self._grid_from_true_deg = pack_frame(self.loc.pack)
         self.autopilot = AutopilotIO(
-            cfg, self.nav, self.clock, self.rec, self._lock, self._to_lonlat, self._grid_from_true_deg
+            cfg,
+            self.nav,
+            self.clock,
+            self.rec,
+            self._lock,
+            self._to_lonlat,
+            self._grid_from_true_deg,
+            pack_from_lonlat(self.loc.pack) if cfg.gnss_aiding else None,
         )
         self._source: Any = None
 
@@ -447,6 +454,8 @@ class Daemon:
         if mavlink_stats is not None:
             self.stats["mavlink"] = mavlink_stats
         self.stats["nav"] = dict(self.nav.stats)
+        if self.cfg.gnss_aiding:
+            self.stats["gnss_aiding"] = dict(self.autopilot.gnss_stats)
         self.stats["output"] = self.autopilot.availability()
         self.stats["localizer"] = dict(self.loc.stats)
         if isinstance(source, Prefetcher):

@@ -25,6 +25,10 @@ then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavF
 * **Fixes** (window positions) are applied **at their acquisition time**: the filter keeps a history of every
   event of the last ``history_s`` seconds with the state after it; a late or out-of-order fix rewinds to its time,
   is applied there, and the later events are re-applied (a delayed / out-of-sequence measurement update).
+* **GNSS aiding** (:meth:`NavFilter.add_gnss`): while the autopilot's own GNSS works its fixes start the filter
+  and teach it the input's errors on straight legs; the first one after a turn resets the position (the drift
+  through a turn is not an error of a straight leg), and while they come the turns do not open the heading error
+  (the autopilot's heading is GNSS-aided then).
 * **Gating**: a fix whose Mahalanobis distance to the predicted state exceeds ``gate_chi2`` is not applied; a
   wrong fix cannot jerk the output. ``reinit_after`` consecutive gated-out fixes that agree with one another (each
   within the gate of the previous one moved by the filter's motion) re-initialise the position: recovery from a
@@ -57,6 +61,17 @@ _H_POS = np.hstack([np.eye(2), np.zeros((2, _N - 2))])
 _MIN_TURN_SPEED_MPS = 3.0  # below this an input's direction means little: no turn is counted
 _TURN_STEP_RAD = math.radians(10.0)  # a turn is counted once the input has turned this far from the reference
 _GATE_1DOF = 10.83  # chi-square, 1 degree of freedom, 99.9 %
+#: GNSS fixes are applied only after this long without a turn of the motion input (STRAIGHT_TURN_RAD at most): in
+#: and just after a turn the vehicle slips and the input and the fix are misaligned in time by a fraction of a
+#: second, which the model cannot tell from a heading error
+GNSS_STRAIGHT_S = 10.0
+_STRAIGHT_TURN_RAD = math.radians(5.0)
+#: within this long after a GNSS fix the autopilot's heading is GNSS-aided: its turns do not open the heading error
+#: (they would let it trade places with the wind at every turn: a pair right on one leg, wrong on the next)
+GNSS_REGIME_S = 20.0
+#: the drift through a turn the first GNSS fix after it may show (one-sigma): the input's speed times the angle turned
+#: times this (a yaw that lags the truth by this long, or the equivalent slip)
+GNSS_TURN_LAG_S = 2.0
 
 
 def chi2_2dof(p: float) -> float:
@@ -242,6 +257,11 @@ def _perp(v: np.ndarray) -> np.ndarray:
     return np.array([v[1], -v[0]])
 
 
+def _angle(a: np.ndarray, b: np.ndarray) -> float:
+    """The angle between two vectors, radians in [0, pi]."""
+    return abs(math.atan2(float(a[0] * b[1] - a[1] * b[0]), float(a @ b)))
+
+
 def _sigma(p2: np.ndarray) -> float:
     return math.sqrt(max(float(np.linalg.eigvalsh(p2).max()), 0.0))
 
@@ -260,6 +280,8 @@ class NavFilter:
         self._base: _State | None = None  # state before the first kept event
         self._seq = 0
         self._rejected: list[_Event] = []
+        self._gnss_ref: tuple[float, np.ndarray] | None = None  # time and input of the last GNSS fix applied
+        self._gnss_t: list[float] = []  # times of the GNSS fixes applied (sorted): the GNSS-aided regime
         self.last_fix_s: float | None = None
         self.stats = {
             "fixes_applied": 0,
@@ -272,6 +294,11 @@ class NavFilter:
             "replayed_events": 0,
             "courses_applied": 0,
             "courses_gated": 0,
+            "gnss_applied": 0,
+            "gnss_gated": 0,
+            "gnss_dropped": 0,
+            "gnss_turning": 0,
+            "gnss_resets": 0,
         }
         self._warned: set[str] = set()
 
@@ -320,6 +347,8 @@ class NavFilter:
         cw = -math.atan2(prev[0] * u.v[1] - prev[1] * u.v[0], float(prev @ u.v))  # clockwise turn, radians
         if abs(cw) < _TURN_STEP_RAD:  # measured from a held reference: the input's noise is not a turn
             return st
+        if self._gnss_aided(u.t_s):  # the autopilot's heading is GNSS-aided: a turn does not pull it off
+            return dataclasses.replace(st, turn_ref=u.v)
         x, p = (a.copy() for a in _xp(st))
         i = 5
         if self.cfg.heading_transient_s > 0 and u.kind == "air":  # the yaw's transient: the gain times the turn
@@ -337,6 +366,21 @@ class NavFilter:
         """Kalman update with a position fix."""
         sx, _ = _xp(st)
         return _kalman(st, _H_POS, ev.z - _H_POS @ sx, ev.r)
+
+    def _gnss_aided(self, t_s: float) -> bool:
+        """Whether a GNSS fix was applied within GNSS_REGIME_S before ``t_s`` (the GNSS-aided regime)."""
+        i = bisect.bisect_right(self._gnss_t, t_s)
+        return i > 0 and t_s - self._gnss_t[i - 1] <= GNSS_REGIME_S
+
+    @staticmethod
+    def _reset(st: _State, ev: _Event) -> _State:
+        """The position set to a fix, the other states kept (their correlation with the old position dropped)."""
+        sx, sp = (a.copy() for a in _xp(st))
+        sx[:2] = ev.z
+        sp[:2, :] = 0.0
+        sp[:, :2] = 0.0
+        sp[:2, :2] = ev.r
+        return dataclasses.replace(st, x=sx, p=sp)
 
     def _course_model(self, st: _State, course: np.ndarray) -> tuple[np.ndarray, float, float] | None:
         """The course measurement's (H, residual, variance) at ``st``: the filter's ground velocity across the
@@ -389,6 +433,8 @@ class NavFilter:
                 assert ev.info is not None  # _make_init sets info when it makes an event "init"
                 u0 = None if st is None else st.u
                 st = _State(ev.t_s, ev.info["x"], ev.info["p"], u0, None if u0 is None else u0.v)
+            elif ev.kind == "reset" and st is not None and st.x is not None:
+                st = self._reset(self._predict(st, ev.t_s), ev)
             elif ev.kind == "course" and st is not None and st.x is not None:
                 st = self._course_update(self._predict(st, ev.t_s), ev)
             elif st is not None and st.x is not None:
@@ -412,6 +458,7 @@ class NavFilter:
             return
         self._base = self._after[n - 1]
         del self._events[:n], self._keys[:n], self._after[:n]
+        del self._gnss_t[: bisect.bisect_left(self._gnss_t, cut - GNSS_REGIME_S)]
 
     def _next_seq(self) -> int:
         self._seq += 1
@@ -508,13 +555,17 @@ class NavFilter:
         s = p[:2, :2] + np.eye(2) * float(sigma_m) ** 2
         return float(y @ np.linalg.solve(s, y))
 
-    def add_fix(self, t_s: float, xy_m: tuple[float, float], sigma_m: float, now_s: float) -> tuple[bool, str]:
+    def add_fix(
+        self, t_s: float, xy_m: tuple[float, float], sigma_m: float, now_s: float, source: str = "window"
+    ) -> tuple[bool, str]:
         """Apply one position fix acquired at ``t_s`` (one-sigma ``sigma_m`` per axis), gated, at its time.
 
-        Returns (applied, reason). A fix never initialises the filter: :meth:`add_consensus` does.
+        Returns (applied, reason). A fix never initialises the filter: :meth:`add_consensus` and :meth:`add_gnss`
+        do.
 
         Args:
             now_s: the current time on the data clock (fixes later than it by ``future_tolerance_s`` are refused).
+            source: ``"window"`` (a SAR window) or ``"gnss"`` (counted apart: ``gnss_applied``, ``gnss_gated``).
         """
         xy = np.asarray(xy_m, float)
         bad = self._check_fix(t_s, xy, sigma_m, now_s)
@@ -523,15 +574,109 @@ class NavFilter:
         d2 = self.innovation(t_s, xy_m, sigma_m)
         if d2 is None:
             return False, "not initialised (waiting for a consensus of windows)"
+        prefix = "gnss" if source == "gnss" else "fixes"
         if d2 > self.cfg.gate_chi2:
-            self.stats["fixes_gated"] += 1
+            self.stats[f"{prefix}_gated"] += 1
             return False, f"gated out (Mahalanobis^2 {d2:.1f} > {self.cfg.gate_chi2:g})"
-        ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {})
+        info = {"source": "gnss"} if source == "gnss" else {}
+        ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), info)
+        if source == "gnss":
+            bisect.insort(self._gnss_t, ev.t_s)
         self._replay_from(self._insert(ev))
-        self.stats["fixes_applied"] += 1
+        self.stats[f"{prefix}_applied"] += 1
         self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
         self._prune(now_s)
         return True, "applied"
+
+    def _gnss_reset(
+        self, t_s: float, xy_m: tuple[float, float], sigma_m: float, now_s: float, drift_m: float
+    ) -> tuple[bool, str]:
+        """The first GNSS fix after a turn: gated with the turn's drift (``drift_m``, one-sigma) added, then the
+        position is set to it."""
+        xy = np.asarray(xy_m, float)
+        bad = self._check_fix(t_s, xy, sigma_m, now_s)
+        if bad is not None:
+            return False, bad
+        d2 = self.innovation(t_s, xy_m, math.hypot(sigma_m, drift_m))
+        if d2 is not None and d2 > self.cfg.gate_chi2:
+            self.stats["gnss_gated"] += 1
+            return False, f"gated out (Mahalanobis^2 {d2:.1f} > {self.cfg.gate_chi2:g})"
+        ev = _Event(float(t_s), "reset", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {"source": "gnss"})
+        bisect.insort(self._gnss_t, ev.t_s)
+        self._replay_from(self._insert(ev))
+        self.stats["gnss_applied"] += 1
+        self.stats["gnss_resets"] += 1
+        self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
+        self._prune(now_s)
+        return True, "applied (position reset after a turn)"
+
+    def _turning(self, t_s: float) -> bool:
+        """Whether the motion input turned by more than _STRAIGHT_TURN_RAD within GNSS_STRAIGHT_S before ``t_s``
+        (or is unknown then)."""
+        st = self._state_before(bisect.bisect_right(self._keys, (t_s, math.inf)))
+        if st is None or st.u is None:
+            return True
+        ref = st.u.v
+        lo = bisect.bisect_left(self._keys, (t_s - GNSS_STRAIGHT_S, -1))
+        hi = bisect.bisect_right(self._keys, (t_s, math.inf))
+        for ev in itertools.chain([self._state_before(lo)], (self._after[j] for j in range(lo, hi))):
+            u = None if ev is None else ev.u
+            if u is None or float(np.hypot(*u.v)) < _MIN_TURN_SPEED_MPS:
+                continue
+            if _angle(ref, u.v) > _STRAIGHT_TURN_RAD:
+                return True
+        return False
+
+    def add_gnss(
+        self,
+        t_s: float,
+        xy_m: tuple[float, float],
+        sigma_m: float,
+        now_s: float,
+        bias_prior: tuple[tuple[float, float], float] | None = None,
+    ) -> tuple[bool, str]:
+        """A fix of the autopilot's own GNSS receiver while it has one (GNSS aiding): it initialises the filter
+        when the filter has no position at ``t_s``, else it is applied like a window fix, gated (a GNSS that
+        disagrees with the track is not followed). While GNSS fixes arrive every second or so, the filter learns
+        the motion input's wind, scale and heading errors from them, and starts the GNSS-denied flight from the
+        GNSS position. Fixes while the input turns or within GNSS_STRAIGHT_S after a turn are not applied
+        (``gnss_turning``): in a turn the vehicle slips and a fraction of a second between the input's time and the
+        fix's looks like a heading error of degrees; the first fix after a turn resets the position
+        (``gnss_resets``) instead of teaching the input's errors the drift through the turn. GNSS fixes never count
+        towards a re-initialisation: consistent SAR consensus fixes that disagree with a GNSS-aided track still
+        re-initialise it, and the GNSS fixes after the new start are dropped (``gnss_dropped``). Returns (applied,
+        reason)."""
+        if self.innovation(t_s, xy_m, sigma_m) is not None:
+            if self._turning(t_s):
+                self.stats["gnss_turning"] += 1
+                return False, "the motion input is turning"
+            st = self._state_at(t_s)
+            assert st is not None and st.u is not None  # initialised, and _turning is False only with an input
+            last = self._gnss_ref
+            if last is None or last[0] >= t_s or _angle(last[1], st.u.v) <= _STRAIGHT_TURN_RAD:
+                ok, why = self.add_fix(t_s, xy_m, sigma_m, now_s, source="gnss")
+            else:  # the first fix after a turn: it resets the position (the drift through the turn is no error of
+                # the input's wind, scale or heading on a straight leg, which the fixes are to teach)
+                drift_m = GNSS_TURN_LAG_S * float(np.hypot(*st.u.v)) * _angle(last[1], st.u.v)
+                ok, why = self._gnss_reset(t_s, xy_m, sigma_m, now_s, drift_m)
+            if ok:
+                self._gnss_ref = (t_s, st.u.v)
+            return ok, why
+        xy = np.asarray(xy_m, float)
+        bad = self._check_fix(t_s, xy, sigma_m, now_s)
+        if bad is not None:
+            return False, bad
+        ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {})
+        i = self._insert(ev)
+        u = self._input_before(i)
+        self._make_init(ev, u, bias_prior)
+        bisect.insort(self._gnss_t, ev.t_s)
+        self._replay_from(i)
+        self._gnss_ref = None if u is None else (ev.t_s, u.v)
+        self.stats["gnss_applied"] += 1
+        self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
+        self._prune(now_s)
+        return True, "filter initialised"
 
     def add_consensus(
         self,
@@ -607,6 +752,12 @@ class NavFilter:
         last = rej[-1]
         i = self._insert(last)
         self._make_init(last, self._input_before(i))
+        # GNSS fixes after it were applied to the track now abandoned: they are dropped, not replayed on the new one
+        drop = [j for j in range(i + 1, len(self._events)) if (self._events[j].info or {}).get("source") == "gnss"]
+        for j in reversed(drop):
+            del self._events[j], self._keys[j], self._after[j]
+        self._gnss_t = [t for t in self._gnss_t if t <= last.t_s]
+        self.stats["gnss_dropped"] += len(drop)
         self._replay_from(i)
         self._rejected.clear()
         self.stats["reinit"] += 1

@@ -113,6 +113,7 @@ class ClosedLoopConfig:
             the autopilot's velocity is built from sarloc's own positions once the GNSS is gone).
         nav: the daemon's ``[nav]`` settings beyond its defaults (e.g. ``{"course_sigma_deg": 1.0}``).
         fusion: the daemon's ``[fusion]`` settings beyond its defaults (e.g. ``{"window_sigma_scale": 1.0}``).
+        gnss_aiding: the daemon's ``gnss_aiding`` (the autopilot's GNSS reaches its filter until the denial).
         max_turn_deg: a strip ends where the course leaves its heading by more than this (default per vehicle:
             :data:`MAX_TURN_DEG`).
         flow: give the vehicle SITL's optical-flow camera and rangefinder (:data:`FLOW_PARAMS`); fly below
@@ -145,6 +146,7 @@ class ClosedLoopConfig:
     max_turn_deg: float | None = None
     nav: dict[str, float] = field(default_factory=dict)
     fusion: dict[str, float] = field(default_factory=dict)
+    gnss_aiding: bool = False
 
 
 def _prepare(cfg: ClosedLoopConfig, out: Path):
@@ -204,6 +206,7 @@ clock = "unix"
 motion = "{motion}"
 field_elevation_m = {cfg.home_alt_m}
 verify_pack = false
+gnss_aiding = {str(cfg.gnss_aiding).lower()}
 
 [mavlink]
 enabled = true

@@ -158,7 +158,15 @@ def _daemon_results(recs: list[dict[str, Any]], truth: np.ndarray, t_deny: float
             }
     stop = next((r for r in reversed(recs) if r.get("type") == "stop"), None)
     if stop:
-        keys = ("windows", "windows_applied", "windows_gated", "windows_corroborated", "windows_expired", "output")
+        keys = (
+            "windows",
+            "windows_applied",
+            "windows_gated",
+            "windows_corroborated",
+            "windows_expired",
+            "output",
+            "gnss_aiding",
+        )
         res["daemon"] = {k: stop["stats"].get(k) for k in keys}
         res["daemon"]["nav"] = stop["stats"].get("nav")
         res["daemon"]["mavlink"] = stop["stats"].get("mavlink")

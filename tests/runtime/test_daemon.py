@@ -17,6 +17,7 @@ from helpers import run_args, subprocess_env
 
 from sarloc.backends.layout import DEMO_MODEL_DIR as MODEL_DIR
 from sarloc.core.errors import ConfigError
+from sarloc.eval.replay import read_records
 
 
 @pytest.fixture
@@ -187,6 +188,48 @@ def test_sigterm_mid_flight_loses_no_record_and_resume_finishes(flight, tmp_path
     all_fixes = [x for x in _records(rec) if x["type"] == "fix"]
     assert sorted(x["strip_id"] for x in all_fixes) == sorted({x["strip_id"] for x in all_fixes})
     assert len(all_fixes) == 3
+
+
+def test_gnss_aiding_once_a_second_and_a_gnss_that_disagrees_is_dropped(flight, tmp_path, caplog):
+    """gnss_aiding: the autopilot's own GNSS fix initialises the filter and then reaches it at most once a second;
+    after five gated-out GNSS fixes in a row (2 km off the track) the GNSS is not used again in the run."""
+    import logging
+
+    from sarloc.runtime.daemon import Daemon, load_run_config
+    from sarloc.runtime.mavlink import GnssSample
+
+    caplog.set_level(logging.INFO, logger="sarloc.runtime.daemon")
+    cfg = load_run_config(
+        None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+        out=str(tmp_path / "run"), follow=False, clock="unix", mavlink=True, gnss_aiding=True,
+    )  # fmt: skip
+    with pytest.raises(ConfigError, match="gnss_aiding reads the autopilot's GNSS over MAVLink"):
+        load_run_config(None, source="dir://x", export="e", pack="p", gnss_aiding=True)
+    d = Daemon(cfg)
+    link = d.link = _FakeLink(time.monotonic())
+    x, y = (float(v) for v in d.loc.pack.centres_m().mean(axis=0))
+    lon, lat = d._to_lonlat(x, y)
+    lon_far, lat_far = d._to_lonlat(x + 2000.0, y)
+    rx0 = time.monotonic() - 60.0
+    wall0 = time.time() - 60.0
+    for k in range(700):  # flying east for the last 70 s: straight, so the GNSS fixes apply
+        d.nav.add_motion(wall0 - 10.0 + k / 10, "air", (20.0, 0.0))
+    used = []
+    for k in range(40):  # a fix every 0.25 s for 10 s: one a second reaches the filter
+        link.gnss = lambda max_age_s=None, k=k: GnssSample(rx0 + 0.25 * k, 0.1, lat, lon, 0.5, "GPS_RAW_INT")
+        d.nav_state(time.time())
+        used.append(d.autopilot.gnss_stats["used"])
+    assert used[0] == 1 and used[-1] == 10 and d.nav.stats["gnss_applied"] == 10
+    assert d.nav.initialised and np.hypot(*(np.asarray(d.nav.estimate(d.nav.last_fix_s).xy_m) - (x, y))) < 5.0
+    assert d.nav.estimate(d.nav.last_fix_s).sigma_h_m < 3.0  # h_acc 0.5 m, floored at GNSS_MIN_SIGMA_M
+    for k in range(7):
+        link.gnss = lambda max_age_s=None, k=k: GnssSample(rx0 + 11.0 + k, 0.1, lat_far, lon_far, 0.5, "GPS_RAW_INT")
+        d.nav_state(time.time())
+    assert d.autopilot.gnss_stats == {"used": 10, "gated": 5, "skipped": 0}  # the last two were not tried
+    assert sum("disagreed with the track 5 times in a row" in r.getMessage() for r in caplog.records) == 1
+    d.rec.close()
+    events = [r.get("event") for r in read_records(tmp_path / "run" / "records.jsonl") if r["type"] == "nav"]
+    assert "gnss aiding" in events and "gnss off" in events
 
 
 def test_config_errors(tmp_path):

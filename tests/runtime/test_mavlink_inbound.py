@@ -187,17 +187,19 @@ def test_echo_check_counts_matches_and_warns_once_when_missing(caplog):
         assert link.echo_status()["ok"] is None
         assert link.send_nav(nav()) is not None
         assert first(ap, "GPS_INPUT") is not None  # the autopilot side now knows where to answer
-        echo("GPS_RAW_INT", lat7)  # either message may carry our instance (GPS auto-switch)
+        echo("GPS_RAW_INT", lat7)  # ArduPilot's GPS1: the GNSS receiver, never sarloc's echo with gps_id 1
+        assert poll_until(link, lambda: link.stats["received"] == 1) and link.stats["echo_ok"] == 0
+        echo("GPS2_RAW", lat7)
         assert poll_until(link, lambda: link.stats["echo_ok"] == 1)
         st = link.echo_status()
-        assert st["ok"] is True and st["last_echo_message"] == "GPS_RAW_INT" and st["last_echo_age_s"] == 0.0
+        assert st["ok"] is True and st["last_echo_message"] == "GPS2_RAW" and st["last_echo_age_s"] == 0.0
 
         for _ in range(12):  # 1.2 s of valid positions, no echo
             mono.t += 0.1
             link.send_nav(nav())
-        echo("GPS_RAW_INT", lat7 + north_100m)  # 100 m off: not ours
+        echo("GPS2_RAW", lat7 + north_100m)  # 100 m off: not ours
         echo("GPS2_RAW", lat7, fix=1)  # no fix: not an echo
-        assert poll_until(link, lambda: link.stats["received"] == 3)
+        assert poll_until(link, lambda: link.stats["received"] == 4)
         assert link.stats["echo_missing"] == 1 and link.stats["echo_ok"] == 1
         st = link.echo_status()
         assert st["ok"] is False and st["unechoed_s"] == pytest.approx(1.1)  # since the first unechoed send
@@ -212,8 +214,8 @@ def test_echo_check_counts_matches_and_warns_once_when_missing(caplog):
         assert link.echo_status()["ok"] is True and link.echo_status()["last_echo_message"] == "GPS2_RAW"
 
         mono.t += 3.0  # positions sent more than 2 s ago do not match
-        echo("GPS_RAW_INT", lat7)
-        assert poll_until(link, lambda: link.stats["received"] == 5)
+        echo("GPS2_RAW", lat7)
+        assert poll_until(link, lambda: link.stats["received"] == 6)
         assert link.stats["echo_ok"] == 2
     finally:
         link.close()
@@ -367,3 +369,47 @@ def test_garbage_on_the_socket_never_crashes_poll(links):
     finally:
         raw.close()
         ap.close()
+
+
+def test_the_autopilots_own_gnss_is_read_from_the_instance_sarloc_does_not_feed():
+    """sarloc feeds GPS2 (gps_id 1): the autopilot's own receiver is GPS_RAW_INT, whatever its position (it agrees
+    with sarloc's while sarloc is GNSS-aided); GPS2_RAW is sarloc's echo. Age from the autopilot's boot clock,
+    accuracy from h_acc (else the HDOP), lost on a report without a 3-D fix, stale after stale_after_s."""
+    port = free_port()
+    mono = FakeClock()
+    link = MavlinkLink(MavlinkConfig(url=f"udpin:127.0.0.1:{port}", request_streams=False, gps_id=1), clock_mono=mono)
+    ap = pymav(f"udpout:127.0.0.1:{port}")
+    lat7, lon7 = round(LAT * 1e7), round(LON * 1e7)
+    n = 0
+
+    def send(fn, *args) -> None:
+        nonlocal n
+        fn(*args)
+        n += 1
+        assert poll_until(link, lambda: link.stats["received"] == n)
+
+    try:
+        assert link.autopilot.gnss_message == "GPS_RAW_INT" and link.gnss() is None
+        send(ap.mav.system_time_send, 0, 60_000)
+        send(ap.mav.gps2_raw_send, 59_900_000, 3, lat7 + 1000, lon7, 0, 150, 65535, 0, 0, 10, 0, 0)
+        assert link.gnss() is None  # sarloc's own instance
+        send(ap.mav.gps_raw_int_send, 59_800_000, 3, lat7, lon7, 0, 121, 200, 0, 0, 10, 0, 1500)
+        g = link.gnss()
+        assert (g.lat_deg, g.lon_deg, g.h_acc_m, g.name) == pytest.approx((LAT, LON, 1.5, "GPS_RAW_INT"))
+        assert g.age_s == pytest.approx(0.2, abs=1e-6)  # fix at boot 59.8 s, the autopilot's clock at 60.0 s
+        mono.t += 0.5
+        send(ap.mav.system_time_send, 0, 60_400)  # received 0.1 s late (a stall): the earlier one maps the clock
+        send(ap.mav.gps_raw_int_send, 60_300_000, 6, lat7, lon7, 0, 150, 200, 0, 0, 10)
+        assert link.gnss().h_acc_m == pytest.approx(7.5) and link.gnss().age_s == pytest.approx(0.2, abs=1e-6)
+        send(ap.mav.gps_raw_int_send, 60_500_000, 1, 0, 0, 0, 65535, 65535, 0, 0, 0)
+        assert link.gnss() is None  # lost: the earlier fix is not handed out again
+        send(ap.mav.gps_raw_int_send, 60_700_000, 3, lat7, lon7, 0, 150, 200, 0, 0, 10)
+        assert link.gnss() is not None
+        mono.t += 2.5
+        assert link.gnss() is None and link.gnss(max_age_s=5.0) is not None
+    finally:
+        link.close()
+        ap.close()
+    # sarloc on GPS1: the autopilot's own receiver is then reported in GPS2_RAW
+    cfg = MavlinkConfig(url="udpin:127.0.0.1:0", request_streams=False, gps_id=0)
+    assert mv.AutopilotState(cfg, None, {}, FakeClock(), FakeClock()).gnss_message == "GPS2_RAW"

@@ -350,3 +350,86 @@ def test_the_heading_transient_after_turns_is_learnt():
     off, _ = _laps_with_turn_transients(NavConfig(), gain=0.0)  # off (the default): the extra states stay zero
     xo, po = off.state(off.last_fix_s)
     assert xo[6] == xo[7] == 0.0 and po[6, 6] == po[7, 7] == 0.0
+
+
+def _lap_after_gnss(aiding: bool):
+    """A square lap (20 m/s air, 60 s legs) with the input's heading 3 degrees anticlockwise of the truth, 4 % slow,
+    in a 4 m/s wind; then the same lap again without any fix. During the first lap the filter gets the GNSS every
+    second (``aiding``) or a SAR-like window fix (30 m) every 20 s. Returns the filter and the errors of the second
+    lap."""
+    f = NavFilter()
+    rng = np.random.default_rng(11)
+    wind, pos, errs = np.array([0.0, 4.0]), np.array([500.0, 800.0]), []
+    legs = [(0.0, 20.0), (20.0, 0.0), (0.0, -20.0), (-20.0, 0.0)] * 2
+    for leg, air in enumerate(legs):
+        for k in range(600):
+            t = leg * 60.0 + k / 10
+            f.add_motion(t, "air", tuple(air))
+            if t > 0:
+                pos = pos + (_rot_cw(np.asarray(air) * 1.04, 3.0) + wind) * 0.1
+            if leg < 4:
+                if aiding and k % 10 == 0:
+                    ok, why = f.add_gnss(t, tuple(pos + rng.normal(0, 1.5, 2)), 2.0, now_s=t)
+                    assert ok or (why == "the motion input is turning" and leg and k <= 100), (t, why)
+                elif not aiding and k % 200 == 0:
+                    xy = tuple(pos + rng.normal(0, 30.0, 2))
+                    f.add_fix(t, xy, 30.0, now_s=t) if f.initialised else f.add_consensus(t, xy, 30.0, now_s=t)
+            else:
+                errs.append(np.hypot(*(np.asarray(f.estimate(t).xy_m) - pos)))
+    return f, np.asarray(errs)
+
+
+def test_gnss_aiding_learns_the_input_errors_before_the_denial():
+    """With the GNSS each second for one lap the filter knows the heading error, the scale and the wind when the GNSS
+    goes: a lap without fixes stays within a few tens of metres; learnt from window fixes every 20 s it drifts
+    several times as far. Fails if the GNSS fixes were not applied or taught only the position."""
+    f, errs = _lap_after_gnss(aiding=True)
+    # none in the 10 s after each of the three turns (11 fixes each: the turn's own second and the 10 after it)
+    assert f.stats["gnss_turning"] == 33 and f.stats["gnss_applied"] == 240 - 33 and f.stats["fixes_applied"] == 0
+    assert f.stats["gnss_resets"] == 3  # the first fix after each turn resets the position
+    e = f.estimate(240.0)
+    assert e.heading_offset_deg == pytest.approx(3.0, abs=0.5) and e.scale == pytest.approx(0.04, abs=0.01)
+    assert np.allclose(e.bias_mps, (0.0, 4.0), atol=0.5), e.bias_mps
+    _, errs0 = _lap_after_gnss(aiding=False)
+    assert errs.max() < 60.0 and errs0.max() > 3 * errs.max(), (errs.max(), errs0.max())
+
+
+def test_gnss_initialises_is_gated_and_a_sar_consensus_still_overrides_it():
+    f = NavFilter(NavConfig(reinit_after=3))
+    for k in range(1300):
+        f.add_motion(k / 10, "ground", (20.0, 0.0))
+    assert f.add_gnss(0.0, (0.0, 0.0), 2.0, now_s=0.0) == (True, "filter initialised")
+    assert f.add_gnss(1.0, (20.0, 0.0), 2.0, now_s=1.0) == (True, "applied")
+    ok, why = f.add_gnss(2.0, (540.0, 0.0), 2.0, now_s=2.0)  # a GNSS jump: not followed
+    assert not ok and why.startswith("gated") and f.stats["gnss_gated"] == 1
+    # a GNSS spoofed to drag the track north at 3 m/s, slowly enough to pass the gate: consistent SAR consensus
+    # fixes re-initialise the track anyway, and the GNSS fixes after their time are dropped, not replayed
+    for t in range(3, 120):
+        assert f.add_gnss(float(t), (20.0 * t, 3.0 * (t - 2)), 2.0, now_s=float(t))[0]
+    assert f.estimate(119.0).xy_m[1] > 300.0
+    changed = [f.add_consensus(t, (20.0 * t, 0.0), 20.0, now_s=119.0)[0] for t in (90.0, 100.0, 110.0)]
+    assert changed == [False, False, True] and f.stats["reinit"] == 1 and f.stats["gnss_dropped"] == 9
+    assert np.allclose(f.estimate(119.0).xy_m, (2380.0, 0.0), atol=40.0)
+    ok, why = f.add_gnss(119.5, (2390.0, 352.5), 2.0, now_s=119.5)
+    assert not ok and why.startswith("gated")
+
+
+def test_the_drift_through_a_turn_is_not_taught_as_a_heading_error():
+    """GNSS aiding over three legs joined by 16 deg/s turns, the input's heading lagging the truth by 1 s and the
+    vehicle slipping 4 degrees in the turns, the input 3 % slow: no fix in the turns, the first one after each turn
+    resets the position, and the straight legs teach the errors (no heading error, a 3 % scale)."""
+    f = NavFilter()
+    rng = np.random.default_rng(3)
+    pos, yaw, t = np.zeros(2), [], 0.0
+    for a, b in ((311.0, 311.0), (311.0, 450.0), (450.0, 450.0), (450.0, 540.0), (540.0, 540.0)):
+        n = 1000 if a == b else int((b - a) / 16.0 * 10)
+        yaw += [(a + (b - a) * (k + 1) / n, a != b) for k in range(n)]
+    for k, (y, turning) in enumerate(yaw):
+        t = k / 10
+        f.add_motion(t, "air", tuple(_rot_cw(np.array([0.0, 22.6]), yaw[max(0, k - 10)][0])))
+        pos = pos + _rot_cw(np.array([0.0, 22.6 * 1.03]), y + (4.0 if turning else 0.0)) * 0.1
+        if k % 10 == 0:
+            f.add_gnss(t, tuple(pos + rng.normal(0, 0.5, 2)), 2.0, now_s=t)
+    e = f.estimate(t)
+    assert f.stats["gnss_resets"] == 2 and f.stats["gnss_gated"] == 0
+    assert abs(e.heading_offset_deg) < 0.5 and e.scale == pytest.approx(0.03, abs=0.005), e

@@ -45,6 +45,7 @@ from sarloc.runtime.mavlink.autopilot import (
     AutopilotPosition,
     AutopilotState,
     ClockSample,
+    GnssSample,
     SpeedSample,
     WindSample,
 )
@@ -126,6 +127,7 @@ __all__ = [
     "AutopilotPosition",
     "AutopilotState",
     "ClockSample",
+    "GnssSample",
     "MavlinkConfig",
     "MavlinkLink",
     "MavlinkSender",

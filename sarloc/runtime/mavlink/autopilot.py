@@ -1,5 +1,6 @@
 """The autopilot's state as the link reads it: the latest ``ATTITUDE``, ``VFR_HUD``, ``WIND``,
-``GLOBAL_POSITION_INT`` and ``SYSTEM_TIME`` of the autopilot, kept by :class:`AutopilotState` with the time each
+``GLOBAL_POSITION_INT`` and ``SYSTEM_TIME`` of the autopilot, and the latest fix of its own GNSS receiver (the
+``GPS_RAW_INT`` / ``GPS2_RAW`` instance that is not sarloc's), kept by :class:`AutopilotState` with the time each
 arrived, and handed out only while fresh (``max_age_s``, default ``stale_after_s``).
 
 A ``SYSTEM_TIME`` boot time well behind the one expected from the previous sample is an autopilot reboot: the clock
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from sarloc.runtime.mavlink.config import MavlinkConfig
-from sarloc.runtime.mavlink.fields import UINT16_UNKNOWN
+from sarloc.runtime.mavlink.fields import GPS_FIX_TYPE_3D_FIX, UINT16_UNKNOWN
 
 logger = logging.getLogger("sarloc.runtime.mavlink")
 
@@ -50,6 +51,22 @@ class AutopilotPosition:
     relative_alt_m: float
     vel_ned_mps: tuple[float, float, float]
     heading_deg: float | None
+
+
+class GnssSample(NamedTuple):
+    """A 3-D fix of the autopilot's own GNSS receiver (the raw instance sarloc does not feed).
+
+    ``rx_mono_s``: ``time.monotonic()`` at receipt; ``age_s``: how old the fix was then (its ``time_usec`` against
+    the autopilot's boot clock, mapped to this computer's by the least delayed of the recent SYSTEM_TIMEs; 0 when
+    that is unknown); ``h_acc_m``: its horizontal accuracy (``h_acc``,
+    else ``eph`` as an HDOP times 5 m)."""
+
+    rx_mono_s: float
+    age_s: float
+    lat_deg: float
+    lon_deg: float
+    h_acc_m: float
+    name: str
 
 
 class SpeedSample(NamedTuple):
@@ -135,6 +152,8 @@ class AutopilotState:
         self._position: AutopilotPosition | None = None
         self._clock: ClockSample | None = None
         self._clock_offsets: deque[float] = deque(maxlen=CLOCK_SAMPLES)  # autopilot UNIX time - local wall time
+        self._gnss: GnssSample | None = None  # None again after a report without a fix
+        self._boot_offsets: deque[float] = deque(maxlen=CLOCK_SAMPLES)  # receipt (monotonic) - autopilot boot time
 
     def apply(self, name: str, m: Any, now: float) -> None:
         """Keep what message ``m`` (type ``name``, received at ``now``) says (other types are ignored).
@@ -172,6 +191,44 @@ class AutopilotState:
                 heading_deg=None if m.hdg == UINT16_UNKNOWN else _wrap_deg(m.hdg * 0.01),
             )
 
+    @property
+    def gnss_message(self) -> str:
+        """The raw GNSS message of the autopilot's own receiver: the instance sarloc does not feed (ArduPilot
+        reports instance 1 in GPS_RAW_INT, instance 2 in GPS2_RAW)."""
+        return "GPS2_RAW" if self.cfg.gps_id == 0 else "GPS_RAW_INT"
+
+    def apply_gnss(self, name: str, m: Any, now: float) -> None:
+        """Keep a GPS_RAW_INT / GPS2_RAW of the autopilot's own GNSS (:attr:`gnss_message`: told apart from sarloc's
+        instance by its number, not by its position, which agrees with sarloc's while sarloc is GNSS-aided) with a
+        3-D fix; a report without a 3-D fix marks the GNSS as lost.
+
+        Raises:
+            AttributeError, TypeError, ValueError: a malformed message (the link counts it as a parse error).
+        """
+        if name != self.gnss_message:
+            return
+        if int(m.fix_type) < GPS_FIX_TYPE_3D_FIX or (m.lat == 0 and m.lon == 0):
+            self._gnss = None
+            return
+        h_acc = int(getattr(m, "h_acc", 0) or 0) * 1e-3  # mm; 0 = unknown
+        if h_acc <= 0:
+            eph = int(m.eph)
+            h_acc = eph * 0.01 * 5.0 if 0 < eph < UINT16_UNKNOWN else math.inf
+        age = 0.0
+        t_us = int(m.time_usec)
+        if self._boot_offsets and 0 < t_us < 1e15:  # boot time stamp (ArduPilot): its age against the boot clock
+            # the least delayed SYSTEM_TIME of the last few maps boot time to receipt time: a stall of this process
+            # delays every receipt alike, and this age then includes it
+            age = now - (t_us * 1e-6 + min(self._boot_offsets))
+        self._gnss = GnssSample(now, age, m.lat * 1e-7, m.lon * 1e-7, h_acc, name)
+
+    def gnss(self, max_age_s: float | None = None) -> GnssSample | None:
+        """The latest 3-D fix of the autopilot's own GNSS, or None when older than ``max_age_s`` (default
+        ``stale_after_s``), never received, or followed by a report without a fix."""
+        with self._lock:
+            g = self._gnss
+        return None if g is None else self._fresh(g, g.rx_mono_s, max_age_s)
+
     def _on_system_time(self, m: Any, now: float) -> None:
         """Keep the autopilot's clock; a boot time behind the one expected from the last sample is a reboot."""
         boot_s = int(m.time_boot_ms) * 1e-3
@@ -190,10 +247,12 @@ class AutopilotState:
                     expected,
                 )
                 self._clock_offsets.clear()
+                self._boot_offsets.clear()
                 self._on_reboot(now)
         wall = float(self._wall())
         unix_s = unix_us * 1e-6 if unix_us > 0 else None
         self._clock = ClockSample(time_unix_s=unix_s, time_boot_s=boot_s, rx_wall_s=wall, rx_mono_s=now)
+        self._boot_offsets.append(now - boot_s)
         if unix_s is not None:
             self._clock_offsets.append(unix_s - wall)
 

@@ -1,9 +1,10 @@
 """The echo check: does the autopilot take sarloc's positions?
 
 An autopilot that uses the positions sent reports them back in ``GPS_RAW_INT`` (or ``GPS2_RAW`` for the second
-instance). :class:`EchoCheck` remembers the valid positions sent in the last ``ECHO_WINDOW_S``, matches each echo
-with a 3D fix against them (within ``ECHO_TOL_M``), and warns once, with what to check, when valid positions go
-unechoed for ``echo_timeout_s``.
+instance; with ArduPilot the link checks only sarloc's instance, as the other one is the GNSS receiver, which agrees
+with sarloc's positions while sarloc is GNSS-aided). :class:`EchoCheck` remembers the valid positions sent in the
+last ``ECHO_WINDOW_S``, matches each echo with a 3D fix against them (within ``ECHO_TOL_M``), and warns once, with
+what to check, when valid positions go unechoed for ``echo_timeout_s``.
 """
 
 from __future__ import annotations

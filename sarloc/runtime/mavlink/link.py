@@ -24,6 +24,7 @@ from sarloc.runtime.mavlink.autopilot import (
     AutopilotPosition,
     AutopilotState,
     ClockSample,
+    GnssSample,
     SpeedSample,
     WindSample,
 )
@@ -369,7 +370,9 @@ class MavlinkLink:
         self._stats[key] = self._stats.get(key, 0) + 1
         try:
             if name in ("GPS_RAW_INT", "GPS2_RAW"):
-                self._echo.check(name, m, now)
+                if self.cfg.flavour != "ardupilot" or name != self.autopilot.gnss_message:
+                    self._echo.check(name, m, now)  # ArduPilot: the receiver's own instance echoes nothing of ours
+                self.autopilot.apply_gnss(name, m, now)
             else:
                 self.autopilot.apply(name, m, now)
         except (AttributeError, TypeError, ValueError) as e:
@@ -432,6 +435,11 @@ class MavlinkLink:
     def groundspeed_mps(self, max_age_s: float | None = None) -> SpeedSample | None:
         """VFR_HUD ground speed, None when stale: :meth:`AutopilotState.groundspeed_mps`."""
         return self.autopilot.groundspeed_mps(max_age_s)
+
+    def gnss(self, max_age_s: float | None = None) -> GnssSample | None:
+        """The latest 3-D fix of the autopilot's own GNSS receiver, None when stale or lost:
+        :meth:`AutopilotState.gnss`."""
+        return self.autopilot.gnss(max_age_s)
 
     def autopilot_clock(self) -> ClockSample | None:
         """The latest SYSTEM_TIME of the autopilot: :meth:`AutopilotState.autopilot_clock`."""
