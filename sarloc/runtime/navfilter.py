@@ -61,7 +61,7 @@ _H_POS = np.hstack([np.eye(2), np.zeros((2, _N - 2))])
 _MIN_TURN_SPEED_MPS = 3.0  # below this an input's direction means little: no turn is counted
 _TURN_STEP_RAD = math.radians(10.0)  # a turn is counted once the input has turned this far from the reference
 _GATE_1DOF = 10.83  # chi-square, 1 degree of freedom, 99.9 %
-#: GNSS fixes are applied only after this long without a turn of the motion input (STRAIGHT_TURN_RAD at most): in
+#: GNSS fixes are applied only after this long without a turn of the motion input (_STRAIGHT_TURN_RAD at most): in
 #: and just after a turn the vehicle slips and the input and the fix are misaligned in time by a fraction of a
 #: second, which the model cannot tell from a heading error
 GNSS_STRAIGHT_S = 10.0

@@ -433,3 +433,23 @@ def test_the_drift_through_a_turn_is_not_taught_as_a_heading_error():
     e = f.estimate(t)
     assert f.stats["gnss_resets"] == 2 and f.stats["gnss_gated"] == 0
     assert abs(e.heading_offset_deg) < 0.5 and e.scale == pytest.approx(0.03, abs=0.005), e
+
+
+def test_a_turn_does_not_open_the_heading_error_while_gnss_aided():
+    """The same 90 degree turn as above: within GNSS_REGIME_S of a GNSS fix it adds nothing to the heading error's
+    uncertainty (the autopilot's heading is GNSS-aided); 30 s after the last one it adds the turn's share again."""
+
+    def grown(last_gnss_s: float) -> float:
+        f = NavFilter()
+        for k in range(400):
+            f.add_motion(k / 10, "air", (0.0, 20.0))
+        f.add_gnss(0.0, (0.0, 0.0), 2.0, now_s=0.0)
+        for t in range(11, int(last_gnss_s) + 1):
+            assert f.add_gnss(float(t), (0.0, 20.0 * t), 2.0, now_s=float(t))[0]
+        p0 = f.state(39.9)[1][5, 5]
+        for k, deg in enumerate(np.linspace(0, 90, 31)):
+            f.add_motion(40.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
+        return math.degrees(math.sqrt(f.state(43.0)[1][5, 5])) - math.degrees(math.sqrt(p0))
+
+    assert abs(grown(39.0)) < 0.05
+    assert grown(10.0) == pytest.approx(NavConfig().heading_turn_fraction * 90.0, rel=0.15)
