@@ -103,9 +103,9 @@ class NavConfig:
         turn_gain_sigma_per_s: random-walk rate of that gain, per sqrt(s): an autopilot's yaw stays right through
             turns while it has GNSS and is pulled off once it has none, so what was learnt before has to give way.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
-            the daemon as a course measurement while the motion input comes from the autopilot; 0 (the default):
-            not used (in closed loops it raised availability over a real scene but let marginal windows through
-            the gate more often: docs/research/closed_loop.md).
+            the daemon as a course measurement while the motion input comes from the autopilot (it tells the
+            heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
+            without it: docs/research/closed_loop.md).
         airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis.
         ground_sigma_mps: one-sigma of a ground-velocity input, per axis.
         correlation_s: correlation time of the input's errors: the position variance grows by
@@ -580,13 +580,32 @@ class NavFilter:
             return False, f"gated out (Mahalanobis^2 {d2:.1f} > {self.cfg.gate_chi2:g})"
         info = {"source": "gnss"} if source == "gnss" else {}
         ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), info)
-        if source == "gnss":
+        self._apply(ev, now_s, f"{prefix}_applied", gnss=source == "gnss")
+        return True, "applied"
+
+    def _apply(
+        self,
+        ev: _Event,
+        now_s: float,
+        counter: str,
+        gnss: bool = False,
+        init: bool = False,
+        bias_prior: tuple[tuple[float, float], float] | None = None,
+    ) -> _Input | None:
+        """Insert fix event ``ev`` (an initialisation with ``init``: see :meth:`_make_init`), note a GNSS fix's time
+        (before the replay: it decides how the turns after it are taken), replay from it, count it under
+        ``counter`` and prune the history. Returns the motion input in force at its time."""
+        i = self._insert(ev)
+        u = self._input_before(i)
+        if init:
+            self._make_init(ev, u, bias_prior)
+        if gnss:
             bisect.insort(self._gnss_t, ev.t_s)
-        self._replay_from(self._insert(ev))
-        self.stats[f"{prefix}_applied"] += 1
+        self._replay_from(i)
+        self.stats[counter] += 1
         self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
         self._prune(now_s)
-        return True, "applied"
+        return u
 
     def _gnss_reset(
         self, t_s: float, xy_m: tuple[float, float], sigma_m: float, now_s: float, drift_m: float
@@ -602,12 +621,8 @@ class NavFilter:
             self.stats["gnss_gated"] += 1
             return False, f"gated out (Mahalanobis^2 {d2:.1f} > {self.cfg.gate_chi2:g})"
         ev = _Event(float(t_s), "reset", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {"source": "gnss"})
-        bisect.insort(self._gnss_t, ev.t_s)
-        self._replay_from(self._insert(ev))
-        self.stats["gnss_applied"] += 1
+        self._apply(ev, now_s, "gnss_applied", gnss=True)
         self.stats["gnss_resets"] += 1
-        self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
-        self._prune(now_s)
         return True, "applied (position reset after a turn)"
 
     def _turning(self, t_s: float) -> bool:
@@ -667,15 +682,8 @@ class NavFilter:
         if bad is not None:
             return False, bad
         ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {})
-        i = self._insert(ev)
-        u = self._input_before(i)
-        self._make_init(ev, u, bias_prior)
-        bisect.insort(self._gnss_t, ev.t_s)
-        self._replay_from(i)
+        u = self._apply(ev, now_s, "gnss_applied", gnss=True, init=True, bias_prior=bias_prior)
         self._gnss_ref = None if u is None else (ev.t_s, u.v)
-        self.stats["gnss_applied"] += 1
-        self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
-        self._prune(now_s)
         return True, "filter initialised"
 
     def add_consensus(
@@ -702,12 +710,7 @@ class NavFilter:
         ev = _Event(float(t_s), "fix", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {})
         d2 = self.innovation(t_s, xy_m, sigma_m)
         if d2 is None:
-            i = self._insert(ev)
-            self._make_init(ev, self._input_before(i), bias_prior)
-            self._replay_from(i)
-            self.stats["fixes_applied"] += 1
-            self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
-            self._prune(now_s)
+            self._apply(ev, now_s, "fixes_applied", init=True, bias_prior=bias_prior)
             return True, "filter initialised"
         if d2 <= self.cfg.gate_chi2:
             self._rejected.clear()
