@@ -198,7 +198,11 @@ class AutopilotIO:
                 psi = math.radians(att.yaw_deg + self.grid_from_true_deg)
                 pos = link.position_prior(max_age_s=5.0)
                 tas = asp.mps * eas_to_tas(pos.alt_m if pos is not None else 0.0)
-                sample = (rx, "air", (tas * math.sin(psi), tas * math.cos(psi)))
+                # the airspeed is along the flight path: in a climb or descent only part of it is horizontal (a
+                # plane climbing out at 10 m/s on 28 m/s true airspeed moves 7 % slower over the ground)
+                vd = pos.vel_ned_mps[2] if pos is not None else 0.0
+                h = math.sqrt(max(tas * tas - vd * vd, 0.0)) if math.isfinite(vd) and abs(vd) < tas else tas
+                sample = (rx, "air", (h * math.sin(psi), h * math.cos(psi)))
         if motion == "velocity":
             pos = link.position_prior(max_age_s=1.0)
             if pos is not None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import signal
 import socket
 import subprocess
@@ -390,7 +392,16 @@ def test_nav_state_fields_for_the_autopilot(flight, tmp_path):
     d.clock.observe_data(now, now)
     d.nav_state(now)  # one motion input: the air velocity
     u = d.nav._after[-1].u
-    assert u.kind == "air" and u.v[0] == pytest.approx(20.0 * eas_to_tas(1150.0), rel=0.02)  # east, true airspeed
+    tas = 20.0 * eas_to_tas(1150.0)
+    assert u.kind == "air" and u.v[0] == pytest.approx(math.sqrt(tas**2 - 1.5**2), rel=1e-3)  # east, true airspeed
+    link = _FakeLink(time.monotonic())  # climbing at 10 m/s: the air velocity's horizontal part moves the filter
+    link.pos = dataclasses.replace(link.pos, rx_mono_s=time.monotonic(), vel_ned_mps=(0.0, 20.0, -10.0))
+    link.att = link.att._replace(rx_mono_s=time.monotonic())
+    d.link = link
+    d.nav_state(time.time())
+    assert d.nav._after[-1].u.v[0] == pytest.approx(math.sqrt(tas**2 - 10.0**2), rel=1e-3)
+    d.link = _FakeLink(time.monotonic())
+    d.nav_state(time.time())
     x, y = (float(v) for v in d.loc.pack.centres_m().mean(axis=0))
     changed, _ = d.nav.add_consensus(now, (x, y), 10.0, now, d._wind_prior())
     assert changed and d.nav.estimate(now).bias_mps[1] == pytest.approx(3.0, abs=0.2)  # the autopilot's wind
