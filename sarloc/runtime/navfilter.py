@@ -66,11 +66,16 @@ _GATE_1DOF = 10.83  # chi-square, 1 degree of freedom, 99.9 %
 #: second, which the model cannot tell from a heading error
 GNSS_STRAIGHT_S = 10.0
 _STRAIGHT_TURN_RAD = math.radians(5.0)
+#: nor while the input's speed changed by more than this (or _STEADY_FRACTION of it) within GNSS_STRAIGHT_S (a
+#: take-off, a copter's stop at a waypoint): a lag of a fraction of a second in an acceleration looks like a
+#: speed-scale error (a plane's take-off taught +6 %); gusts move an airspeed by less
+_STEADY_SPEED_MPS = 1.0
+_STEADY_FRACTION = 0.1
 #: within this long after a GNSS fix the autopilot's heading is GNSS-aided: its turns do not open the heading error
 #: (they would let it trade places with the wind at every turn: a pair right on one leg, wrong on the next)
 GNSS_REGIME_S = 20.0
-#: the drift through a turn the first GNSS fix after it may show (one-sigma): the input's speed times the angle turned
-#: times this (a yaw that lags the truth by this long, or the equivalent slip)
+#: the drift through a manoeuvre the first GNSS fix after it may show (one-sigma): the change of the input's velocity
+#: times this (a yaw or a speed that lags the truth by this long, or the equivalent slip)
 GNSS_TURN_LAG_S = 2.0
 
 
@@ -106,8 +111,11 @@ class NavConfig:
             the daemon as a course measurement while the motion input comes from the autopilot (it tells the
             heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
             without it: docs/research/closed_loop.md).
-        airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis.
-        ground_sigma_mps: one-sigma of a ground-velocity input, per axis.
+        airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis; with the
+            filter's states it makes the speed accuracy sent to the autopilot, and it is part of the course
+            measurement's noise (0.5 weighted the courses more and flew worse: docs/research/closed_loop.md).
+        ground_sigma_mps: one-sigma of a ground-velocity input, per axis; also the drift allowed per second between
+            the gated-out fixes that re-initialise the position.
         correlation_s: correlation time of the input's errors: the position variance grows by
             ``sigma^2 * correlation_s`` per second.
         gate_chi2: Mahalanobis^2 gate for fixes (13.8 = 99.9 % for 2 dof).
@@ -297,7 +305,7 @@ class NavFilter:
             "gnss_applied": 0,
             "gnss_gated": 0,
             "gnss_dropped": 0,
-            "gnss_turning": 0,
+            "gnss_manoeuvring": 0,
             "gnss_resets": 0,
         }
         self._warned: set[str] = set()
@@ -610,7 +618,7 @@ class NavFilter:
     def _gnss_reset(
         self, t_s: float, xy_m: tuple[float, float], sigma_m: float, now_s: float, drift_m: float
     ) -> tuple[bool, str]:
-        """The first GNSS fix after a turn: gated with the turn's drift (``drift_m``, one-sigma) added, then the
+        """The first GNSS fix after a manoeuvre: gated with its drift (``drift_m``, one-sigma) added, then the
         position is set to it."""
         xy = np.asarray(xy_m, float)
         bad = self._check_fix(t_s, xy, sigma_m, now_s)
@@ -623,22 +631,27 @@ class NavFilter:
         ev = _Event(float(t_s), "reset", xy, np.eye(2) * float(sigma_m) ** 2, self._next_seq(), {"source": "gnss"})
         self._apply(ev, now_s, "gnss_applied", gnss=True)
         self.stats["gnss_resets"] += 1
-        return True, "applied (position reset after a turn)"
+        return True, "applied (position reset after a manoeuvre)"
 
-    def _turning(self, t_s: float) -> bool:
-        """Whether the motion input turned by more than _STRAIGHT_TURN_RAD within GNSS_STRAIGHT_S before ``t_s``
-        (or is unknown then)."""
+    def _manoeuvring(self, t_s: float) -> bool:
+        """Whether the motion input turned by more than _STRAIGHT_TURN_RAD or changed its speed by more than
+        _STEADY_SPEED_MPS (or _STEADY_FRACTION of it) within GNSS_STRAIGHT_S before ``t_s`` (or is unknown then)."""
         st = self._state_before(bisect.bisect_right(self._keys, (t_s, math.inf)))
         if st is None or st.u is None:
             return True
         ref = st.u.v
+        ref_speed = float(np.hypot(*ref))
+        steady = max(_STEADY_SPEED_MPS, _STEADY_FRACTION * ref_speed)
         lo = bisect.bisect_left(self._keys, (t_s - GNSS_STRAIGHT_S, -1))
         hi = bisect.bisect_right(self._keys, (t_s, math.inf))
         for ev in itertools.chain([self._state_before(lo)], (self._after[j] for j in range(lo, hi))):
             u = None if ev is None else ev.u
-            if u is None or float(np.hypot(*u.v)) < _MIN_TURN_SPEED_MPS:
+            if u is None:
                 continue
-            if _angle(ref, u.v) > _STRAIGHT_TURN_RAD:
+            speed = float(np.hypot(*u.v))
+            if abs(speed - ref_speed) > steady:
+                return True
+            if speed >= _MIN_TURN_SPEED_MPS and _angle(ref, u.v) > _STRAIGHT_TURN_RAD:
                 return True
         return False
 
@@ -654,26 +667,28 @@ class NavFilter:
         when the filter has no position at ``t_s``, else it is applied like a window fix, gated (a GNSS that
         disagrees with the track is not followed). While GNSS fixes arrive every second or so, the filter learns
         the motion input's wind, scale and heading errors from them, and starts the GNSS-denied flight from the
-        GNSS position. Fixes while the input turns or within GNSS_STRAIGHT_S after a turn are not applied
-        (``gnss_turning``): in a turn the vehicle slips and a fraction of a second between the input's time and the
-        fix's looks like a heading error of degrees; the first fix after a turn resets the position
-        (``gnss_resets``) instead of teaching the input's errors the drift through the turn. GNSS fixes never count
-        towards a re-initialisation: consistent SAR consensus fixes that disagree with a GNSS-aided track still
-        re-initialise it, and the GNSS fixes after the new start are dropped (``gnss_dropped``). Returns (applied,
-        reason)."""
+        GNSS position. Fixes while the input turns or changes its speed, or within GNSS_STRAIGHT_S after it did, are
+        not applied (``gnss_manoeuvring``): in a turn the vehicle slips and a fraction of a second between the
+        input's time and the fix's looks like a heading error of degrees (in an acceleration, like a scale error);
+        the first fix after a manoeuvre resets the position (``gnss_resets``) instead of teaching the input's errors
+        the drift through it. GNSS fixes never count towards a re-initialisation: consistent SAR consensus fixes
+        that disagree with a GNSS-aided track still re-initialise it, and the GNSS fixes after the new start are
+        dropped (``gnss_dropped``). Returns (applied, reason)."""
         if self.innovation(t_s, xy_m, sigma_m) is not None:
-            if self._turning(t_s):
-                self.stats["gnss_turning"] += 1
-                return False, "the motion input is turning"
+            if self._manoeuvring(t_s):
+                self.stats["gnss_manoeuvring"] += 1
+                return False, "the motion input is turning or changing its speed"
             st = self._state_at(t_s)
-            assert st is not None and st.u is not None  # initialised, and _turning is False only with an input
+            assert st is not None and st.u is not None  # initialised; _manoeuvring is False only with an input
             last = self._gnss_ref
-            if last is None or last[0] >= t_s or _angle(last[1], st.u.v) <= _STRAIGHT_TURN_RAD:
+            change = 0.0 if last is None else float(np.hypot(*(st.u.v - last[1])))
+            speed = float(np.hypot(*st.u.v))  # a change as large as _manoeuvring lets through is no manoeuvre:
+            steady = max(_STEADY_SPEED_MPS, _STEADY_FRACTION * speed) + speed * _STRAIGHT_TURN_RAD
+            if last is None or last[0] >= t_s or change <= steady:
                 ok, why = self.add_fix(t_s, xy_m, sigma_m, now_s, source="gnss")
-            else:  # the first fix after a turn: it resets the position (the drift through the turn is no error of
-                # the input's wind, scale or heading on a straight leg, which the fixes are to teach)
-                drift_m = GNSS_TURN_LAG_S * float(np.hypot(*st.u.v)) * _angle(last[1], st.u.v)
-                ok, why = self._gnss_reset(t_s, xy_m, sigma_m, now_s, drift_m)
+            else:  # the first fix after a manoeuvre: it resets the position (the drift through a turn or an
+                # acceleration is no error of the input's wind, scale or heading, which the fixes are to teach)
+                ok, why = self._gnss_reset(t_s, xy_m, sigma_m, now_s, GNSS_TURN_LAG_S * change)
             if ok:
                 self._gnss_ref = (t_s, st.u.v)
             return ok, why
