@@ -30,8 +30,8 @@ def results_table(results: list[dict]) -> str:
     rows = [
         "| flight | GNSS-denied | switch to sarloc | EKF warnings | availability "
         "| autopilot error, mission: median / p99 | return home: median / p99 | sent position: median "
-        "| false fixes | fix latency (median) | returned |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| false fixes | fix latency (median) | EKF GPS glitching | returned |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         gsd = r.get("map_gsd_m") or 1.0
@@ -40,6 +40,8 @@ def results_table(results: list[dict]) -> str:
         w = r.get("windows") or {}
         lat = (w.get("latency_acquisition_to_applied_s") or {}).get("median")
         sent = (r.get("sent_position_error_m") or {}).get("median")
+        glitch = (r.get("ekf_gps_glitching") or {}).get("fraction")
+        glitch_pct = None if glitch is None else glitch * 100
         rows.append(
             f"| {r['vehicle']}, {r['scene']} ({gsd:g} m px) | {_f(r.get('denied_s'), '{:.0f} s')} "
             f"| {_f(r.get('primary_gps_fix_after_denial_s'), '{:.2f} s')} "
@@ -47,7 +49,8 @@ def results_table(results: list[dict]) -> str:
             f"| {_f((r.get('availability') or 0) * 100, '{:.1f} %')} "
             f"| {_f(m.get('median'))} / {_f(m.get('p99'))} m ({_f(m.get('median_px'))} / {_f(m.get('p99_px'))} px) "
             f"| {_f(h.get('median'))} / {_f(h.get('p99'))} m | {_f(sent)} m | {w.get('false_applied_gt5px', '-')} "
-            f"of {w.get('applied', '-')} | {_f(lat, '{:.0f} s')} | {'yes' if r.get('returned_home') else 'no'} |"
+            f"of {w.get('applied', '-')} | {_f(lat, '{:.0f} s')} | {_f(glitch_pct, '{:.0f} %')} "
+            f"| {'yes' if r.get('returned_home') else 'no'} |"
         )
     return "\n".join(rows)
 

@@ -19,6 +19,8 @@ from sarloc.core.errors import SarlocError
 
 logger = logging.getLogger(__name__)
 
+EKF_GPS_GLITCHING = 0x8000  # EKF_STATUS_FLAGS (ArduPilot's ardupilotmega.xml)
+
 __all__ = ["analyse"]
 
 
@@ -113,10 +115,49 @@ def _autopilot_events(
     pos_abs = [r for r in ekf if r["flags"] & 0x10 and not r["flags"] & 0x80]  # POS_HORIZ_ABS, not CONST_POS
     res["ekf_abs_position_fraction"] = len(pos_abs) / len(ekf) if ekf else None
     res["ekf_const_pos_mode_reports"] = sum(1 for r in ekf if r["flags"] & 0x80)
+    # EKF_GPS_GLITCHING: EKF3's GPS quality check failed (its filtered speed accuracy above 1.5 m/s until it is
+    # back under 1.0, or its innovations too large); ArduCopter says "GPS Glitch or Compass error" when it is set
+    glitch = np.array([bool(r["flags"] & EKF_GPS_GLITCHING) for r in ekf if r["wall_s"] <= (t_end or 1e18)])
+    res["ekf_gps_glitching"] = {
+        "fraction": float(glitch.mean()) if len(glitch) else None,
+        "onsets": int(glitch[0] + np.sum(glitch[1:] & ~glitch[:-1])) if len(glitch) else 0,
+    }
     # availability: the autopilot's echo of sarloc's GPS (GPS2_RAW) with a 3-D fix
     g2 = [r for r in tel if r["type"] == "GPS2_RAW" and r["wall_s"] >= t_deny and r["wall_s"] <= (t_end or 1e18)]
     res["availability"] = sum(r["fix_type"] >= 3 for r in g2) / len(g2) if g2 else None
     return res, g2
+
+
+def _velocity_track(g2: list[dict[str, Any]], tel: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(t, speed accuracy)`` and the (north, east) velocity errors against the truth of what the autopilot took
+    from sarloc (its GPS2_RAW echo with a 3-D fix and a speed accuracy), or None."""
+    tr = np.array([(r["wall_s"], r["vn_mps"], r["ve_mps"]) for r in tel if r["type"] == "truth"])
+    g = [r for r in g2 if r["fix_type"] >= 3 and r.get("vel_acc")]
+    if len(tr) < 2 or not g:
+        return None
+    t = np.array([r["wall_s"] for r in g])
+    cog = np.radians([r["cog"] * 0.01 for r in g])
+    spd = np.array([r["vel"] * 0.01 for r in g])
+    acc = np.array([r["vel_acc"] * 0.001 for r in g])
+    vn, ve = np.interp(t, tr[:, 0], tr[:, 1]), np.interp(t, tr[:, 0], tr[:, 2])
+    return np.stack([t, acc], axis=1), np.stack([spd * np.cos(cog) - vn, spd * np.sin(cog) - ve], axis=1)
+
+
+def _sent_velocity(g2: list[dict[str, Any]], tel: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The velocity and speed accuracy the autopilot took from sarloc against the simulator's truth: error per
+    axis (north, east) and how often it falls within the stated accuracy (a one-sigma per axis: 68 % if honest)."""
+    v = _velocity_track(g2, tel)
+    if v is None:
+        return None
+    (_, acc), err = v[0].T, v[1]
+    a = np.abs(err)
+    return {
+        "error_per_axis_rms_mps": float(np.sqrt(np.mean(err**2))),
+        "error_per_axis_p95_mps": _pct(a.ravel(), 95),
+        "speed_accuracy_median_mps": _pct(acc, 50),
+        "speed_accuracy_p95_mps": _pct(acc, 95),
+        "within_speed_accuracy": float(np.mean(a <= acc[:, None])),
+    }
 
 
 def _daemon_results(recs: list[dict[str, Any]], truth: np.ndarray, t_deny: float, gsd: float) -> dict[str, Any]:
@@ -212,6 +253,7 @@ def analyse(out_dir: str | Path, plots: bool = True) -> dict[str, Any]:
     res["autopilot_position_steps_m"] = _position_steps(gpi, est, t_deny)
     events, g2 = _autopilot_events(ev, tel, t_deny, t_end)
     res.update(events)
+    res["sent_velocity"] = _sent_velocity(g2, tel)
     res.update(_daemon_results(recs, truth, t_deny, gsd))
     res["daemon_stop_s"] = ev.get("daemon_stop_s")
     # home: distance from home at the end
@@ -221,13 +263,13 @@ def analyse(out_dir: str | Path, plots: bool = True) -> dict[str, Any]:
     res["timed_out"] = bool(ev.get("timed_out"))
     if plots:
         try:
-            res["plots"] = _plots(out, truth, est, e_all, t_deny, t_end, g2, gsd, home_xy, ev)
+            res["plots"] = _plots(out, truth, est, e_all, t_deny, t_end, g2, gsd, home_xy, ev, tel)
         except ImportError:
             logger.warning("matplotlib missing: no closed-loop plots")
     return res
 
 
-def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev) -> list[str]:
+def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev, tel) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,7 +311,7 @@ def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev) -> list[st
     fig.savefig(p, dpi=110, bbox_inches="tight")
     plt.close(fig)
     paths.append(str(p))
-    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    fig, (a1, a3, a2) = plt.subplots(3, 1, figsize=(8, 7), sharex=True, height_ratios=(3, 2, 1))
     t = est[:, 0] - t_deny
     a1.plot(t, err, lw=0.8)
     a1.axvline(0, color="k", ls="--", lw=0.8)
@@ -280,7 +322,41 @@ def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev) -> list[st
     if g2:
         tg = np.array([r["wall_s"] for r in g2]) - t_deny
         a2.plot(tg, [r["fix_type"] for r in g2], drawstyle="steps-post")
-    a2.set_ylabel("GPS2 (sarloc) fix type")
+    a2.set_ylabel("GPS2 (sarloc)\nfix type")
+    v = _velocity_track(g2, tel)
+    if v is not None:
+        (tv, acc), verr = v[0].T, v[1]
+        a3.plot(
+            tv - t_deny,
+            np.hypot(*verr.T) / np.sqrt(2),
+            lw=0.6,
+            color="#7f7f7f",
+            label="sent velocity error (rms per axis)",
+        )
+        a3.plot(tv - t_deny, acc, lw=0.9, color="#ff7f0e", label="sent speed accuracy")
+    ekf = [
+        (r["wall_s"] - t_deny, bool(r["flags"] & EKF_GPS_GLITCHING))
+        for r in tel
+        if r["type"] == "EKF_STATUS_REPORT" and r["wall_s"] >= t_deny
+    ]
+    if ekf:
+        te, ge = np.array(ekf).T
+        a3.fill_between(
+            te,
+            0,
+            1,
+            where=ge > 0,
+            transform=a3.get_xaxis_transform(),
+            color="r",
+            alpha=0.12,
+            lw=0,
+            label="EKF3: GPS glitching",
+        )
+    for y in (1.0, 1.5):
+        a3.axhline(y, color="k", ls=":", lw=0.7)
+    a3.set_ylabel("m/s")
+    a3.set_ylim(0, 3)
+    a3.legend(fontsize=7, loc="upper right")
     a2.set_xlabel("time since GNSS denial (s)")
     p = out / "error.png"
     fig.savefig(p, dpi=110, bbox_inches="tight")

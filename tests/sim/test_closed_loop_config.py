@@ -60,3 +60,33 @@ def test_sent_sigma_consistency_counts_errors_in_units_of_the_stated_sigma():
     c = res["sent_sigma_consistency"]
     assert (c["within_1_sigma"], c["within_2_sigma"], c["within_3_sigma"]) == (0.25, 0.5, 0.75)
     assert c["error_over_sigma_median"] == 2.0 and res["sent_position_error_m"]["median"] == 20.0
+
+
+def test_sent_velocity_and_gps_glitching_are_read_against_the_truth():
+    import pytest
+
+    from sarloc.sim.closed_loop_analysis import EKF_GPS_GLITCHING, _autopilot_events, _sent_velocity
+
+    truth = [{"type": "truth", "wall_s": t, "vn_mps": 10.0, "ve_mps": 0.0} for t in (0.0, 100.0)]  # north, 10 m/s
+
+    def g2(t, vel_cms, cog_cdeg, acc_mms):
+        return {"type": "GPS2_RAW", "wall_s": t, "fix_type": 3, "vel": vel_cms, "cog": cog_cdeg, "vel_acc": acc_mms}
+
+    # exact; 1 m/s slow (north error -1, within 1.5); 1 m/s too fast (north error +1, outside 0.5); no fix: skipped
+    sent = [
+        g2(10.0, 1000, 0, 500),
+        g2(11.0, 900, 0, 1500),
+        g2(12.0, 1100, 0, 500),
+        {**g2(13.0, 0, 0, 0), "fix_type": 1},
+    ]
+    v = _sent_velocity(sent, truth)
+    assert v["error_per_axis_rms_mps"] == pytest.approx((2 / 6) ** 0.5, abs=1e-6)
+    assert v["within_speed_accuracy"] == pytest.approx(5 / 6)
+    assert v["speed_accuracy_median_mps"] == pytest.approx(0.5)
+    assert _sent_velocity([], truth) is None
+
+    flags = [0, EKF_GPS_GLITCHING, EKF_GPS_GLITCHING, 0, EKF_GPS_GLITCHING, EKF_GPS_GLITCHING]
+    tel = [{"type": "EKF_STATUS_REPORT", "wall_s": 20.0 + i, "flags": f | 0x10} for i, f in enumerate(flags)]
+    tel.insert(0, {"type": "EKF_STATUS_REPORT", "wall_s": 5.0, "flags": EKF_GPS_GLITCHING})  # before the denial
+    res, _ = _autopilot_events({"statustexts": []}, tel, t_deny=10.0, t_end=24.5)  # the last one is after RTL
+    assert res["ekf_gps_glitching"] == {"fraction": pytest.approx(3 / 5), "onsets": 2}
