@@ -79,6 +79,11 @@ GNSS_REGIME_S = 20.0
 GNSS_TURN_LAG_S = 2.0
 
 
+def _steady_mps(speed: float) -> float:
+    """The change of an input's speed that still counts as steady flight at ``speed``."""
+    return max(_STEADY_SPEED_MPS, _STEADY_FRACTION * speed)
+
+
 def chi2_2dof(p: float) -> float:
     """The chi-square quantile for 2 degrees of freedom: the Mahalanobis^2 gate that passes a fraction ``p``."""
     return -2.0 * math.log(1.0 - p)
@@ -641,7 +646,7 @@ class NavFilter:
             return True
         ref = st.u.v
         ref_speed = float(np.hypot(*ref))
-        steady = max(_STEADY_SPEED_MPS, _STEADY_FRACTION * ref_speed)
+        steady = _steady_mps(ref_speed)
         lo = bisect.bisect_left(self._keys, (t_s - GNSS_STRAIGHT_S, -1))
         hi = bisect.bisect_right(self._keys, (t_s, math.inf))
         for ev in itertools.chain([self._state_before(lo)], (self._after[j] for j in range(lo, hi))):
@@ -683,7 +688,7 @@ class NavFilter:
             last = self._gnss_ref
             change = 0.0 if last is None else float(np.hypot(*(st.u.v - last[1])))
             speed = float(np.hypot(*st.u.v))  # a change as large as _manoeuvring lets through is no manoeuvre:
-            steady = max(_STEADY_SPEED_MPS, _STEADY_FRACTION * speed) + speed * _STRAIGHT_TURN_RAD
+            steady = _steady_mps(speed) + speed * _STRAIGHT_TURN_RAD
             if last is None or last[0] >= t_s or change <= steady:
                 ok, why = self.add_fix(t_s, xy_m, sigma_m, now_s, source="gnss")
             else:  # the first fix after a manoeuvre: it resets the position (the drift through a turn or an
