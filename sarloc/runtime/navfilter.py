@@ -116,11 +116,16 @@ class NavConfig:
             the daemon as a course measurement while the motion input comes from the autopilot (it tells the
             heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
             without it: docs/research/closed_loop.md).
-        airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis; with the
-            filter's states it makes the speed accuracy sent to the autopilot, and it is part of the course
-            measurement's noise (0.5 weighted the courses more and flew worse: docs/research/closed_loop.md).
+        course_speed_sigma_mps: the cross-track speed error a course measurement sees besides the course's own
+            (the input's slowly varying error, which a stream of courses does not average away), m/s.
+        airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis: the
+            position's random walk between fixes.
         ground_sigma_mps: one-sigma of a ground-velocity input, per axis; also the drift allowed per second between
             the gated-out fixes that re-initialise the position.
+        input_noise_mps: one-sigma of the motion input's sample noise, per axis (at most the input's one-sigma): its
+            part of the speed accuracy sent. The input's one-sigmas above also stand for the drift that no state
+            models, as the position's random walk; the velocity sent is off by the noise only (measured 0.13-0.23
+            m/s on straight legs), and EKF3 takes a speed accuracy above 1.5 m/s for a GPS glitch.
         correlation_s: correlation time of the input's errors: the position variance grows by
             ``sigma^2 * correlation_s`` per second.
         gate_chi2: Mahalanobis^2 gate for fixes (13.8 = 99.9 % for 2 dof).
@@ -145,8 +150,10 @@ class NavConfig:
     turn_gain_sigma: float = 0.03
     turn_gain_sigma_per_s: float = 0.001
     course_sigma_deg: float = 0.0
+    course_speed_sigma_mps: float = 1.0
     airspeed_sigma_mps: float = 1.0
     ground_sigma_mps: float = 1.0
+    input_noise_mps: float = 0.5
     correlation_s: float = 1.0
     gate_chi2: float = 13.8
     reinit_after: int = 3
@@ -171,6 +178,8 @@ class NavConfig:
             "heading_turn_fraction",
             "airspeed_sigma_mps",
             "ground_sigma_mps",
+            "course_speed_sigma_mps",
+            "input_noise_mps",
             "correlation_s",
             "gate_chi2",
             "history_s",
@@ -203,7 +212,8 @@ class NavEstimate:
         scale: the input's speed-scale error ``k``; heading_offset_deg: the input's heading error ``d`` (with its
             transient part), degrees (clockwise: the true course is this much clockwise of the input's).
         sigma_h_m: one-sigma horizontal error (square root of the largest eigenvalue of the position covariance).
-        sigma_v_mps: one-sigma ground-velocity error per axis (the input's and the bias's).
+        sigma_v_mps: one-sigma ground-velocity error along its worst axis: the input's sample noise
+            (``input_noise_mps``) and the wind / bias, scale and heading errors through their covariance.
         valid: initialised and ``sigma_h_m <= max_sigma_m``.
         since_fix_s: time since the newest applied fix's acquisition time.
     """
@@ -408,15 +418,15 @@ class NavFilter:
         h[0, 4] = float(n @ u)
         h[0, 5] = h[0, 6] = float(n @ _perp(u))
         y = -float(n @ u) - float(h[0] @ sx)
-        return h, y, st.u.sigma**2
+        return h, y, self.cfg.course_speed_sigma_mps**2
 
     def _course_update(self, st: _State, ev: _Event) -> _State:
         m = self._course_model(st, ev.z)
         if m is None:
             return st
-        h, y, var_u = m
+        h, y, var_x = m
         assert st.u is not None  # _course_model returns None without an input
-        r = np.array([[float(ev.r[0, 0]) * float(st.u.v @ st.u.v) + var_u]])  # course noise as cross-track speed
+        r = np.array([[float(ev.r[0, 0]) * float(st.u.v @ st.u.v) + var_x]])  # course noise as cross-track speed
         return _kalman(st, h, np.array([y]), r)
 
     # ------------------------------------------------------------------------------------------ history
@@ -530,10 +540,10 @@ class NavFilter:
         m = self._course_model(st, z)
         if m is None:
             return False, "no motion input"
-        h, y, var_u = m
+        h, y, var_x = m
         _, sp = _xp(st)
         assert st.u is not None
-        s = float(h[0] @ sp @ h[0]) + math.radians(sigma_deg) ** 2 * float(st.u.v @ st.u.v) + var_u
+        s = float(h[0] @ sp @ h[0]) + math.radians(sigma_deg) ** 2 * float(st.u.v @ st.u.v) + var_x
         if y * y / s > _GATE_1DOF:
             self.stats["courses_gated"] += 1
             return False, f"gated out (Mahalanobis^2 {y * y / s:.1f})"
@@ -828,7 +838,15 @@ class NavFilter:
         v, var = self._vel_var(st.u, t_s)
         sigma_h = _sigma(p[:2, :2])
         vel = v * (1 + x[4]) + (x[5] + x[6]) * _perp(v) + x[2:4]
-        var_d = float(p[5, 5] + p[6, 6] + 2 * p[5, 6])
+        # the ground velocity's covariance through its Jacobian: on a straight leg the wind and the heading / scale
+        # errors are each uncertain but strongly correlated, and the fixes pin down their sum, the ground velocity
+        j = np.zeros((2, _N))
+        j[:, 2:4] = np.eye(2)
+        j[:, 4] = v
+        j[:, 5] = j[:, 6] = _perp(v)
+        if st.u is not None:  # the input's own part: its sample noise, not the drift its one-sigma also stands for
+            var += min(self.cfg.input_noise_mps, st.u.sigma) ** 2 - st.u.sigma**2
+        p_vel = j @ p @ j.T + np.eye(2) * var
         return NavEstimate(
             t_s=float(t_s),
             xy_m=(float(x[0]), float(x[1])),
@@ -837,7 +855,7 @@ class NavFilter:
             scale=float(x[4]),
             heading_offset_deg=math.degrees(float(x[5] + x[6])),
             sigma_h_m=sigma_h,
-            sigma_v_mps=math.sqrt(var + _sigma(p[2:4, 2:4]) ** 2 + (float(p[4, 4]) + var_d) * float(v @ v)),
+            sigma_v_mps=_sigma(p_vel),
             valid=sigma_h <= self.cfg.max_sigma_m,
             since_fix_s=float(t_s - self.last_fix_s) if self.last_fix_s is not None else math.inf,
         )

@@ -141,7 +141,35 @@ def test_config_checks():
         NavConfig(gate_chi2=0.0)
     with pytest.raises(ConfigError, match="reinit_after"):
         NavConfig(reinit_after=0)
+    with pytest.raises(ConfigError, match="course_speed_sigma_mps"):
+        NavConfig(course_speed_sigma_mps=-1.0)
     assert chi2_2dof(0.999) == pytest.approx(13.8155, abs=1e-3)
+
+
+def test_the_speed_accuracy_is_the_ground_velocity_s_covariance():
+    """On a straight leg the fixes tell the ground velocity well while the wind and the input's scale and heading
+    errors each stay uncertain, strongly correlated: the speed accuracy (sent to the autopilot as its GPS's) is the
+    ground velocity's one-sigma, near the input's sample noise, not the sum of the parts' nor the input's one-sigma
+    (1 m/s, which also stands for its drift), both of which EKF3 takes for a glitch."""
+    rng = np.random.default_rng(3)
+    f = NavFilter()  # input_noise_mps 0.5
+    errs, sigmas = [], []
+    for k in range(3000):
+        t = k / 10
+        f.add_motion(t, "air", tuple(AIR + rng.normal(0, 0.3, 2)))
+        pos = truth(t)
+        if k % 50 == 0:
+            xy = tuple(pos + rng.normal(0, 5.0, 2))
+            (f.add_fix if f.initialised else f.add_consensus)(t, xy, 5.0, now_s=t)
+        e = f.estimate(t)
+        if e is not None and t > 100:
+            errs.append(np.asarray(e.vel_mps) - (AIR + WIND))
+            sigmas.append(e.sigma_v_mps)
+    _, p = f.state(300.0)
+    parts = math.sqrt(0.25 + np.linalg.eigvalsh(p[2:4, 2:4]).max() + (p[4, 4] + p[5, 5]) * float(AIR @ AIR))
+    assert max(sigmas) < 0.6 and parts > 3 * max(sigmas), (max(sigmas), parts)
+    within = np.mean(np.abs(np.asarray(errs)) < np.asarray(sigmas)[:, None])
+    assert 0.68 < within < 0.99, within  # the input's noise is 0.3 m/s per axis: honest, a little cautious
 
 
 def test_a_speed_scale_error_is_learnt_and_survives_turns():
