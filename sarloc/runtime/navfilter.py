@@ -127,7 +127,7 @@ class NavConfig:
             models, as the position's random walk; the velocity sent is off by the noise only (measured 0.13-0.23
             m/s on straight legs), and EKF3 takes a speed accuracy above 1.5 m/s for a GPS glitch.
         correlation_s: correlation time of the input's errors: the position variance grows by
-            ``sigma^2 * correlation_s`` per second.
+            ``sigma^2 * correlation_s`` per second, however often inputs and fixes arrive.
         gate_chi2: Mahalanobis^2 gate for fixes (13.8 = 99.9 % for 2 dof).
         reinit_after: consecutive, mutually consistent gated-out fixes that re-initialise the position.
         history_s: how far back a delayed fix may be applied; older ones are dropped (counted).
@@ -154,7 +154,7 @@ class NavConfig:
     airspeed_sigma_mps: float = 1.0
     ground_sigma_mps: float = 1.0
     input_noise_mps: float = 0.5
-    correlation_s: float = 1.0
+    correlation_s: float = 0.1
     gate_chi2: float = 13.8
     reinit_after: int = 3
     history_s: float = 180.0
@@ -350,7 +350,7 @@ class NavFilter:
         x = f @ sx
         x[:2] += v * dt
         q = np.zeros((_N, _N))
-        q[0, 0] = q[1, 1] = var * min(self.cfg.correlation_s, dt) * dt
+        q[0, 0] = q[1, 1] = var * self.cfg.correlation_s * dt
         q[2, 2] = q[3, 3] = self.cfg.bias_sigma_mps_per_s**2 * dt
         q[4, 4] = self.cfg.scale_sigma_per_s**2 * dt
         q[5, 5] = math.radians(self.cfg.heading_sigma_deg_per_s) ** 2 * dt

@@ -78,6 +78,28 @@ def test_covariance_grows_between_fixes_and_bounds_validity():
     assert f.estimate(120.0).xy_m[0] == pytest.approx(20.0 * 120.0, rel=1e-6)  # constant velocity meanwhile
 
 
+def test_the_position_random_walk_does_not_depend_on_the_input_rate():
+    """The input's one-sigma makes the position variance grow by sigma^2 * correlation_s per second whether the
+    inputs come at 1 or 50 Hz (a variance per step of sigma^2 * min(correlation_s, dt) * dt grew 50 times slower
+    at 50 Hz than at 1 Hz)."""
+    cfg = NavConfig(
+        init_ground_bias_sigma_mps=1e-6, bias_sigma_mps_per_s=1e-9, init_scale_sigma=1e-9, scale_sigma_per_s=1e-12,
+        init_heading_sigma_deg=1e-6, heading_sigma_deg_per_s=1e-9, accel_sigma_mps2=1e-6, correlation_s=1.0,
+    )  # fmt: skip
+
+    def variance_after(hz: float, t_end: float = 60.0) -> float:
+        f = NavFilter(cfg)
+        f.add_motion(0.0, "ground", (20.0, 0.0), sigma_mps=1.0)
+        f.add_consensus(0.0, (0.0, 0.0), 5.0, now_s=0.0)
+        for k in range(1, int(t_end * hz) + 1):
+            f.add_motion(k / hz, "ground", (20.0, 0.0), sigma_mps=1.0)
+        _, p = f.state(t_end)
+        return float(p[0, 0])
+
+    grown = [variance_after(hz) - 25.0 for hz in (1.0, 10.0, 50.0)]
+    assert grown == pytest.approx([60.0] * 3, rel=0.02), grown  # 1 m^2/s^2 * 1 s * 60 s
+
+
 def test_a_wrong_fix_is_gated_and_cannot_move_the_output():
     f = NavFilter()
     for k in range(100):
