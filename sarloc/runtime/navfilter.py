@@ -14,8 +14,8 @@ then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavF
   fixed on the ground). Optionally (``heading_transient_s`` > 0) the heading error has two parts: ``d``, steady,
   and a transient ``e`` that every turn moves by ``g`` times the signed angle turned and that decays with that
   time constant (an autopilot's yaw without GNSS is pulled off in a turn and recovers over tens of seconds); the
-  gain ``g`` is a state too, learnt from the fixes after earlier turns, and the turn's added uncertainty goes to
-  ``e``, so it decays with it.
+  gain ``g`` is a state too, learnt from the fixes after earlier turns; a turn's uncertainty is then the gain's
+  (its one-sigma times the angle turned, in ``e``, so it decays with it) instead of ``heading_turn_fraction``.
 * **Prediction from a motion input** (a time-stamped velocity; each one holds until the next): ``airspeed`` - the
   autopilot's heading and true airspeed (independent of the positions sarloc sends, so no feedback loop; ``b``
   is the wind); ``ground`` - a ground velocity (the strip metadata's heading and along-track speed, or the
@@ -71,6 +71,12 @@ _STRAIGHT_TURN_RAD = math.radians(5.0)
 #: speed-scale error (a plane's take-off taught +6 %); gusts move an airspeed by less
 _STEADY_SPEED_MPS = 1.0
 _STEADY_FRACTION = 0.1
+#: turn steps closer than this in time make one turn; beyond _TRANSIENT_MAX_TURN_RAD of one (a loiter's circles) the
+#: heading transient moves no further (a yaw does not stay pulled in a steady turn: ArduPlane SITL's loitering at
+#: home kept its yaw within 2 degrees, where the transient's steady state would pull the sent course by 10-20) and
+#: the turn grows the steady heading error's uncertainty instead, as without the transient
+_TURN_GAP_S = 5.0
+_TRANSIENT_MAX_TURN_RAD = math.pi
 #: within this long after a GNSS fix the autopilot's heading is GNSS-aided: its turns do not open the heading error
 #: (they would let it trade places with the wind at every turn: a pair right on one leg, wrong on the next)
 GNSS_REGIME_S = 20.0
@@ -105,7 +111,9 @@ class NavConfig:
         init_heading_sigma_deg: one-sigma of the input's heading error at initialisation, degrees.
         heading_sigma_deg_per_s: random-walk rate of the heading error, degrees per sqrt(s).
         heading_turn_fraction: the heading error's one-sigma grows by this fraction of every turn of the input (an
-            autopilot's yaw lags after a turn without GNSS: 5-6 % of a 90-180 degree turn in ArduPlane SITL).
+            autopilot's yaw lags after a turn without GNSS: 1-3.5 % of a 100-110 degree turn in ArduPlane SITL,
+            1-14 % of a 90 degree turn in ArduCopter's); not used for an air-velocity input with
+            ``heading_transient_s``, where the turn gain's one-sigma takes its place.
         heading_transient_s: time constant of the heading error's transient part after a turn of an air-velocity
             input (the autopilot's yaw), seconds; 0 (the default): one heading error, no transient.
         turn_gain_sigma: one-sigma of the transient per angle turned at initialisation (0.03: 2.7 degrees after a
@@ -257,6 +265,7 @@ class _State:
     p: np.ndarray | None
     u: _Input | None
     turn_ref: np.ndarray | None = None  # the input direction the last turn was measured from
+    turn_run: tuple[float, float] = (-math.inf, 0.0)  # time of the last counted turn step, signed angle since
 
 
 def _xp(st: _State) -> tuple[np.ndarray, np.ndarray]:
@@ -361,7 +370,7 @@ class NavFilter:
     def _turned(self, st: _State, u: _Input) -> _State:
         """A turn of the input since the last counted one: the heading error's one-sigma grows by
         ``heading_turn_fraction`` of it; with the transient (air input) the transient moves by the gain times the
-        clockwise angle and takes that growth instead."""
+        clockwise angle and its uncertainty by the gain's."""
         prev = st.turn_ref
         if float(np.hypot(*u.v)) < _MIN_TURN_SPEED_MPS:
             return st
@@ -373,16 +382,19 @@ class NavFilter:
         if self._gnss_aided(u.t_s):  # the autopilot's heading is GNSS-aided: a turn does not pull it off
             return dataclasses.replace(st, turn_ref=u.v)
         x, p = (a.copy() for a in _xp(st))
-        i = 5
-        if self.cfg.heading_transient_s > 0 and u.kind == "air":  # the yaw's transient: the gain times the turn
-            i = 6
+        t_last, run = st.turn_run
+        run = (run if u.t_s - t_last <= _TURN_GAP_S else 0.0) + cw
+        turn_run = (u.t_s, run)
+        if self.cfg.heading_transient_s > 0 and u.kind == "air" and abs(run) <= _TRANSIENT_MAX_TURN_RAD:
+            # the yaw's transient moves by the gain times the turn; the turn's uncertainty is the gain's (its
+            # one-sigma times the angle, coherent over the steps of one turn through the transient-gain covariance)
             f = np.eye(_N)
             f[6, 7] = cw
-            x, p = f @ x, f @ p @ f.T
+            return dataclasses.replace(st, x=f @ x, p=f @ p @ f.T, turn_ref=u.v, turn_run=turn_run)
         # one-sigma grows linearly with the angle turned (a yaw error proportional to the turn, like a gyro scale
         # error), not with its square root: a 90 degree turn at 10 Hz is many small steps
-        p[i, i] = (math.sqrt(p[i, i]) + self.cfg.heading_turn_fraction * abs(cw)) ** 2
-        return dataclasses.replace(st, x=x, p=p, turn_ref=u.v)
+        p[5, 5] = (math.sqrt(p[5, 5]) + self.cfg.heading_turn_fraction * abs(cw)) ** 2
+        return dataclasses.replace(st, x=x, p=p, turn_ref=u.v, turn_run=turn_run)
 
     @staticmethod
     def _update(st: _State, ev: _Event) -> _State:

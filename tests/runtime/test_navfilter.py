@@ -297,6 +297,46 @@ def test_a_turn_grows_the_heading_uncertainty_in_proportion():
     assert grown == pytest.approx(NavConfig().heading_turn_fraction * 90.0, rel=0.1), grown
 
 
+def test_with_the_transient_a_turn_adds_the_gain_s_uncertainty_only():
+    """With ``heading_transient_s`` a turn moves the transient by the learnt gain times the angle; the uncertainty it
+    adds is the gain's one-sigma times the angle (``heading_turn_fraction`` on top counted the turn twice: the
+    autopilot's yaw pulled by 1-3.5 % of each turn, steadily in one direction, is what the gain learns)."""
+    cfg = NavConfig(heading_transient_s=30.0)
+    f = NavFilter(cfg)
+    for k in range(100):
+        f.add_motion(k / 10, "air", (0.0, 20.0))
+    f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
+    p0 = f.state(9.9)[1]
+    for k, deg in enumerate(np.linspace(0, 90, 31)):  # a 90 degree turn in 3 s
+        f.add_motion(10.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
+    p1 = f.state(13.0)[1]
+    assert p1[5, 5] == pytest.approx(p0[5, 5], rel=0.01)  # the steady heading error does not take the turn
+    sg = math.sqrt(p0[7, 7])  # the turn gain's one-sigma (turn_gain_sigma, grown a little)
+    expect = math.hypot(math.sqrt(p0[6, 6]), sg * math.pi / 2)  # the transient's decay over 3 s aside
+    assert math.sqrt(p1[6, 6]) == pytest.approx(expect, rel=0.15), (math.sqrt(p1[6, 6]), expect)
+    assert math.degrees(math.sqrt(p1[6, 6])) < 0.75 * (cfg.turn_gain_sigma + cfg.heading_turn_fraction) * 90.0
+
+
+def test_a_loiter_moves_the_transient_by_half_a_circle_at_most():
+    """Circling (a loiter over home): the transient takes the first half circle of one continuous turn; the rest
+    grows the steady heading error's uncertainty by ``heading_turn_fraction`` of the angle, as without the
+    transient (a transient that took every circle would reach the gain times the turn rate times its time
+    constant, a pull the autopilot's yaw does not have in a steady turn)."""
+    cfg = NavConfig(heading_transient_s=30.0)
+    f = NavFilter(cfg)
+    for k in range(100):
+        f.add_motion(k / 10, "air", (0.0, 20.0))
+    f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
+    p0 = f.state(9.9)[1]
+    for k in range(1, 481):  # two circles at 15 degrees/s
+        f.add_motion(10.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), 1.5 * k)))
+    p1 = f.state(58.0)[1]
+    grown = math.degrees(math.sqrt(p1[5, 5]) - math.sqrt(p0[5, 5]))
+    assert grown == pytest.approx(cfg.heading_turn_fraction * (720.0 - 180.0), rel=0.1), grown
+    # the transient's one-sigma: at most the gain's over half a circle
+    assert math.sqrt(p1[6, 6]) <= 1.05 * math.hypot(math.sqrt(p0[6, 6]), math.sqrt(p0[7, 7]) * math.pi)
+
+
 def _legs_with_courses(courses: bool, err_deg: float = 4.0):
     """Three legs (north, east, south) with an input heading ``err_deg`` off; position fixes on the first leg only;
     with ``courses`` the true course (0.5 degree noise) every second on every leg, as the strip metadata gives it.
