@@ -11,11 +11,12 @@ then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavF
   ``(1 + k) u + d (u_north, -u_east) + b``, ``u`` the motion input in force. The heading error's uncertainty grows
   with time and with every turn of the input (``heading_turn_fraction`` of the angle turned): the fixes that
   follow a turn tell a heading error (a drift across the track that turns with the vehicle) from a wind (a drift
-  fixed on the ground). Optionally (``heading_transient_s`` > 0) the heading error has two parts: ``d``, steady,
-  and a transient ``e`` that every turn moves by ``g`` times the signed angle turned and that decays with that
-  time constant (an autopilot's yaw without GNSS is pulled off in a turn and recovers over tens of seconds); the
-  gain ``g`` is a state too, learnt from the fixes after earlier turns; a turn's uncertainty is then the gain's
-  (its one-sigma times the angle turned, in ``e``, so it decays with it) instead of ``heading_turn_fraction``.
+  fixed on the ground). For an air-velocity input (``heading_transient_s`` > 0, the default; 0 turns it off) the
+  heading error has two parts: ``d``, steady, and a transient ``e`` that every turn moves by ``g`` times the
+  signed angle turned and that decays with that time constant (an autopilot's yaw without GNSS is pulled off in a
+  turn and recovers over tens of seconds); the gain ``g`` is a state too, learnt from the fixes after earlier
+  turns; a turn's uncertainty is then the gain's (its one-sigma times the angle turned, in ``e``, so it decays
+  with it) instead of ``heading_turn_fraction``, for half a circle of one continuous turn at most (a loiter).
 * **Prediction from a motion input** (a time-stamped velocity; each one holds until the next): ``airspeed`` - the
   autopilot's heading and true airspeed (independent of the positions sarloc sends, so no feedback loop; ``b``
   is the wind); ``ground`` - a ground velocity (the strip metadata's heading and along-track speed, or the
@@ -72,8 +73,8 @@ _STRAIGHT_TURN_RAD = math.radians(5.0)
 _STEADY_SPEED_MPS = 1.0
 _STEADY_FRACTION = 0.1
 #: turn steps closer than this in time make one turn; beyond _TRANSIENT_MAX_TURN_RAD of one (a loiter's circles) the
-#: heading transient moves no further (a yaw does not stay pulled in a steady turn: ArduPlane SITL's loitering at
-#: home kept its yaw within 2 degrees, where the transient's steady state would pull the sent course by 10-20) and
+#: heading transient moves no further (a yaw does not stay pulled in a steady turn: ArduPlane SITL loitering at home
+#: kept its yaw error at 2-3 degrees rms, where the transient's steady state pulled the sent course by 10-20) and
 #: the turn grows the steady heading error's uncertainty instead, as without the transient
 _TURN_GAP_S = 5.0
 _TRANSIENT_MAX_TURN_RAD = math.pi
@@ -111,11 +112,11 @@ class NavConfig:
         init_heading_sigma_deg: one-sigma of the input's heading error at initialisation, degrees.
         heading_sigma_deg_per_s: random-walk rate of the heading error, degrees per sqrt(s).
         heading_turn_fraction: the heading error's one-sigma grows by this fraction of every turn of the input (an
-            autopilot's yaw lags after a turn without GNSS: 1-3.5 % of a 100-110 degree turn in ArduPlane SITL,
-            1-14 % of a 90 degree turn in ArduCopter's); not used for an air-velocity input with
+            autopilot's yaw lags after a turn without GNSS: 0.5-4.5 % of a 90-110 degree turn in ArduPlane SITL,
+            0.1-14 % in ArduCopter's); not used for an air-velocity input with
             ``heading_transient_s``, where the turn gain's one-sigma takes its place.
         heading_transient_s: time constant of the heading error's transient part after a turn of an air-velocity
-            input (the autopilot's yaw), seconds; 0 (the default): one heading error, no transient.
+            input (the autopilot's yaw), seconds; 0: one heading error, no transient.
         turn_gain_sigma: one-sigma of the transient per angle turned at initialisation (0.03: 2.7 degrees after a
             90 degree turn); used with ``heading_transient_s`` only.
         turn_gain_sigma_per_s: random-walk rate of that gain, per sqrt(s): an autopilot's yaw stays right through
@@ -154,7 +155,7 @@ class NavConfig:
     init_heading_sigma_deg: float = 3.0
     heading_sigma_deg_per_s: float = 0.05
     heading_turn_fraction: float = 0.03
-    heading_transient_s: float = 0.0
+    heading_transient_s: float = 30.0
     turn_gain_sigma: float = 0.03
     turn_gain_sigma_per_s: float = 0.001
     course_sigma_deg: float = 0.0

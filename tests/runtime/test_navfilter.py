@@ -12,6 +12,7 @@ from sarloc.core.errors import ConfigError
 from sarloc.runtime.navfilter import NavConfig, NavFilter, chi2_2dof
 
 WIND = np.array([0.0, 6.0])  # m/s, blowing north
+PLAIN = NavConfig(heading_transient_s=0.0)  # one heading error, no transient after turns
 AIR = np.array([20.0, -3.0])  # the air-velocity vector: ground velocity (20, 3)
 
 
@@ -276,16 +277,18 @@ def test_a_heading_error_of_the_input_is_learnt_and_not_taken_for_a_wind():
     """A yaw that reads 4 degrees off (an autopilot without GNSS): learnt as a heading error it turns with the
     vehicle, so the third leg, without fixes, stays close; taken for a wind (the filter without the heading state)
     it flips sides at the turn and the error grows by about 2 x 20 m/s x sin 4 deg = 2.8 m/s."""
-    f, errs = _legs_with_heading_error(NavConfig())
+    f, errs = _legs_with_heading_error(PLAIN)
     assert f.estimate(300.0).heading_offset_deg == pytest.approx(4.0, abs=1.5)  # two legs: partly a wind
     assert max(errs) < 90.0, max(errs)
-    no_heading = NavConfig(init_heading_sigma_deg=1e-6, heading_sigma_deg_per_s=1e-9, heading_turn_fraction=1e-9)
+    no_heading = NavConfig(
+        heading_transient_s=0.0, init_heading_sigma_deg=1e-6, heading_sigma_deg_per_s=1e-9, heading_turn_fraction=1e-9
+    )
     _, errs0 = _legs_with_heading_error(no_heading)
     assert max(errs0) > 4 * max(errs) and max(errs0) > 300.0, (max(errs0), max(errs))
 
 
 def test_a_turn_grows_the_heading_uncertainty_in_proportion():
-    f = NavFilter()
+    f = NavFilter(PLAIN)
     for k in range(100):
         f.add_motion(k / 10, "air", (0.0, 20.0))
     f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
@@ -294,7 +297,7 @@ def test_a_turn_grows_the_heading_uncertainty_in_proportion():
         f.add_motion(10.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
     p1 = f.state(13.0)[1][5, 5]
     grown = math.degrees(math.sqrt(p1)) - math.degrees(math.sqrt(p0))
-    assert grown == pytest.approx(NavConfig().heading_turn_fraction * 90.0, rel=0.1), grown
+    assert grown == pytest.approx(PLAIN.heading_turn_fraction * 90.0, rel=0.1), grown
 
 
 def test_with_the_transient_a_turn_adds_the_gain_s_uncertainty_only():
@@ -430,14 +433,14 @@ def test_the_heading_transient_after_turns_is_learnt():
     x, _ = f.state(f.last_fix_s)
     assert x[7] == pytest.approx(0.03, abs=0.005), x[7]  # the gain per angle turned
     assert math.degrees(x[5]) == pytest.approx(0.5, abs=0.3)  # the steady part
-    _, a0 = _laps_with_turn_transients(NavConfig())
+    _, a0 = _laps_with_turn_transients(PLAIN)
     p99, p99_0 = np.percentile(a[:, 0], 99), np.percentile(a0[:, 0], 99)
     assert p99 < 0.75 * p99_0 and np.median(a[:, 0]) < 0.75 * np.median(a0[:, 0]), (p99, p99_0)
     assert (a[:, 0] <= a[:, 1]).mean() > (a0[:, 0] <= a0[:, 1]).mean()
     # the transient appears only after two laps (the GNSS lost): the gain learnt near zero before gives way
     late, _ = _laps_with_turn_transients(NavConfig(heading_transient_s=30.0), laps=5, from_lap=2)
     assert late.state(late.last_fix_s)[0][7] == pytest.approx(0.03, abs=0.008)
-    off, _ = _laps_with_turn_transients(NavConfig(), gain=0.0)  # off (the default): the extra states stay zero
+    off, _ = _laps_with_turn_transients(PLAIN, gain=0.0)  # off: the extra states stay zero
     xo, po = off.state(off.last_fix_s)
     assert xo[6] == xo[7] == 0.0 and po[6, 6] == po[7, 7] == 0.0
 
@@ -533,7 +536,7 @@ def test_a_turn_does_not_open_the_heading_error_while_gnss_aided():
     uncertainty (the autopilot's heading is GNSS-aided); 30 s after the last one it adds the turn's share again."""
 
     def grown(last_gnss_s: float) -> float:
-        f = NavFilter()
+        f = NavFilter(PLAIN)
         for k in range(400):
             f.add_motion(k / 10, "air", (0.0, 20.0))
         f.add_gnss(0.0, (0.0, 0.0), 2.0, now_s=0.0)
@@ -545,7 +548,7 @@ def test_a_turn_does_not_open_the_heading_error_while_gnss_aided():
         return math.degrees(math.sqrt(f.state(43.0)[1][5, 5])) - math.degrees(math.sqrt(p0))
 
     assert abs(grown(39.0)) < 0.05
-    assert grown(10.0) == pytest.approx(NavConfig().heading_turn_fraction * 90.0, rel=0.15)
+    assert grown(10.0) == pytest.approx(PLAIN.heading_turn_fraction * 90.0, rel=0.15)
 
 
 def _take_off_then_level(steady_mps: float | None = None):
