@@ -287,32 +287,34 @@ def test_a_heading_error_of_the_input_is_learnt_and_not_taken_for_a_wind():
     assert max(errs0) > 4 * max(errs) and max(errs0) > 300.0, (max(errs0), max(errs))
 
 
-def test_a_turn_grows_the_heading_uncertainty_in_proportion():
-    f = NavFilter(PLAIN)
+def _turn_after_a_leg(cfg: NavConfig, turn: list[tuple[float, float]], t_end: float):
+    """10 s north at 20 m/s with a fix at 5 s, then the air input at ``(t, degrees clockwise of north)`` in
+    ``turn``. Returns the covariance before the turn (at 9.9 s) and at ``t_end``."""
+    f = NavFilter(cfg)
     for k in range(100):
         f.add_motion(k / 10, "air", (0.0, 20.0))
     f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
-    p0 = f.state(9.9)[1][5, 5]
-    for k, deg in enumerate(np.linspace(0, 90, 31)):  # a 90 degree turn in 3 s
-        f.add_motion(10.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
-    p1 = f.state(13.0)[1][5, 5]
-    grown = math.degrees(math.sqrt(p1)) - math.degrees(math.sqrt(p0))
+    p0 = f.state(9.9)[1]
+    for t, deg in turn:
+        f.add_motion(t, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
+    return p0, f.state(t_end)[1]
+
+
+_TURN_90 = [(10.0 + k / 10, deg) for k, deg in enumerate(np.linspace(0, 90, 31))]  # a 90 degree turn in 3 s
+
+
+def test_a_turn_grows_the_heading_uncertainty_in_proportion():
+    p0, p1 = _turn_after_a_leg(PLAIN, _TURN_90, 13.0)
+    grown = math.degrees(math.sqrt(p1[5, 5])) - math.degrees(math.sqrt(p0[5, 5]))
     assert grown == pytest.approx(PLAIN.heading_turn_fraction * 90.0, rel=0.1), grown
 
 
 def test_with_the_transient_a_turn_adds_the_gain_s_uncertainty_only():
     """With ``heading_transient_s`` a turn moves the transient by the learnt gain times the angle; the uncertainty it
     adds is the gain's one-sigma times the angle (``heading_turn_fraction`` on top counted the turn twice: the
-    autopilot's yaw pulled by 1-3.5 % of each turn, steadily in one direction, is what the gain learns)."""
+    autopilot's yaw pulled by 0.5-4.5 % of each turn, steadily in one direction, is what the gain learns)."""
     cfg = NavConfig(heading_transient_s=30.0)
-    f = NavFilter(cfg)
-    for k in range(100):
-        f.add_motion(k / 10, "air", (0.0, 20.0))
-    f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
-    p0 = f.state(9.9)[1]
-    for k, deg in enumerate(np.linspace(0, 90, 31)):  # a 90 degree turn in 3 s
-        f.add_motion(10.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
-    p1 = f.state(13.0)[1]
+    p0, p1 = _turn_after_a_leg(cfg, _TURN_90, 13.0)
     assert p1[5, 5] == pytest.approx(p0[5, 5], rel=0.01)  # the steady heading error does not take the turn
     sg = math.sqrt(p0[7, 7])  # the turn gain's one-sigma (turn_gain_sigma, grown a little)
     expect = math.hypot(math.sqrt(p0[6, 6]), sg * math.pi / 2)  # the transient's decay over 3 s aside
@@ -326,14 +328,8 @@ def test_a_loiter_moves_the_transient_by_half_a_circle_at_most():
     transient (a transient that took every circle would reach the gain times the turn rate times its time
     constant, a pull the autopilot's yaw does not have in a steady turn)."""
     cfg = NavConfig(heading_transient_s=30.0)
-    f = NavFilter(cfg)
-    for k in range(100):
-        f.add_motion(k / 10, "air", (0.0, 20.0))
-    f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
-    p0 = f.state(9.9)[1]
-    for k in range(1, 481):  # two circles at 15 degrees/s
-        f.add_motion(10.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), 1.5 * k)))
-    p1 = f.state(58.0)[1]
+    circles = [(10.0 + k / 10, 1.5 * k) for k in range(1, 481)]  # two circles at 15 degrees/s
+    p0, p1 = _turn_after_a_leg(cfg, circles, 58.0)
     grown = math.degrees(math.sqrt(p1[5, 5]) - math.sqrt(p0[5, 5]))
     assert grown == pytest.approx(cfg.heading_turn_fraction * (720.0 - 180.0), rel=0.1), grown
     # the transient's one-sigma: at most the gain's over half a circle
