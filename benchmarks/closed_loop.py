@@ -30,7 +30,7 @@ def results_table(results: list[dict]) -> str:
     rows = [
         "| flight | GNSS-denied | switch to sarloc | EKF warnings | availability "
         "| autopilot error, mission: median / p99 | return home: median / p99 | sent position: median "
-        "| false fixes | fix latency (median) | EKF GPS glitching | returned |",
+        "| false fixes | fix latency (median) | EKF GPS glitching: mission / return (raised) | returned |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -40,8 +40,10 @@ def results_table(results: list[dict]) -> str:
         w = r.get("windows") or {}
         lat = (w.get("latency_acquisition_to_applied_s") or {}).get("median")
         sent = (r.get("sent_position_error_m") or {}).get("median")
-        glitch = (r.get("ekf_gps_glitching") or {}).get("fraction")
-        glitch_pct = None if glitch is None else glitch * 100
+        glitch = " / ".join(
+            f"{_f(None if g.get('fraction') is None else g['fraction'] * 100, '{:.0f} %')} ({g.get('onsets', '-')})"
+            for g in (r.get("ekf_gps_glitching") or {}, r.get("ekf_gps_glitching_rtl") or {})
+        )
         rows.append(
             f"| {r['vehicle']}, {r['scene']} ({gsd:g} m px) | {_f(r.get('denied_s'), '{:.0f} s')} "
             f"| {_f(r.get('primary_gps_fix_after_denial_s'), '{:.2f} s')} "
@@ -49,7 +51,7 @@ def results_table(results: list[dict]) -> str:
             f"| {_f((r.get('availability') or 0) * 100, '{:.1f} %')} "
             f"| {_f(m.get('median'))} / {_f(m.get('p99'))} m ({_f(m.get('median_px'))} / {_f(m.get('p99_px'))} px) "
             f"| {_f(h.get('median'))} / {_f(h.get('p99'))} m | {_f(sent)} m | {w.get('false_applied_gt5px', '-')} "
-            f"of {w.get('applied', '-')} | {_f(lat, '{:.0f} s')} | {_f(glitch_pct, '{:.0f} %')} "
+            f"of {w.get('applied', '-')} | {_f(lat, '{:.0f} s')} | {glitch} "
             f"| {'yes' if r.get('returned_home') else 'no'} |"
         )
     return "\n".join(rows)

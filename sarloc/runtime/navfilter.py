@@ -16,7 +16,8 @@ then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavF
   signed angle turned and that decays with that time constant (an autopilot's yaw without GNSS is pulled off in a
   turn and recovers over tens of seconds); the gain ``g`` is a state too, learnt from the fixes after earlier
   turns; a turn's uncertainty is then the gain's (its one-sigma times the angle turned, in ``e``, so it decays
-  with it) instead of ``heading_turn_fraction``, for half a circle of one continuous turn at most (a loiter).
+  with it) instead of ``heading_turn_fraction``; one continuous turn moves it by half a circle at most, and beyond
+  (a loiter) the transient holds, neither moved nor decaying, until the turn ends.
 * **Prediction from a motion input** (a time-stamped velocity; each one holds until the next): ``airspeed`` - the
   autopilot's heading and true airspeed (independent of the positions sarloc sends, so no feedback loop; ``b``
   is the wind); ``ground`` - a ground velocity (the strip metadata's heading and along-track speed, or the
@@ -73,9 +74,10 @@ _STRAIGHT_TURN_RAD = math.radians(5.0)
 _STEADY_SPEED_MPS = 1.0
 _STEADY_FRACTION = 0.1
 #: turn steps closer than this in time make one turn; beyond _TRANSIENT_MAX_TURN_RAD of one (a loiter's circles) the
-#: heading transient moves no further (a yaw does not stay pulled in a steady turn: ArduPlane SITL loitering at home
-#: kept its yaw error at 2-3 degrees rms, where the transient's steady state pulled the sent course by 10-20) and
-#: the turn grows the steady heading error's uncertainty instead, as without the transient
+#: heading transient holds where half a circle left it, neither moved further nor decaying, while the turn goes on,
+#: and the turn adds no other uncertainty: a steady turn does not keep pulling a yaw (ArduPlane SITL loitering at
+#: home kept its yaw error at 1-3 degrees, steadily one way, where a transient moved by every circle reached the
+#: gain times the turn rate times its time constant, 10-20 degrees, and the turn fraction added 11 per circle)
 _TURN_GAP_S = 5.0
 _TRANSIENT_MAX_TURN_RAD = math.pi
 #: within this long after a GNSS fix the autopilot's heading is GNSS-aided: its turns do not open the heading error
@@ -84,6 +86,11 @@ GNSS_REGIME_S = 20.0
 #: the drift through a manoeuvre the first GNSS fix after it may show (one-sigma): the change of the input's velocity
 #: times this (a yaw or a speed that lags the truth by this long, or the equivalent slip)
 GNSS_TURN_LAG_S = 2.0
+
+
+def _clip_turn(run: float) -> float:
+    """The part of one continuous turn's signed angle that moves the heading transient (half a circle at most)."""
+    return max(-_TRANSIENT_MAX_TURN_RAD, min(_TRANSIENT_MAX_TURN_RAD, run))
 
 
 def _steady_mps(speed: float) -> float:
@@ -353,7 +360,8 @@ class NavFilter:
         f[0, 2] = f[1, 3] = dt
         f[0:2, 4] = v * dt  # position moves by ((1 + k) u + d perp(u) + b) dt: linear in the state for a known u
         f[0:2, 5] = f[0:2, 6] = _perp(v) * dt
-        if self.cfg.heading_transient_s > 0:  # the transient decays over the step (its mean effect on the position)
+        if self.cfg.heading_transient_s > 0 and not self._loitering(st):
+            # the transient decays over the step (its mean effect on the position)
             a = math.exp(-dt / self.cfg.heading_transient_s)
             f[0:2, 6] *= (1.0 - a) * self.cfg.heading_transient_s / dt
             f[6, 6] = a
@@ -367,6 +375,17 @@ class NavFilter:
         if self.cfg.heading_transient_s > 0:
             q[7, 7] = self.cfg.turn_gain_sigma_per_s**2 * dt
         return dataclasses.replace(st, t_s=t_s, x=x, p=f @ sp @ f.T + q)
+
+    def _loitering(self, st: _State) -> bool:
+        """Whether ``st`` is within one continuous turn of the air input beyond _TRANSIENT_MAX_TURN_RAD (a loiter):
+        the heading transient holds then."""
+        t_last, run = st.turn_run
+        return (
+            st.u is not None
+            and st.u.kind == "air"
+            and abs(run) > _TRANSIENT_MAX_TURN_RAD
+            and st.t_s - t_last <= _TURN_GAP_S
+        )
 
     def _turned(self, st: _State, u: _Input) -> _State:
         """A turn of the input since the last counted one: the heading error's one-sigma grows by
@@ -386,11 +405,12 @@ class NavFilter:
         t_last, run = st.turn_run
         run = (run if u.t_s - t_last <= _TURN_GAP_S else 0.0) + cw
         turn_run = (u.t_s, run)
-        if self.cfg.heading_transient_s > 0 and u.kind == "air" and abs(run) <= _TRANSIENT_MAX_TURN_RAD:
+        if self.cfg.heading_transient_s > 0 and u.kind == "air":
             # the yaw's transient moves by the gain times the turn; the turn's uncertainty is the gain's (its
-            # one-sigma times the angle, coherent over the steps of one turn through the transient-gain covariance)
+            # one-sigma times the angle, coherent over the steps of one turn through the transient-gain covariance);
+            # beyond half a circle of one turn (a loiter) it holds instead (see _TRANSIENT_MAX_TURN_RAD)
             f = np.eye(_N)
-            f[6, 7] = cw
+            f[6, 7] = _clip_turn(run) - _clip_turn(run - cw)
             return dataclasses.replace(st, x=f @ x, p=f @ p @ f.T, turn_ref=u.v, turn_run=turn_run)
         # one-sigma grows linearly with the angle turned (a yaw error proportional to the turn, like a gyro scale
         # error), not with its square root: a 90 degree turn at 10 Hz is many small steps

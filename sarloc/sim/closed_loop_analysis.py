@@ -115,13 +115,20 @@ def _autopilot_events(
     pos_abs = [r for r in ekf if r["flags"] & 0x10 and not r["flags"] & 0x80]  # POS_HORIZ_ABS, not CONST_POS
     res["ekf_abs_position_fraction"] = len(pos_abs) / len(ekf) if ekf else None
     res["ekf_const_pos_mode_reports"] = sum(1 for r in ekf if r["flags"] & 0x80)
+
     # EKF_GPS_GLITCHING: EKF3's GPS quality check failed (its filtered speed accuracy above 1.5 m/s until it is
     # back under 1.0, or its innovations too large); ArduCopter says "GPS Glitch or Compass error" when it is set
-    glitch = np.array([bool(r["flags"] & EKF_GPS_GLITCHING) for r in ekf if r["wall_s"] <= (t_end or 1e18)])
-    res["ekf_gps_glitching"] = {
-        "fraction": float(glitch.mean()) if len(glitch) else None,
-        "onsets": int(glitch[0] + np.sum(glitch[1:] & ~glitch[:-1])) if len(glitch) else 0,
-    }
+    def glitching(sel: list[dict[str, Any]]) -> dict[str, Any]:
+        g = np.array([bool(r["flags"] & EKF_GPS_GLITCHING) for r in sel])
+        return {
+            "fraction": float(g.mean()) if len(g) else None,
+            "onsets": int(g[0] + np.sum(g[1:] & ~g[:-1])) if len(g) else 0,
+        }
+
+    # the mission (to the RTL), and the return home with the loiter over it
+    res["ekf_gps_glitching"] = glitching([r for r in ekf if r["wall_s"] <= (t_end or 1e18)])
+    if t_end is not None:
+        res["ekf_gps_glitching_rtl"] = glitching([r for r in ekf if r["wall_s"] > t_end])
     # availability: the autopilot's echo of sarloc's GPS (GPS2_RAW) with a 3-D fix
     g2 = [r for r in tel if r["type"] == "GPS2_RAW" and r["wall_s"] >= t_deny and r["wall_s"] <= (t_end or 1e18)]
     res["availability"] = sum(r["fix_type"] >= 3 for r in g2) / len(g2) if g2 else None

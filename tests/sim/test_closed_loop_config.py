@@ -90,3 +90,4 @@ def test_sent_velocity_and_gps_glitching_are_read_against_the_truth():
     tel.insert(0, {"type": "EKF_STATUS_REPORT", "wall_s": 5.0, "flags": EKF_GPS_GLITCHING})  # before the denial
     res, _ = _autopilot_events({"statustexts": []}, tel, t_deny=10.0, t_end=24.5)  # the last one is after RTL
     assert res["ekf_gps_glitching"] == {"fraction": pytest.approx(3 / 5), "onsets": 2}
+    assert res["ekf_gps_glitching_rtl"] == {"fraction": 1.0, "onsets": 1}  # the return home, counted apart
