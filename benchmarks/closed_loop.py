@@ -98,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="the daemon's gnss_aiding: the autopilot's GNSS reaches its filter until the denial",
     )
-    p.add_argument("--motion", choices=["airspeed", "velocity", "strip", "auto"], help="the daemon's motion input")
+    p.add_argument(
+        "--motion", choices=["airspeed", "velocity", "flow", "strip", "auto"], help="the daemon's motion input"
+    )
     p.add_argument("--analyse", metavar="OUT", help="only analyse a recorded flight")
     p.add_argument("--table", nargs="+", metavar="OUT", help="a markdown table of recorded flights' result.json")
     a = p.parse_args(argv)

@@ -18,6 +18,7 @@ import logging
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -41,6 +42,12 @@ GNSS_AIDING_INTERVAL_S = 1.0
 GNSS_MIN_SIGMA_M = 2.0
 GNSS_MAX_AGE_S = 1.0
 GNSS_GATED_LIMIT = 5
+
+#: the optical-flow velocity handed to the filter is the mean over this long (a flow sensor's samples are noisy: 0.05
+#: rad/s at 30 m above ground is 1.5 m/s each), stamped at the mean receipt time
+FLOW_AVERAGE_S = 1.0
+#: below this height above ground (m) an optical flow's scale means little; no flow input
+FLOW_MIN_HEIGHT_M = 0.5
 
 ToLonLat = Callable[[float, float], tuple[float, float]]
 FromLonLat = Callable[[float, float], tuple[float, float]]
@@ -101,6 +108,31 @@ def pack_frame(pack) -> tuple[ToLonLat | None, float]:
     return to_lonlat, _grid_convergence_deg(crs, pack)
 
 
+def flow_velocity_ne(
+    comp_x_rad_s: float,
+    comp_y_rad_s: float,
+    height_m: float,
+    roll_deg: float,
+    pitch_deg: float,
+    yaw_deg: float,
+    vd_mps: float = 0.0,
+) -> tuple[float, float]:
+    """The ground velocity (north, east), m/s, that an optical flow sensor looking down sees, as ArduPilot's
+    OPTICAL_FLOW reports it (the flow's angular rates less the body's, about the body's x and y axes, and the height
+    above ground): EKF3 predicts those rates as ``(-v_y, v_x) / range`` in the body frame, ``range`` the distance
+    along the sensor's axis (``height / (cos roll cos pitch)``). The body-frame velocity's vertical part, which the
+    flow does not see, is the one that gives the vertical velocity ``vd_mps`` (down)."""
+    phi, theta, psi = (math.radians(a) for a in (roll_deg, pitch_deg, yaw_deg))
+    cphi, sphi, cth, sth, cpsi, spsi = (math.cos(phi), math.sin(phi), math.cos(theta), math.sin(theta),
+                                        math.cos(psi), math.sin(psi))  # fmt: skip
+    rng = height_m / max(cphi * cth, 0.2)
+    vx, vy = comp_y_rad_s * rng, -comp_x_rad_s * rng
+    vz = (vd_mps + sth * vx - sphi * cth * vy) / max(cphi * cth, 0.2)  # body z: what makes the NED down vd_mps
+    north = cth * cpsi * vx + (sphi * sth * cpsi - cphi * spsi) * vy + (cphi * sth * cpsi + sphi * spsi) * vz
+    east = cth * spsi * vx + (sphi * sth * spsi + cphi * cpsi) * vy + (cphi * sth * spsi - sphi * cpsi) * vz
+    return north, east
+
+
 class AutopilotIO:
     """The daemon's side of the MAVLink link (module docstring). ``link`` and ``sender`` are None without MAVLink.
 
@@ -136,6 +168,7 @@ class AutopilotIO:
         self.sender: Any = None
         self.out_stats = {"ticks": 0, "valid_ticks": 0, "ticks_since_first_valid": 0}
         self._last_motion_rx: float | None = None
+        self._flow: deque[tuple[float, float, float]] = deque()  # (rx_mono_s, north, east): the flow's last second
         self._last_nav_record = -math.inf
         self._last_ap_clock: float | None = None
         self.from_lonlat = from_lonlat
@@ -188,7 +221,7 @@ class AutopilotIO:
         if self.cfg.gnss_aiding:
             self._feed_gnss(link, wall_s, mono_now)
         motion = self.cfg.motion
-        if motion not in ("auto", "airspeed", "velocity"):
+        if motion not in ("auto", "airspeed", "velocity", "flow"):
             return
         sample = None
         if motion in ("auto", "airspeed"):
@@ -201,7 +234,7 @@ class AutopilotIO:
                 # the airspeed is along the flight path: in a climb or descent only part of it is horizontal (a
                 # plane climbing out at 10 m/s on 28 m/s true airspeed moves 7 % slower over the ground)
                 vd = pos.vel_ned_mps[2] if pos is not None else 0.0
-                h = math.sqrt(max(tas * tas - vd * vd, 0.0)) if math.isfinite(vd) and abs(vd) < tas else tas
+                h = math.sqrt(tas * tas - vd * vd) if math.isfinite(vd) and abs(vd) < tas else tas
                 sample = (rx, "air", (h * math.sin(psi), h * math.cos(psi)))
         if motion == "velocity":
             pos = link.position_prior(max_age_s=1.0)
@@ -210,12 +243,35 @@ class AutopilotIO:
                 g = math.radians(self.grid_from_true_deg)  # rotate (east, north) true -> grid
                 v = (ve * math.cos(g) + vn * math.sin(g), -ve * math.sin(g) + vn * math.cos(g))
                 sample = (pos.rx_mono_s, "ground", v)
+        if motion == "flow":
+            sample = self._flow_sample(link)
         if sample is None or sample[0] == self._last_motion_rx:
             return
         self._last_motion_rx = sample[0]
         t = self.clock.now(wall_s - (mono_now - sample[0]))
         if t is not None:
             self.nav.add_motion(t, sample[1], sample[2])
+
+    def _flow_sample(self, link: Any) -> tuple[float, str, tuple[float, float]] | None:
+        """The optical flow's ground velocity, the mean of the last FLOW_AVERAGE_S, as a ``ground`` motion input
+        ``(rx_mono_s, kind, (east, north))`` on the grid, or None (no fresh flow, no attitude, too low, or the same
+        flow sample as last time)."""
+        f, att = link.optical_flow(max_age_s=1.0), link.attitude(max_age_s=1.0)
+        if f is None or att is None or f.quality <= 0 or f.ground_distance_m < FLOW_MIN_HEIGHT_M:
+            return None
+        if not self._flow or f.rx_mono_s > self._flow[-1][0]:
+            pos = link.position_prior(max_age_s=5.0)
+            vd = pos.vel_ned_mps[2] if pos is not None and math.isfinite(pos.vel_ned_mps[2]) else 0.0
+            n, e = flow_velocity_ne(
+                f.comp_x_rad_s, f.comp_y_rad_s, f.ground_distance_m, att.roll_deg, att.pitch_deg, att.yaw_deg, vd
+            )
+            self._flow.append((f.rx_mono_s, n, e))
+        while self._flow and self._flow[0][0] < self._flow[-1][0] - FLOW_AVERAGE_S:
+            self._flow.popleft()
+        k = len(self._flow)
+        t, vn, ve = (sum(s[i] for s in self._flow) / k for i in range(3))
+        g = math.radians(self.grid_from_true_deg)  # rotate (east, north) true -> grid
+        return t, "ground", (ve * math.cos(g) + vn * math.sin(g), -ve * math.sin(g) + vn * math.cos(g))
 
     def _feed_gnss(self, link: Any, wall_s: float, mono_now: float) -> None:
         """GNSS aiding: hand the autopilot's own GNSS fix to the filter, at most every GNSS_AIDING_INTERVAL_S."""

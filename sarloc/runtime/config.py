@@ -7,7 +7,9 @@ value stops the daemon at start, not mid-flight.
 Motion between fixes (``motion``): the autopilot's heading and airspeed (``airspeed``: ATTITUDE + VFR_HUD,
 independent of the positions sarloc sends; the filter estimates the wind), the autopilot's ground velocity
 (``velocity``: only with an independent velocity source such as optical flow; without GNSS and without one it
-is built from sarloc's own positions and the loop drifts), the strips' metadata (``strip``:
+is built from sarloc's own positions and the loop drifts; with one, the positions sent still pull it), the
+autopilot's optical flow (``flow``: OPTICAL_FLOW rates and height above ground with the ATTITUDE, independent of
+the positions sent), the strips' metadata (``strip``:
 heading and along-track speed), or ``auto`` (airspeed when the autopilot reports it, else the strips).
 
 Clock (``clock``, :class:`~sarloc.runtime.clockmap.ClockMap`): window times come from the strips' ``t0_s`` and row
@@ -59,7 +61,8 @@ class RunConfig:
         verify_pack: check the pack's sha256 at start (reads every byte once).
         clock: how strip times relate to "now": ``auto``, ``unix``, ``autopilot`` or ``data`` (module docstring).
         max_clock_offset_s: ``unix`` clock: a larger difference from the autopilot's SYSTEM_TIME is logged.
-        motion: the motion input between fixes: ``auto``, ``airspeed``, ``velocity`` or ``strip`` (module docstring).
+        motion: the motion input between fixes: ``auto``, ``airspeed``, ``velocity``, ``flow`` or ``strip`` (module
+            docstring).
         field_elevation_m: altitude above mean sea level of the take-off point; when set, the altitude sent is this
             plus the autopilot's own height above home (GLOBAL_POSITION_INT.relative_alt), else no altitude is sent
             (the autopilot then needs ``BARO_FIELD_ELV``, see docs/mavlink.md).
@@ -103,7 +106,7 @@ class RunConfig:
 _SUB: dict[str, type[Any]] = {"localizer": LocalizerConfig, "fusion": FusionConfig, "nav": NavConfig}
 _TABLES = ("localizer", "fusion", "nav", "mavlink")
 CLOCKS = ("auto", "unix", "autopilot", "data")
-MOTIONS = ("auto", "airspeed", "velocity", "strip")
+MOTIONS = ("auto", "airspeed", "velocity", "flow", "strip")
 
 
 def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConfig:

@@ -51,6 +51,8 @@ DEFAULT_RATES_HZ: dict[str, float] = {
     "SIMSTATE": 10,
     "SIM_STATE": 10,
     "GLOBAL_POSITION_INT": 10,
+    "ATTITUDE": 10,
+    "OPTICAL_FLOW": 10,  # a vehicle with a flow sensor only
     "EKF_STATUS_REPORT": 5,
     "GPS_RAW_INT": 5,
     "GPS2_RAW": 5,

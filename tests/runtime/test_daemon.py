@@ -412,6 +412,64 @@ def test_nav_state_fields_for_the_autopilot(flight, tmp_path):
     assert st.vel_ned_mps[1] > 15.0 and st.vel_ned_mps[2] == pytest.approx(-1.5)  # east; the autopilot's climb
 
 
+def _dcm(roll_deg: float, pitch_deg: float, yaw_deg: float) -> np.ndarray:
+    """Body -> NED rotation (yaw, pitch, roll)."""
+    r, p, y = np.radians([roll_deg, pitch_deg, yaw_deg])
+    rz = np.array([[np.cos(y), -np.sin(y), 0], [np.sin(y), np.cos(y), 0], [0, 0, 1]])
+    ry = np.array([[np.cos(p), 0, np.sin(p)], [0, 1, 0], [-np.sin(p), 0, np.cos(p)]])
+    rx = np.array([[1, 0, 0], [0, np.cos(r), -np.sin(r)], [0, np.sin(r), np.cos(r)]])
+    return rz @ ry @ rx
+
+
+@pytest.mark.parametrize("att", [(0.0, 0.0, 0.0), (0.0, 0.0, 90.0), (8.0, -12.0, 230.0), (-15.0, 5.0, 10.0)])
+def test_optical_flow_gives_the_ground_velocity(att):
+    """Flow rates made the way EKF3 predicts them (body-frame velocity over the range along the sensor's axis) give
+    back the NED velocity they were made from, tilted or not, climbing or not."""
+    from sarloc.runtime.autopilot_io import flow_velocity_ne
+
+    height = 30.0
+    for v_ned in ([10.0, 0.0, 0.0], [-3.0, 7.0, 0.0], [4.0, -6.0, -1.5]):
+        vb = _dcm(*att).T @ np.array(v_ned)
+        rng = height / (math.cos(math.radians(att[0])) * math.cos(math.radians(att[1])))
+        comp_x, comp_y = -vb[1] / rng, vb[0] / rng
+        n, e = flow_velocity_ne(comp_x, comp_y, height, *att, vd_mps=v_ned[2])
+        assert (n, e) == (pytest.approx(v_ned[0], abs=1e-9), pytest.approx(v_ned[1], abs=1e-9))
+
+
+def test_the_flow_motion_input_is_the_last_second_s_mean(flight, tmp_path):
+    """``motion = "flow"``: the filter's input is the mean of the optical flow's last second (single samples are
+    noisy), a ground velocity independent of the positions sent; none without a fresh flow."""
+    from sarloc.runtime.daemon import Daemon, load_run_config
+    from sarloc.runtime.mavlink import FlowSample
+
+    cfg = load_run_config(
+        None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+        out=str(tmp_path / "run"), follow=False, clock="unix", motion="flow",
+    )  # fmt: skip
+    d = Daemon(cfg)
+    link = _FakeLink(time.monotonic())
+    link.att = link.att._replace(yaw_deg=0.0)  # facing north, level
+    link.pos = dataclasses.replace(link.pos, vel_ned_mps=(0.0, 0.0, 0.0))
+    link.optical_flow = lambda max_age_s=None: link.flow
+    d.link = link
+    now = time.time()
+    d.clock.observe_data(now, now)
+    mono = time.monotonic()
+    link.flow = None
+    d.nav_state(now)
+    assert not d.nav._after  # no flow: no input
+    for k, comp_y in enumerate((0.3, 0.4, 0.2)):  # 9, 12, 6 m/s north at 30 m
+        link.flow = FlowSample(mono + 0.1 * k, 0.0, comp_y, 30.0, 255)
+        d.nav_state(now)
+    u = d.nav._after[-1].u
+    grid = math.radians(d.autopilot.grid_from_true_deg)
+    assert u.kind == "ground" and float(np.hypot(*u.v)) == pytest.approx(9.0)
+    assert u.v[1] == pytest.approx(9.0 * math.cos(grid), abs=1e-6)
+    link.flow = FlowSample(mono + 1.15, 0.0, 0.5, 30.0, 255)  # the first two are more than a second older
+    d.nav_state(now)
+    assert float(np.hypot(*d.nav._after[-1].u.v)) == pytest.approx((6.0 + 15.0) / 2)
+
+
 def test_run_restores_the_signal_handlers(flight, tmp_path):
     from sarloc.runtime.daemon import load_run_config, run
 

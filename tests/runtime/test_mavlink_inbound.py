@@ -83,11 +83,18 @@ def test_inbound_speeds_attitude_and_autopilot_clock():
     try:
         assert link.airspeed_mps() is None and link.autopilot_clock() is None and link.clock_offset_s() is None
         ap.mav.vfr_hud_send(21.5, 19.0, 90, 50, 100.0, 0.0)
-        ap.mav.attitude_send(0, 0.0, 0.0, math.radians(-45.0), 0.0, 0.0, 0.0)
-        assert poll_until(link, lambda: link.attitude() is not None and link.groundspeed_mps() is not None)
+        ap.mav.attitude_send(0, math.radians(5.0), math.radians(-2.0), math.radians(-45.0), 0.0, 0.0, 0.0)
+        # ArduPilot's OPTICAL_FLOW: time, sensor id, flow_x/_y (int16), the compensated rates (rad/s), quality,
+        # height above ground, the raw rates
+        ap.mav.optical_flow_send(1000, 0, 0, 0, 0.1, -0.2, 200, 30.0, 0.1, -0.2)
+        assert poll_until(link, lambda: link.optical_flow() is not None and link.groundspeed_mps() is not None)
         assert link.airspeed_mps() == (21.5, mono.t) and link.airspeed_mps().rx_mono_s == mono.t
         assert link.groundspeed_mps().mps == 19.0
-        assert link.attitude() == (mono.t, pytest.approx(315.0)) and link.attitude().yaw_deg == pytest.approx(315.0)
+        assert link.attitude() == (mono.t, pytest.approx(315.0), pytest.approx(5.0), pytest.approx(-2.0))
+        f = link.optical_flow()
+        assert (f.comp_x_rad_s, f.comp_y_rad_s, f.ground_distance_m, f.quality) == (
+            pytest.approx(0.1), pytest.approx(-0.2), 30.0, 200
+        )
 
         for boot_ms, offset_s in ((60_000, 0.30), (60_500, 0.20), (61_000, 0.25), (61_500, 5.0)):
             ap.mav.system_time_send(round((wall.t + offset_s) * 1e6), boot_ms)
@@ -100,6 +107,7 @@ def test_inbound_speeds_attitude_and_autopilot_clock():
 
         mono.t += 2.5  # older than stale_after_s
         assert link.airspeed_mps() is None and link.attitude() is None and link.clock_offset_s() is None
+        assert link.optical_flow() is None
         assert link.groundspeed_mps(max_age_s=5.0) is not None and link.clock_offset_s(max_age_s=5.0) is not None
 
         ap.mav.system_time_send(0, 64_100)  # the autopilot has no UNIX time
@@ -130,7 +138,8 @@ def test_stream_requests_retry_missing_and_follow_a_reboot(links, caplog):
         link.poll()
         assert requests() == {}  # not again before the retry interval
 
-        for k, boot_ms in enumerate((100_000, 102_500, 105_000)):  # everything but GPS2_RAW arrives
+        # everything but GPS2_RAW and OPTICAL_FLOW arrives (no second GNSS, no flow sensor)
+        for k, boot_ms in enumerate((100_000, 102_500, 105_000)):
             ap.mav.attitude_send(0, 0.0, 0.0, 0.1, 0.0, 0.0, 0.0)
             ap.mav.vfr_hud_send(20.0, 20.0, 10, 50, 100.0, 0.0)
             ap.mav.global_position_int_send(0, round(LAT * 1e7), round(LON * 1e7), 0, 0, 0, 0, 0, 0)
@@ -140,10 +149,10 @@ def test_stream_requests_retry_missing_and_follow_a_reboot(links, caplog):
             assert poll_until(link, lambda k=k: link.stats["received"] == 6 * (k + 1))
             mono.t += (2.5, 2.5, 1.6)[k]
             link.poll()
-            if k == 1:  # GPS2_RAW's retry interval doubled to 4 s; the others are fresh (< 3 s)
+            if k == 1:  # the missing ones' retry interval doubled to 4 s; the others are fresh (< 3 s)
                 assert requests() == {}
-            else:  # only the one still missing is asked for again
-                assert requests() == {ids["GPS2_RAW"]: 1.25e5}
+            else:  # only the ones still missing are asked for again
+                assert requests() == {ids["GPS2_RAW"]: 1.25e5, ids["OPTICAL_FLOW"]: 1.25e5}
         assert link.stats["autopilot_reboots"] == 0
         w = link.wind(max_age_s=10.0)  # the air moves east
         assert w is not None and w.east_mps == pytest.approx(5.0) and w.north_mps == pytest.approx(0.0, abs=1e-9)

@@ -12,11 +12,12 @@ Outbound (MAVLink2, optionally signed), from component ``MAV_COMP_ID_ONBOARD_COM
   an autopilot reboot, and again while one of them does not arrive (ArduPilot's SERIAL1/2 stream rates default to 0).
 
 Inbound (:meth:`MavlinkLink.poll`, non-blocking): the latest ``ATTITUDE``, ``VFR_HUD``, ``GLOBAL_POSITION_INT``,
-``SYSTEM_TIME`` and the GPS echo (``GPS_RAW_INT`` / ``GPS2_RAW``) of the autopilot (``autopilot_system`` /
-``autopilot_component`` only), with per-type rate limiting, signature checks when signing is on, and counters for
-everything dropped. Malformed bytes are counted, never raised. The link checks that the autopilot echoes the
-positions sent (:meth:`MavlinkLink.echo_status`), warns once when the autopilot signs and sarloc does not, and with
-``require_autopilot_s`` reports a link that hears nothing as fatal (:meth:`MavlinkLink.fatal_reason`).
+``OPTICAL_FLOW``, ``SYSTEM_TIME`` and the GPS echo (``GPS_RAW_INT`` / ``GPS2_RAW``) of the autopilot
+(``autopilot_system`` / ``autopilot_component`` only), with per-type rate limiting, signature checks when signing
+is on, and counters for everything dropped. Malformed bytes are counted, never raised. The link checks that the
+autopilot echoes the positions sent (:meth:`MavlinkLink.echo_status`), warns once when the autopilot signs and
+sarloc does not, and with ``require_autopilot_s`` reports a link that hears nothing as fatal
+(:meth:`MavlinkLink.fatal_reason`).
 
 pymavlink is imported lazily (inside constructors and functions), so importing this package is cheap, and pymavlink's
 module-level dialect state is left alone: the link builds its own MAVLink2 codec from
@@ -45,6 +46,7 @@ from sarloc.runtime.mavlink.autopilot import (
     AutopilotPosition,
     AutopilotState,
     ClockSample,
+    FlowSample,
     GnssSample,
     SpeedSample,
     WindSample,
@@ -127,6 +129,7 @@ __all__ = [
     "AutopilotPosition",
     "AutopilotState",
     "ClockSample",
+    "FlowSample",
     "GnssSample",
     "MavlinkConfig",
     "MavlinkLink",

@@ -1,4 +1,4 @@
-"""The autopilot's state as the link reads it: the latest ``ATTITUDE``, ``VFR_HUD``, ``WIND``,
+"""The autopilot's state as the link reads it: the latest ``ATTITUDE``, ``VFR_HUD``, ``WIND``, ``OPTICAL_FLOW``,
 ``GLOBAL_POSITION_INT`` and ``SYSTEM_TIME`` of the autopilot, and the latest fix of its own GNSS receiver (the
 ``GPS_RAW_INT`` / ``GPS2_RAW`` instance that is not sarloc's), kept by :class:`AutopilotState` with the time each
 arrived, and handed out only while fresh (``max_age_s``, default ``stale_after_s``).
@@ -86,10 +86,24 @@ class WindSample(NamedTuple):
 
 
 class AttitudeSample(NamedTuple):
-    """ATTITUDE yaw: ``(rx_mono_s, yaw_deg)``, yaw in [0, 360) clockwise from north."""
+    """ATTITUDE: ``(rx_mono_s, yaw_deg, roll_deg, pitch_deg)``, yaw in [0, 360) clockwise from north."""
 
     rx_mono_s: float
     yaw_deg: float
+    roll_deg: float = 0.0
+    pitch_deg: float = 0.0
+
+
+class FlowSample(NamedTuple):
+    """OPTICAL_FLOW as ArduPilot sends it: the flow's angular rates less the body's (``flow_comp_m_x/_y``, rad/s
+    despite the field names), about the sensor's (body's) x and y axes, and the height above ground its EKF holds
+    (``ground_distance``, m); ``rx_mono_s`` is ``time.monotonic()`` at receipt."""
+
+    rx_mono_s: float
+    comp_x_rad_s: float
+    comp_y_rad_s: float
+    ground_distance_m: float
+    quality: int
 
 
 @dataclass(frozen=True)
@@ -149,6 +163,7 @@ class AutopilotState:
         self._airspeed: SpeedSample | None = None
         self._groundspeed: SpeedSample | None = None
         self._wind: WindSample | None = None
+        self._flow: FlowSample | None = None
         self._position: AutopilotPosition | None = None
         self._clock: ClockSample | None = None
         self._clock_offsets: deque[float] = deque(maxlen=CLOCK_SAMPLES)  # autopilot UNIX time - local wall time
@@ -163,7 +178,14 @@ class AutopilotState:
         """
         if name == "ATTITUDE":
             if math.isfinite(m.yaw):
-                self._attitude = AttitudeSample(now, _wrap_deg(math.degrees(m.yaw)))
+                roll, pitch = (float(a) if math.isfinite(a) else 0.0 for a in (m.roll, m.pitch))
+                self._attitude = AttitudeSample(
+                    now, _wrap_deg(math.degrees(m.yaw)), math.degrees(roll), math.degrees(pitch)
+                )
+        elif name == "OPTICAL_FLOW":
+            cx, cy, h = float(m.flow_comp_m_x), float(m.flow_comp_m_y), float(m.ground_distance)
+            if all(map(math.isfinite, (cx, cy, h))):
+                self._flow = FlowSample(now, cx, cy, h, int(m.quality))
         elif name == "VFR_HUD":
             self._vfr_hud = (now, _wrap_deg(float(m.heading)))
             if math.isfinite(m.airspeed):
@@ -296,6 +318,13 @@ class AutopilotState:
         with self._lock:
             a = self._attitude
         return None if a is None else self._fresh(a, a.rx_mono_s, max_age_s)
+
+    def optical_flow(self, max_age_s: float | None = None) -> FlowSample | None:
+        """The latest OPTICAL_FLOW, or None when older than ``max_age_s`` (default ``stale_after_s``) or never
+        received (ArduPilot sends it only with a healthy flow sensor)."""
+        with self._lock:
+            f = self._flow
+        return None if f is None else self._fresh(f, f.rx_mono_s, max_age_s)
 
     def wind(self, max_age_s: float | None = None) -> WindSample | None:
         """The autopilot's latest WIND estimate (ArduPilot only), or None when older than ``max_age_s`` (default

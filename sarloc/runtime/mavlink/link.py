@@ -24,6 +24,7 @@ from sarloc.runtime.mavlink.autopilot import (
     AutopilotPosition,
     AutopilotState,
     ClockSample,
+    FlowSample,
     GnssSample,
     SpeedSample,
     WindSample,
@@ -423,6 +424,10 @@ class MavlinkLink:
     def attitude(self, max_age_s: float | None = None) -> AttitudeSample | None:
         """The latest ATTITUDE yaw, None when stale: :meth:`AutopilotState.attitude`."""
         return self.autopilot.attitude(max_age_s)
+
+    def optical_flow(self, max_age_s: float | None = None) -> FlowSample | None:
+        """The latest OPTICAL_FLOW, None when stale: :meth:`AutopilotState.optical_flow`."""
+        return self.autopilot.optical_flow(max_age_s)
 
     def wind(self, max_age_s: float | None = None) -> WindSample | None:
         """The autopilot's latest WIND estimate, None when stale: :meth:`AutopilotState.wind`."""

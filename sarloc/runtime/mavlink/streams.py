@@ -17,7 +17,16 @@ from sarloc.runtime.mavlink.config import MavlinkConfig
 
 MAV_CMD_SET_MESSAGE_INTERVAL = 511
 #: What the link reads from the autopilot; each is requested with MAV_CMD_SET_MESSAGE_INTERVAL.
-INBOUND_TYPES = ("ATTITUDE", "VFR_HUD", "GLOBAL_POSITION_INT", "SYSTEM_TIME", "GPS_RAW_INT", "GPS2_RAW", "WIND")
+INBOUND_TYPES = (
+    "ATTITUDE",
+    "VFR_HUD",
+    "GLOBAL_POSITION_INT",
+    "SYSTEM_TIME",
+    "GPS_RAW_INT",
+    "GPS2_RAW",
+    "WIND",
+    "OPTICAL_FLOW",
+)
 #: SYSTEM_TIME is requested at this rate (the clock offset needs no more); the rest at ``stream_rate_hz``.
 SYSTEM_TIME_RATE_HZ = 2.0
 #: A requested stream not heard for this long is requested again (first retry after STREAM_RETRY_MIN_S, doubling
