@@ -16,8 +16,8 @@ then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavF
   signed angle turned and that decays with that time constant (an autopilot's yaw without GNSS is pulled off in a
   turn and recovers over tens of seconds); the gain ``g`` is a state too, learnt from the fixes after earlier
   turns; a turn's uncertainty is then the gain's (its one-sigma times the angle turned, in ``e``, so it decays
-  with it) instead of ``heading_turn_fraction``; one continuous turn moves it by half a circle at most, and beyond
-  (a loiter) the transient holds, neither moved nor decaying, until the turn ends.
+  with it) instead of ``heading_turn_fraction``; one continuous turn moves it by half a circle at most (beyond, a
+  loiter adds nothing and the transient decays).
 * **Prediction from a motion input** (a time-stamped velocity; each one holds until the next): ``airspeed`` - the
   autopilot's heading and true airspeed (independent of the positions sarloc sends, so no feedback loop; ``b``
   is the wind); ``ground`` - a ground velocity (the strip metadata's heading and along-track speed, or the
@@ -74,10 +74,11 @@ _STRAIGHT_TURN_RAD = math.radians(5.0)
 _STEADY_SPEED_MPS = 1.0
 _STEADY_FRACTION = 0.1
 #: turn steps closer than this in time make one turn; beyond _TRANSIENT_MAX_TURN_RAD of one (a loiter's circles) the
-#: heading transient holds where half a circle left it, neither moved further nor decaying, while the turn goes on,
-#: and the turn adds no other uncertainty: a steady turn does not keep pulling a yaw (ArduPlane SITL loitering at
-#: home kept its yaw error at 1-3 degrees, steadily one way, where a transient moved by every circle reached the
-#: gain times the turn rate times its time constant, 10-20 degrees, and the turn fraction added 11 per circle)
+#: turn moves the heading transient no further and adds no other uncertainty; the transient decays as after any
+#: turn. A heading offset kept in the velocity sent through a loiter pulls the autopilot's yaw after it (EKF3 fuses
+#: that velocity, and a turn makes its yaw observable from it): ArduPlane SITL's yaw went 12-15 degrees off in
+#: the loiter over home with the transient held, 13 with it moved by every circle; the turn fraction instead added
+#: 11 degrees of uncertainty per circle and raised EKF3's GPS-glitch flag
 _TURN_GAP_S = 5.0
 _TRANSIENT_MAX_TURN_RAD = math.pi
 #: within this long after a GNSS fix the autopilot's heading is GNSS-aided: its turns do not open the heading error
@@ -360,8 +361,7 @@ class NavFilter:
         f[0, 2] = f[1, 3] = dt
         f[0:2, 4] = v * dt  # position moves by ((1 + k) u + d perp(u) + b) dt: linear in the state for a known u
         f[0:2, 5] = f[0:2, 6] = _perp(v) * dt
-        if self.cfg.heading_transient_s > 0 and not self._loitering(st):
-            # the transient decays over the step (its mean effect on the position)
+        if self.cfg.heading_transient_s > 0:  # the transient decays over the step (its mean effect on the position)
             a = math.exp(-dt / self.cfg.heading_transient_s)
             f[0:2, 6] *= (1.0 - a) * self.cfg.heading_transient_s / dt
             f[6, 6] = a
@@ -375,17 +375,6 @@ class NavFilter:
         if self.cfg.heading_transient_s > 0:
             q[7, 7] = self.cfg.turn_gain_sigma_per_s**2 * dt
         return dataclasses.replace(st, t_s=t_s, x=x, p=f @ sp @ f.T + q)
-
-    def _loitering(self, st: _State) -> bool:
-        """Whether ``st`` is within one continuous turn of the air input beyond _TRANSIENT_MAX_TURN_RAD (a loiter):
-        the heading transient holds then."""
-        t_last, run = st.turn_run
-        return (
-            st.u is not None
-            and st.u.kind == "air"
-            and abs(run) > _TRANSIENT_MAX_TURN_RAD
-            and st.t_s - t_last <= _TURN_GAP_S
-        )
 
     def _turned(self, st: _State, u: _Input) -> _State:
         """A turn of the input since the last counted one: the heading error's one-sigma grows by
@@ -408,7 +397,7 @@ class NavFilter:
         if self.cfg.heading_transient_s > 0 and u.kind == "air":
             # the yaw's transient moves by the gain times the turn; the turn's uncertainty is the gain's (its
             # one-sigma times the angle, coherent over the steps of one turn through the transient-gain covariance);
-            # beyond half a circle of one turn (a loiter) it holds instead (see _TRANSIENT_MAX_TURN_RAD)
+            # beyond half a circle of one turn (a loiter) nothing (see _TRANSIENT_MAX_TURN_RAD)
             f = np.eye(_N)
             f[6, 7] = _clip_turn(run) - _clip_turn(run - cw)
             return dataclasses.replace(st, x=f @ x, p=f @ p @ f.T, turn_ref=u.v, turn_run=turn_run)

@@ -93,7 +93,10 @@ def test_inbound_speeds_attitude_and_autopilot_clock():
         assert link.attitude() == (mono.t, pytest.approx(315.0), pytest.approx(5.0), pytest.approx(-2.0))
         f = link.optical_flow()
         assert (f.comp_x_rad_s, f.comp_y_rad_s, f.ground_distance_m, f.quality) == (
-            pytest.approx(0.1), pytest.approx(-0.2), 30.0, 200
+            pytest.approx(0.1),
+            pytest.approx(-0.2),
+            30.0,
+            200,
         )
 
         for boot_ms, offset_s in ((60_000, 0.30), (60_500, 0.20), (61_000, 0.25), (61_500, 5.0)):
