@@ -261,6 +261,9 @@ def analyse(out_dir: str | Path, plots: bool = True) -> dict[str, Any]:
     events, g2 = _autopilot_events(ev, tel, t_deny, t_end)
     res.update(events)
     res["sent_velocity"] = _sent_velocity(g2, tel)
+    if t_end is not None:  # the return home and the loiter over it (no strips while circling)
+        g2_rtl = [r for r in tel if r["type"] == "GPS2_RAW" and r["wall_s"] > t_end]
+        res["sent_velocity_rtl"] = _sent_velocity(g2_rtl, tel)
     res.update(_daemon_results(recs, truth, t_deny, gsd))
     res["daemon_stop_s"] = ev.get("daemon_stop_s")
     # home: distance from home at the end
