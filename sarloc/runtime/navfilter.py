@@ -129,6 +129,10 @@ class NavConfig:
             90 degree turn); used with ``heading_transient_s`` only.
         turn_gain_sigma_per_s: random-walk rate of that gain, per sqrt(s): an autopilot's yaw stays right through
             turns while it has GNSS and is pulled off once it has none, so what was learnt before has to give way.
+        loiter_slip_deg: in a loiter (one continuous turn of an air-velocity input beyond half a circle) the speed
+            accuracy sent also covers this angle between the input's heading and the course (a plane slips in a
+            steady turn: 3 degrees in ArduPlane SITL): stated as accurate, the velocity sent round the circles drew
+            EKF3's yaw after it by 5-8 degrees in 90 s.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
             the daemon as a course measurement while the motion input comes from the autopilot (it tells the
             heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
@@ -166,6 +170,7 @@ class NavConfig:
     heading_transient_s: float = 30.0
     turn_gain_sigma: float = 0.03
     turn_gain_sigma_per_s: float = 0.001
+    loiter_slip_deg: float = 3.0
     course_sigma_deg: float = 0.0
     course_speed_sigma_mps: float = 1.0
     airspeed_sigma_mps: float = 1.0
@@ -211,6 +216,7 @@ class NavConfig:
             "heading_transient_s",
             "turn_gain_sigma",
             "turn_gain_sigma_per_s",
+            "loiter_slip_deg",
         ):
             v = finite_number(getattr(self, name))
             if v is None or v < 0:
@@ -375,6 +381,13 @@ class NavFilter:
         if self.cfg.heading_transient_s > 0:
             q[7, 7] = self.cfg.turn_gain_sigma_per_s**2 * dt
         return dataclasses.replace(st, t_s=t_s, x=x, p=f @ sp @ f.T + q)
+
+    @staticmethod
+    def _loitering(st: _State, t_s: float) -> bool:
+        """Whether ``t_s`` is within one continuous turn of an air-velocity input beyond half a circle (a loiter)."""
+        t_last, run = st.turn_run
+        u = st.u
+        return u is not None and u.kind == "air" and abs(run) > _TRANSIENT_MAX_TURN_RAD and t_s - t_last <= _TURN_GAP_S
 
     def _turned(self, st: _State, u: _Input) -> _State:
         """A turn of the input since the last counted one: the heading error's one-sigma grows by
@@ -869,6 +882,9 @@ class NavFilter:
         if st.u is not None:  # the input's own part: its sample noise, not the drift its one-sigma also stands for
             var += min(self.cfg.input_noise_mps, st.u.sigma) ** 2 - st.u.sigma**2
         p_vel = j @ p @ j.T + np.eye(2) * var
+        if self.cfg.loiter_slip_deg > 0 and self._loitering(st, t_s):  # the slip, across the velocity
+            n = _perp(v) * math.radians(self.cfg.loiter_slip_deg)
+            p_vel += np.outer(n, n)
         return NavEstimate(
             t_s=float(t_s),
             xy_m=(float(x[0]), float(x[1])),

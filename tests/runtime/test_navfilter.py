@@ -340,6 +340,25 @@ def test_a_loiter_moves_the_transient_by_half_a_circle_and_adds_nothing_more():
     assert math.sqrt(p1[6, 6]) == pytest.approx(math.sqrt(p_half[6, 6]) * math.exp(-35.0 / 30.0), rel=0.1)
 
 
+def test_in_a_loiter_the_speed_accuracy_covers_the_slip():
+    """Beyond half a circle of one turn the speed accuracy sent also covers ``loiter_slip_deg`` across the velocity (a
+    plane slips in a steady turn; EKF3's yaw followed a velocity stated more accurate round the circles); not on a
+    straight leg, nor in the first half circle."""
+    circles = [(10.0 + k / 10, 1.5 * k) for k in range(1, 481)]  # two circles at 15 degrees/s
+    sig = {}
+    for slip_deg in (3.0, 0.0):
+        f = NavFilter(NavConfig(heading_transient_s=30.0, loiter_slip_deg=slip_deg))
+        for k in range(100):
+            f.add_motion(k / 10, "air", (0.0, 20.0))
+        f.add_consensus(5.0, (0.0, 100.0), 10.0, now_s=10.0)
+        for t, deg in circles:
+            f.add_motion(t, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
+        sig[slip_deg] = [f.estimate(t).sigma_v_mps for t in (9.9, 16.0, 58.0)]  # straight, 90 degrees, loiter
+    assert sig[3.0][:2] == pytest.approx(sig[0.0][:2])
+    slip = 20.0 * math.radians(3.0)
+    assert max(slip, sig[0.0][2]) < sig[3.0][2] <= math.hypot(slip, sig[0.0][2]) + 1e-9
+
+
 def _legs_with_courses(courses: bool, err_deg: float = 4.0):
     """Three legs (north, east, south) with an input heading ``err_deg`` off; position fixes on the first leg only;
     with ``courses`` the true course (0.5 degree noise) every second on every leg, as the strip metadata gives it.
