@@ -168,6 +168,8 @@ class AutopilotIO:
         self.sender: Any = None
         self.out_stats = {"ticks": 0, "valid_ticks": 0, "ticks_since_first_valid": 0}
         self._last_motion_rx: float | None = None
+        self._prev_att: Any = None  # the ATTITUDE before the last one used (heading rate for the slip)
+        self._slip = 0.0
         self._flow: deque[tuple[float, float, float]] = deque()  # (rx_mono_s, north, east): the flow's last second
         self._last_nav_record = -math.inf
         self._last_ap_clock: float | None = None
@@ -228,7 +230,7 @@ class AutopilotIO:
             att, asp = link.attitude(max_age_s=1.0), link.airspeed_mps(max_age_s=1.0)
             if att is not None and asp is not None and asp.mps >= 3.0:
                 rx = max(att.rx_mono_s, asp.rx_mono_s)
-                psi = math.radians(att.yaw_deg + self.grid_from_true_deg)
+                psi = math.radians(att.yaw_deg + self.grid_from_true_deg) + self._slip_rad(att)
                 pos = link.position_prior(max_age_s=5.0)
                 tas = asp.mps * eas_to_tas(pos.alt_m if pos is not None else 0.0)
                 # the airspeed is along the flight path: in a climb or descent only part of it is horizontal (a
@@ -251,6 +253,23 @@ class AutopilotIO:
         t = self.clock.now(wall_s - (mono_now - sample[0]))
         if t is not None:
             self.nav.add_motion(t, sample[1], sample[2])
+
+    def _slip_rad(self, att: Any) -> float:
+        """The angle by which a plane's course leads its nose in a turn: the heading rate (from the last two
+        ATTITUDE yaws) times ``[nav] turn_slip_s``, radians clockwise (0 when unset or unknown)."""
+        lead_s = self.nav.cfg.turn_slip_s
+        if lead_s <= 0:
+            return 0.0
+        prev = self._prev_att
+        if prev is None or att.rx_mono_s != prev.rx_mono_s:  # a new ATTITUDE
+            self._prev_att = att
+            dt = att.rx_mono_s - prev.rx_mono_s if prev is not None else 0.0
+            if 0.0 < dt <= 1.0:
+                d = (att.yaw_deg - prev.yaw_deg + 180.0) % 360.0 - 180.0
+                self._slip = math.radians(d / dt) * lead_s
+            else:
+                self._slip = 0.0
+        return self._slip
 
     def _flow_sample(self, link: Any) -> tuple[float, str, tuple[float, float]] | None:
         """The optical flow's ground velocity, the mean of the last FLOW_AVERAGE_S, as a ``ground`` motion input

@@ -133,6 +133,8 @@ class NavConfig:
             accuracy sent also covers this angle between the input's heading and the course (a plane slips in a
             steady turn: 3 degrees in ArduPlane SITL): stated as accurate, the velocity sent round the circles drew
             EKF3's yaw after it by 5-8 degrees in 90 s.
+        turn_slip_s: an air-velocity input's heading is led by the heading rate times this, seconds (a plane's
+            course runs ahead of its nose in a turn: ArduPlane SITL's by 3 degrees at 16 degrees/s); 0: not.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
             the daemon as a course measurement while the motion input comes from the autopilot (it tells the
             heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
@@ -171,6 +173,7 @@ class NavConfig:
     turn_gain_sigma: float = 0.03
     turn_gain_sigma_per_s: float = 0.001
     loiter_slip_deg: float = 3.0
+    turn_slip_s: float = 0.0
     course_sigma_deg: float = 0.0
     course_speed_sigma_mps: float = 1.0
     airspeed_sigma_mps: float = 1.0
@@ -217,6 +220,7 @@ class NavConfig:
             "turn_gain_sigma",
             "turn_gain_sigma_per_s",
             "loiter_slip_deg",
+            "turn_slip_s",
         ):
             v = finite_number(getattr(self, name))
             if v is None or v < 0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -372,4 +373,52 @@ def _plots(out, truth, est, err, t_deny, t_end, g2, gsd, home_xy, ev, tel) -> li
     fig.savefig(p, dpi=110, bbox_inches="tight")
     plt.close(fig)
     paths.append(str(p))
+    if t_end is not None and (p := _return_plot(plt, out, tel, t_end)) is not None:
+        paths.append(p)
     return paths
+
+
+def _yaw_error_deg(tel: list[dict[str, Any]], t0: float) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(t, degrees)``: the autopilot's yaw (ATTITUDE, else GLOBAL_POSITION_INT hdg) minus the simulator's from
+    ``t0`` on, or None without either."""
+    tr = np.array([(r["wall_s"], r["yaw_deg"]) for r in tel if r["type"] == "truth" and "yaw_deg" in r])
+    yaw = [(r["wall_s"], math.degrees(r["yaw"])) for r in tel if r["type"] == "ATTITUDE" and r["wall_s"] >= t0]
+    if not yaw:
+        yaw = [
+            (r["wall_s"], r["hdg"] * 0.01)
+            for r in tel
+            if r["type"] == "GLOBAL_POSITION_INT" and r["wall_s"] >= t0 and r["hdg"] != 65535
+        ]
+    if len(tr) < 2 or not yaw:
+        return None
+    y = np.array(yaw)
+    truth = np.interp(y[:, 0], tr[:, 0], np.degrees(np.unwrap(np.radians(tr[:, 1]))))
+    return y[:, 0], (y[:, 1] - truth + 180.0) % 360.0 - 180.0
+
+
+def _return_plot(plt: Any, out: Path, tel: list[dict[str, Any]], t_end: float) -> str | None:
+    """``return.png``: from the RTL on (a plane circles over home at the end), the velocity sent against its speed
+    accuracy and the autopilot's yaw error, which EKF3 draws after the velocity sent while turning."""
+    g2 = [r for r in tel if r["type"] == "GPS2_RAW" and r["wall_s"] > t_end]
+    v = _velocity_track(g2, tel)
+    yaw = _yaw_error_deg(tel, t_end)
+    if v is None or yaw is None:
+        return None
+    (tv, acc), verr = v[0].T, v[1]
+    fig, (a1, a2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    a1.plot(
+        tv - t_end, np.hypot(*verr.T) / np.sqrt(2), lw=0.6, color="#7f7f7f", label="sent velocity error (rms per axis)"
+    )
+    a1.plot(tv - t_end, acc, lw=0.9, color="#ff7f0e", label="sent speed accuracy")
+    a1.axhline(1.5, color="k", ls=":", lw=0.7)
+    a1.set_ylabel("m/s")
+    a1.legend(fontsize=7, loc="upper left")
+    a2.plot(yaw[0] - t_end, yaw[1], lw=0.8, color="#1f77b4")
+    a2.axhline(0.0, color="k", lw=0.6)
+    a2.set_ylabel("autopilot yaw error (deg)")
+    a2.set_xlabel("time since RTL (s)")
+    a1.set_title("return home: the velocity sent and the autopilot's yaw")
+    p = out / "return.png"
+    fig.savefig(p, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return str(p)

@@ -470,6 +470,35 @@ def test_the_flow_motion_input_is_the_last_second_s_mean(flight, tmp_path):
     assert float(np.hypot(*d.nav._after[-1].u.v)) == pytest.approx((6.0 + 15.0) / 2)
 
 
+def test_the_air_input_leads_the_yaw_by_the_turn_slip(flight, tmp_path):
+    """``[nav] turn_slip_s``: in a turn the air-velocity input's heading is the yaw led by the heading rate (from
+    consecutive ATTITUDEs) times it; without a turn, or unset, the yaw itself."""
+    from sarloc.runtime.daemon import Daemon, load_run_config
+    from sarloc.runtime.navfilter import NavConfig
+
+    def heading_after(slip_s: float, yaws: tuple[float, ...]) -> float:
+        cfg = load_run_config(
+            None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+            out=str(tmp_path / f"run{slip_s}{len(yaws)}"), follow=False, clock="unix",
+        )  # fmt: skip
+        d = Daemon(dataclasses.replace(cfg, nav=NavConfig(turn_slip_s=slip_s)))
+        link = _FakeLink(time.monotonic())
+        d.link = link
+        now = time.time()
+        d.clock.observe_data(now, now)
+        mono = time.monotonic()
+        for k, yaw in enumerate(yaws):  # ATTITUDE at 10 Hz
+            link.att = link.att._replace(rx_mono_s=mono + 0.1 * k, yaw_deg=yaw)
+            link.asp = link.asp._replace(rx_mono_s=mono + 0.1 * k)
+            d.nav_state(now)
+        u = d.nav._after[-1].u.v
+        return math.degrees(math.atan2(u[0], u[1])) - d.autopilot.grid_from_true_deg
+
+    assert heading_after(0.15, (90.0, 91.6, 93.2)) == pytest.approx(93.2 + 16.0 * 0.15, abs=1e-6)  # 16 deg/s
+    assert heading_after(0.15, (90.0, 90.0, 90.0)) == pytest.approx(90.0, abs=1e-6)
+    assert heading_after(0.0, (90.0, 91.6, 93.2)) == pytest.approx(93.2, abs=1e-6)
+
+
 def test_run_restores_the_signal_handlers(flight, tmp_path):
     from sarloc.runtime.daemon import load_run_config, run
 
