@@ -131,8 +131,8 @@ class NavConfig:
             turns while it has GNSS and is pulled off once it has none, so what was learnt before has to give way.
         loiter_slip_deg: in a loiter (one continuous turn of an air-velocity input beyond half a circle) the speed
             accuracy sent also covers this angle between the input's heading and the course (a plane slips in a
-            steady turn: 3 degrees in ArduPlane SITL): stated as accurate, the velocity sent round the circles drew
-            EKF3's yaw after it by 5-8 degrees in 90 s.
+            steady turn: 3 degrees in ArduPlane SITL); 0 (the default): not. With 3 the loiter's accuracy was
+            honest and EKF3's yaw followed the velocity sent less, but EKF3 flagged a GPS glitch once a flight.
         turn_slip_s: an air-velocity input's heading is led by the heading rate times this, seconds (a plane's
             course runs ahead of its nose in a turn: ArduPlane SITL's by 3 degrees at 16 degrees/s); 0: not.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
@@ -172,7 +172,7 @@ class NavConfig:
     heading_transient_s: float = 30.0
     turn_gain_sigma: float = 0.03
     turn_gain_sigma_per_s: float = 0.001
-    loiter_slip_deg: float = 3.0
+    loiter_slip_deg: float = 0.0
     turn_slip_s: float = 0.0
     course_sigma_deg: float = 0.0
     course_speed_sigma_mps: float = 1.0
