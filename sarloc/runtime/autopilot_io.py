@@ -242,10 +242,7 @@ class AutopilotIO:
         if motion == "velocity":
             pos = link.position_prior(max_age_s=1.0)
             if pos is not None:
-                vn, ve = pos.vel_ned_mps[0], pos.vel_ned_mps[1]
-                g = math.radians(self.grid_from_true_deg)  # rotate (east, north) true -> grid
-                v = (ve * math.cos(g) + vn * math.sin(g), -ve * math.sin(g) + vn * math.cos(g))
-                sample = (pos.rx_mono_s, "ground", v)
+                sample = (pos.rx_mono_s, "ground", self._to_grid(pos.vel_ned_mps[1], pos.vel_ned_mps[0]))
         if motion == "flow":
             sample = self._flow_sample(link)
         if sample is None or sample[0] == self._last_motion_rx:
@@ -290,8 +287,12 @@ class AutopilotIO:
             self._flow.popleft()
         k = len(self._flow)
         t, vn, ve = (sum(s[i] for s in self._flow) / k for i in range(3))
-        g = math.radians(self.grid_from_true_deg)  # rotate (east, north) true -> grid
-        return t, "ground", (ve * math.cos(g) + vn * math.sin(g), -ve * math.sin(g) + vn * math.cos(g))
+        return t, "ground", self._to_grid(ve, vn)
+
+    def _to_grid(self, east: float, north: float) -> tuple[float, float]:
+        """A (east, north) vector turned from true north to the pack's grid north."""
+        g = math.radians(self.grid_from_true_deg)
+        return east * math.cos(g) + north * math.sin(g), -east * math.sin(g) + north * math.cos(g)
 
     def _feed_gnss(self, link: Any, wall_s: float, mono_now: float) -> None:
         """GNSS aiding: hand the autopilot's own GNSS fix to the filter, at most every GNSS_AIDING_INTERVAL_S."""
@@ -341,9 +342,7 @@ class AutopilotIO:
         w = self.link.wind(max_age_s=5.0) if self.link is not None else None
         if w is None:
             return None
-        g = math.radians(self.grid_from_true_deg)  # (east, north) true -> grid
-        e, n = w.east_mps, w.north_mps
-        return (e * math.cos(g) + n * math.sin(g), -e * math.sin(g) + n * math.cos(g)), WIND_PRIOR_SIGMA_MPS
+        return self._to_grid(w.east_mps, w.north_mps), WIND_PRIOR_SIGMA_MPS
 
     def nav_state(self, now_s: float) -> NavState:
         """The filter's state predicted to wall time ``now_s`` (UNIX) as a :class:`NavState` for the sender."""
