@@ -50,6 +50,17 @@ FLOW_AVERAGE_S = 1.0
 #: below this height above ground (m) an optical flow's scale means little; no flow input
 FLOW_MIN_HEIGHT_M = 0.5
 
+#: the turn slip learnt (``[nav] learn_turn_slip``): from this heading rate on (rad/s; 5.7 deg/s) a sample counts as
+#: a turn and the whole slip leads the heading (below it, in proportion to the rate); it is used from
+#: SLIP_MIN_SAMPLES turning samples on (10 s at 10 Hz), the mean of the last SLIP_WINDOW; a sample beyond
+#: SLIP_MAX_DEG (a turn's entry, a gust) is not used
+SLIP_TURN_RATE = 0.1
+SLIP_MIN_SAMPLES = 100
+SLIP_WINDOW = 600
+SLIP_MAX_DEG = 10.0
+#: the slip is learnt only from this airspeed on (m/s): below, the course through the air means little
+SLIP_MIN_AIRSPEED = 8.0
+
 ToLonLat = Callable[[float, float], tuple[float, float]]
 FromLonLat = Callable[[float, float], tuple[float, float]]
 
@@ -134,6 +145,41 @@ def flow_velocity_ne(
     return north, east
 
 
+class TurnSlip:
+    """The angle by which a plane's course through the air leads its nose in a turn, learnt while the autopilot's own
+    GNSS holds its velocity (``[nav] learn_turn_slip``).
+
+    Each sample is the autopilot's ground velocity less its wind estimate, as a course, minus its yaw, taken in a
+    turn (heading rate at least SLIP_TURN_RATE) and counted in the turn's direction; the slip is their running mean.
+    ArduPlane SITL's was 3 degrees in every turn from 0.2 to 1.0 rad/s: a lead proportional to the rate cannot fit
+    both a mission's turns and a loiter, a saturating one can.
+    """
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.slip_rad = 0.0
+
+    @property
+    def learnt(self) -> bool:
+        return self.n >= SLIP_MIN_SAMPLES
+
+    def observe(self, rate_rad_s: float, course_minus_yaw_rad: float) -> None:
+        """One sample: the heading rate and the air course minus the yaw at one time (radians, clockwise)."""
+        if abs(rate_rad_s) < SLIP_TURN_RATE or not math.isfinite(course_minus_yaw_rad):
+            return
+        x = math.copysign(1.0, rate_rad_s) * ((course_minus_yaw_rad + math.pi) % (2 * math.pi) - math.pi)
+        if abs(x) > math.radians(SLIP_MAX_DEG):
+            return
+        self.n += 1
+        self.slip_rad += (x - self.slip_rad) / min(self.n, SLIP_WINDOW)
+
+    def lead_rad(self, rate_rad_s: float) -> float:
+        """The course's lead over the nose at this heading rate (0 until learnt)."""
+        if not self.learnt:
+            return 0.0
+        return self.slip_rad * max(-1.0, min(1.0, rate_rad_s / SLIP_TURN_RATE))
+
+
 class AutopilotIO:
     """The daemon's side of the MAVLink link (module docstring). ``link`` and ``sender`` are None without MAVLink.
 
@@ -169,8 +215,10 @@ class AutopilotIO:
         self.sender: Any = None
         self.out_stats = {"ticks": 0, "valid_ticks": 0, "ticks_since_first_valid": 0}
         self._last_motion_rx: float | None = None
-        self._prev_att: Any = None  # the ATTITUDE before the last one used (heading rate for the slip)
-        self._slip = 0.0
+        self._prev_att: Any = None  # the last ATTITUDE seen (heading rate for the slip)
+        self._rate = 0.0  # heading rate from the last two ATTITUDEs, rad/s clockwise
+        self.turn_slip = TurnSlip()
+        self._slip_pos_rx: float | None = None  # the GLOBAL_POSITION_INT last used to learn the slip
         self._flow: deque[tuple[float, float, float]] = deque()  # (rx_mono_s, north, east): the flow's last second
         self._last_nav_record = -math.inf
         self._last_ap_clock: float | None = None
@@ -229,9 +277,13 @@ class AutopilotIO:
         sample = None
         if motion in ("auto", "airspeed"):
             att, asp = link.attitude(max_age_s=1.0), link.airspeed_mps(max_age_s=1.0)
+            if att is not None:
+                self._heading_rate(att)
+            if att is not None and asp is not None and asp.mps >= SLIP_MIN_AIRSPEED and self.nav.cfg.learn_turn_slip:
+                self._learn_slip(link, att)
             if att is not None and asp is not None and asp.mps >= 3.0:
                 rx = max(att.rx_mono_s, asp.rx_mono_s)
-                psi = math.radians(att.yaw_deg + self.grid_from_true_deg) + self._slip_rad(att)
+                psi = math.radians(att.yaw_deg + self.grid_from_true_deg) + self._slip_rad()
                 pos = link.position_prior(max_age_s=5.0)
                 tas = asp.mps * eas_to_tas(pos.alt_m if pos is not None else 0.0)
                 # the airspeed is along the flight path: in a climb or descent only part of it is horizontal (a
@@ -252,22 +304,45 @@ class AutopilotIO:
         if t is not None:
             self.nav.add_motion(t, sample[1], sample[2])
 
-    def _slip_rad(self, att: Any) -> float:
-        """The angle by which a plane's course leads its nose in a turn: the heading rate (from the last two
-        ATTITUDE yaws) times ``[nav] turn_slip_s``, radians clockwise (0 when unset or unknown)."""
-        lead_s = self.nav.cfg.turn_slip_s
-        if lead_s <= 0:
-            return 0.0
+    def _heading_rate(self, att: Any) -> None:
+        """The heading rate from the last two ATTITUDE yaws (0 when they are more than a second apart)."""
         prev = self._prev_att
-        if prev is None or att.rx_mono_s != prev.rx_mono_s:  # a new ATTITUDE
-            self._prev_att = att
-            dt = att.rx_mono_s - prev.rx_mono_s if prev is not None else 0.0
-            if 0.0 < dt <= 1.0:
-                d = (att.yaw_deg - prev.yaw_deg + 180.0) % 360.0 - 180.0
-                self._slip = math.radians(d / dt) * lead_s
-            else:
-                self._slip = 0.0
-        return self._slip
+        if prev is not None and att.rx_mono_s == prev.rx_mono_s:
+            return
+        self._prev_att = att
+        dt = att.rx_mono_s - prev.rx_mono_s if prev is not None else 0.0
+        d = (att.yaw_deg - prev.yaw_deg + 180.0) % 360.0 - 180.0 if prev is not None else 0.0
+        self._rate = math.radians(d / dt) if 0.0 < dt <= 1.0 else 0.0
+
+    def _slip_rad(self) -> float:
+        """The angle by which a plane's course leads its nose in a turn, radians clockwise: the heading rate times
+        ``[nav] turn_slip_s`` when set, else the slip learnt (:class:`TurnSlip`, with ``learn_turn_slip``), else 0."""
+        lead_s = self.nav.cfg.turn_slip_s
+        if lead_s > 0:
+            return self._rate * lead_s
+        return self.turn_slip.lead_rad(self._rate) if self.nav.cfg.learn_turn_slip else 0.0
+
+    def _learn_slip(self, link: Any, att: Any) -> None:
+        """One slip sample (:class:`TurnSlip`) from a new GLOBAL_POSITION_INT while the autopilot's own GNSS has a
+        fix (its velocity is then the GNSS's, not built from the positions sent): the ground velocity less the
+        wind, as a course, minus the yaw carried to the position's receipt at the heading rate."""
+        pos, w = link.position_prior(max_age_s=0.5), link.wind(max_age_s=5.0)
+        if pos is None or pos.rx_mono_s == self._slip_pos_rx or link.gnss(max_age_s=1.0) is None:
+            return
+        self._slip_pos_rx = pos.rx_mono_s
+        if abs(pos.rx_mono_s - att.rx_mono_s) > 0.5:
+            return
+        vn, ve = pos.vel_ned_mps[0] - (w.north_mps if w else 0.0), pos.vel_ned_mps[1] - (w.east_mps if w else 0.0)
+        if math.hypot(vn, ve) < SLIP_MIN_AIRSPEED:
+            return
+        was = self.turn_slip.learnt
+        yaw = math.radians(att.yaw_deg) + self._rate * (pos.rx_mono_s - att.rx_mono_s)
+        self.turn_slip.observe(self._rate, math.atan2(ve, vn) - yaw)
+        if self.turn_slip.learnt and not was:
+            slip = math.degrees(self.turn_slip.slip_rad)
+            msg = f"turn slip learnt: the course leads the nose by {slip:.1f} deg in turns"
+            logger.info(msg)
+            self.rec.write({"type": "nav", "event": "turn slip", "wall_s": time.time(), "reason": msg})
 
     def _flow_sample(self, link: Any) -> tuple[float, str, tuple[float, float]] | None:
         """The optical flow's ground velocity, the mean of the last FLOW_AVERAGE_S, as a ``ground`` motion input

@@ -134,7 +134,12 @@ class NavConfig:
             steady turn: 3 degrees in ArduPlane SITL); 0 (the default): not. With 3 the loiter's accuracy was
             honest and EKF3's yaw followed the velocity sent less, but EKF3 flagged a GPS glitch once a flight.
         turn_slip_s: an air-velocity input's heading is led by the heading rate times this, seconds (a plane's
-            course runs ahead of its nose in a turn: ArduPlane SITL's by 3 degrees at 16 degrees/s); 0: not.
+            course runs ahead of its nose in a turn: ArduPlane SITL's by 3 degrees at 16 degrees/s); 0: not (then
+            ``learn_turn_slip``).
+        learn_turn_slip: while the autopilot's own GNSS has a fix, learn the angle by which the course through the
+            air leads the yaw in turns (its ground velocity less its wind, against its yaw) and, once learnt, lead an
+            air-velocity input's heading by it in every turn (in proportion below 0.1 rad/s); never learnt (GNSS
+            denied from take-off, or no turns before): no lead. Not used with ``turn_slip_s``.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
             the daemon as a course measurement while the motion input comes from the autopilot (it tells the
             heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
@@ -174,6 +179,7 @@ class NavConfig:
     turn_gain_sigma_per_s: float = 0.001
     loiter_slip_deg: float = 0.0
     turn_slip_s: float = 0.0
+    learn_turn_slip: bool = True
     course_sigma_deg: float = 0.0
     course_speed_sigma_mps: float = 1.0
     airspeed_sigma_mps: float = 1.0
@@ -225,6 +231,8 @@ class NavConfig:
             v = finite_number(getattr(self, name))
             if v is None or v < 0:
                 raise ConfigError(f"[nav] {name}={getattr(self, name)!r:.40} must be a finite number >= 0")
+        if not isinstance(self.learn_turn_slip, bool):
+            raise ConfigError(f"[nav] learn_turn_slip={self.learn_turn_slip!r:.40} must be true or false")
         if not isinstance(self.reinit_after, int) or isinstance(self.reinit_after, bool) or self.reinit_after < 1:
             raise ConfigError(f"[nav] reinit_after={self.reinit_after!r:.40} must be an integer >= 1")
 

@@ -356,6 +356,10 @@ class _FakeLink:
         self.att = AttitudeSample(mono, 90.0)
         self.asp = SpeedSample(20.0, mono)
         self.wnd = WindSample(mono, 0.0, 3.0)
+        self.fix = None  # the autopilot's own GNSS
+
+    def gnss(self, max_age_s=None):
+        return self.fix
 
     def position_prior(self, max_age_s=None):
         return self.pos
@@ -497,6 +501,64 @@ def test_the_air_input_leads_the_yaw_by_the_turn_slip(flight, tmp_path):
     assert heading_after(0.15, (90.0, 91.6, 93.2)) == pytest.approx(93.2 + 16.0 * 0.15, abs=1e-6)  # 16 deg/s
     assert heading_after(0.15, (90.0, 90.0, 90.0)) == pytest.approx(90.0, abs=1e-6)
     assert heading_after(0.0, (90.0, 91.6, 93.2)) == pytest.approx(93.2, abs=1e-6)
+
+
+def test_the_turn_slip_is_the_mean_of_the_turns_and_saturates():
+    """:class:`TurnSlip`: only turning samples count, each in its turn's direction; nothing is led until enough
+    were seen; the whole slip from SLIP_TURN_RATE on, in proportion below; a sample beyond SLIP_MAX_DEG is left out."""
+    from sarloc.runtime.autopilot_io import SLIP_MAX_DEG, SLIP_MIN_SAMPLES, SLIP_TURN_RATE, TurnSlip
+
+    ts = TurnSlip()
+    for _ in range(5 * SLIP_MIN_SAMPLES):
+        ts.observe(0.01, math.radians(8.0))  # straight flight: a crab, not a slip
+    assert not ts.learnt and ts.lead_rad(0.3) == 0.0
+    for k in range(SLIP_MIN_SAMPLES):
+        ts.observe(0.35 if k % 2 else -0.25, math.radians(3.0 if k % 2 else -3.0))
+        ts.observe(0.3, math.radians(SLIP_MAX_DEG + 5.0))
+        assert ts.learnt == (k == SLIP_MIN_SAMPLES - 1)
+    assert math.degrees(ts.lead_rad(0.35)) == pytest.approx(3.0)
+    assert math.degrees(ts.lead_rad(-0.25)) == pytest.approx(-3.0)
+    assert math.degrees(ts.lead_rad(SLIP_TURN_RATE / 2)) == pytest.approx(1.5)
+
+
+def test_the_slip_is_learnt_while_the_autopilot_has_its_gnss_and_leads_the_air_input(flight, tmp_path):
+    """``[nav] learn_turn_slip``: in turns on the autopilot's own GNSS, its course through the air (ground velocity
+    less wind) leads its yaw; once learnt, the air input's heading leads the yaw by that angle in turns. Without the
+    GNSS (its velocity is then built from the positions sent) nothing is learnt; ``turn_slip_s`` takes precedence."""
+    from sarloc.runtime.autopilot_io import SLIP_MIN_SAMPLES
+    from sarloc.runtime.daemon import Daemon, load_run_config
+    from sarloc.runtime.mavlink import GnssSample
+    from sarloc.runtime.navfilter import NavConfig
+
+    def fly(nav: NavConfig, gnss: bool, name: str) -> tuple[Daemon, float]:
+        cfg = load_run_config(
+            None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+            out=str(tmp_path / name), follow=False, clock="unix",
+        )  # fmt: skip
+        d = Daemon(dataclasses.replace(cfg, nav=nav))
+        link = d.link = _FakeLink(time.monotonic())
+        link.wnd = link.wnd._replace(east_mps=2.0, north_mps=-1.0)
+        now = time.time()
+        d.clock.observe_data(now, now)
+        mono = time.monotonic()
+        for k in range(SLIP_MIN_SAMPLES + 20):  # turning right at 20 deg/s, 10 Hz, the course 3 deg ahead
+            t, yaw = mono + 0.1 * k, 20.0 * 0.1 * k
+            course = math.radians(yaw + 3.0 + 20.0 * 0.05)  # the position arrives 50 ms after the attitude
+            link.att = link.att._replace(rx_mono_s=t, yaw_deg=yaw % 360.0)
+            link.asp = link.asp._replace(rx_mono_s=t)
+            vel = (25.0 * math.cos(course) - 1.0, 25.0 * math.sin(course) + 2.0, 0.0)  # ground = air + wind
+            link.pos = dataclasses.replace(link.pos, rx_mono_s=t + 0.05, vel_ned_mps=vel)
+            link.fix = GnssSample(t, 0.0, 46.0, 1.7, 1.0, "GPS2_RAW") if gnss else None
+            d.nav_state(now)
+        u = d.nav._after[-1].u.v
+        return d, (math.degrees(math.atan2(u[0], u[1])) - d.autopilot.grid_from_true_deg - yaw + 180.0) % 360.0 - 180.0
+
+    d, lead = fly(NavConfig(), True, "learn")
+    assert d.autopilot.turn_slip.learnt and lead == pytest.approx(3.0, abs=0.05)
+    d, lead = fly(NavConfig(), False, "denied")
+    assert d.autopilot.turn_slip.n == 0 and lead == pytest.approx(0.0, abs=1e-6)
+    assert fly(NavConfig(learn_turn_slip=False), True, "off")[1] == pytest.approx(0.0, abs=1e-6)
+    assert fly(NavConfig(turn_slip_s=0.1), True, "fixed")[1] == pytest.approx(2.0, abs=1e-6)
 
 
 def test_run_restores_the_signal_handlers(flight, tmp_path):
