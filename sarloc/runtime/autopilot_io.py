@@ -219,6 +219,8 @@ class AutopilotIO:
         self._rate = 0.0  # heading rate from the last two ATTITUDEs, rad/s clockwise
         self.turn_slip = TurnSlip()
         self._slip_pos_rx: float | None = None  # the GLOBAL_POSITION_INT last used to learn the slip
+        self._vel_rx: float | None = None  # the GLOBAL_POSITION_INT last handed to the filter as a velocity
+        self.velocity_stats = {"used": 0, "refused": 0}
         self._flow: deque[tuple[float, float, float]] = deque()  # (rx_mono_s, north, east): the flow's last second
         self._last_nav_record = -math.inf
         self._last_ap_clock: float | None = None
@@ -297,12 +299,29 @@ class AutopilotIO:
                 sample = (pos.rx_mono_s, "ground", self._to_grid(pos.vel_ned_mps[1], pos.vel_ned_mps[0]))
         if motion == "flow":
             sample = self._flow_sample(link)
-        if sample is None or sample[0] == self._last_motion_rx:
+        if sample is not None and sample[0] != self._last_motion_rx:
+            self._last_motion_rx = sample[0]
+            t = self.clock.now(wall_s - (mono_now - sample[0]))
+            if t is not None:
+                self.nav.add_motion(t, sample[1], sample[2])
+        if motion != "velocity" and self.nav.cfg.gnss_velocity_sigma_mps > 0:
+            self._feed_gnss_velocity(link, wall_s, mono_now)
+
+    def _feed_gnss_velocity(self, link: Any, wall_s: float, mono_now: float) -> None:
+        """The autopilot's ground velocity as a measurement (``[nav] gnss_velocity_sigma_mps``), about once a
+        second, while its own GNSS has a fix (then its velocity is the GNSS's, not built from the positions sent)."""
+        pos = link.position_prior(max_age_s=0.5)
+        if pos is None or link.gnss(max_age_s=1.0) is None:
             return
-        self._last_motion_rx = sample[0]
-        t = self.clock.now(wall_s - (mono_now - sample[0]))
-        if t is not None:
-            self.nav.add_motion(t, sample[1], sample[2])
+        if self._vel_rx is not None and pos.rx_mono_s - self._vel_rx < GNSS_AIDING_INTERVAL_S:
+            return
+        self._vel_rx = pos.rx_mono_s
+        t, now = self.clock.now(wall_s - (mono_now - pos.rx_mono_s)), self.clock.now(wall_s)
+        if t is None or now is None or not self.nav.initialised:
+            return
+        v = self._to_grid(pos.vel_ned_mps[1], pos.vel_ned_mps[0])
+        ok, _ = self.nav.add_velocity(t, v, self.nav.cfg.gnss_velocity_sigma_mps, now)
+        self.velocity_stats["used" if ok else "refused"] += 1
 
     def _heading_rate(self, att: Any) -> None:
         """The heading rate from the last two ATTITUDE yaws (0 when they are more than a second apart)."""

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import signal
 import threading
 import time
@@ -456,6 +457,11 @@ class Daemon:
         self.stats["nav"] = dict(self.nav.stats)
         if self.cfg.gnss_aiding:
             self.stats["gnss_aiding"] = dict(self.autopilot.gnss_stats)
+        if self.cfg.nav.gnss_velocity_sigma_mps > 0:
+            self.stats["gnss_velocity"] = dict(self.autopilot.velocity_stats)
+        ts = self.autopilot.turn_slip
+        if ts.n:
+            self.stats["turn_slip"] = {"samples": ts.n, "deg": round(math.degrees(ts.slip_rad), 2), "used": ts.learnt}
         self.stats["output"] = self.autopilot.availability()
         self.stats["localizer"] = dict(self.loc.stats)
         if isinstance(source, Prefetcher):

@@ -140,6 +140,10 @@ class NavConfig:
             air leads the yaw in turns (its ground velocity less its wind, against its yaw) and, once learnt, lead an
             air-velocity input's heading by it in every turn (in proportion below 0.1 rad/s); never learnt (GNSS
             denied from take-off, or no turns before): no lead. Not used with ``turn_slip_s``.
+        gnss_velocity_sigma_mps: while the autopilot's own GNSS has a fix, its ground velocity (GLOBAL_POSITION_INT,
+            GNSS-backed then) is a measurement of the filter's ground velocity with this one-sigma, about once a
+            second on straight steady flight: it teaches the input's wind, scale and heading errors before the
+            denial. 0: not used.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
             the daemon as a course measurement while the motion input comes from the autopilot (it tells the
             heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
@@ -180,6 +184,7 @@ class NavConfig:
     loiter_slip_deg: float = 0.0
     turn_slip_s: float = 0.0
     learn_turn_slip: bool = True
+    gnss_velocity_sigma_mps: float = 0.0
     course_sigma_deg: float = 0.0
     course_speed_sigma_mps: float = 1.0
     airspeed_sigma_mps: float = 1.0
@@ -227,6 +232,7 @@ class NavConfig:
             "turn_gain_sigma_per_s",
             "loiter_slip_deg",
             "turn_slip_s",
+            "gnss_velocity_sigma_mps",
         ):
             v = finite_number(getattr(self, name))
             if v is None or v < 0:
@@ -358,6 +364,9 @@ class NavFilter:
             "gnss_dropped": 0,
             "gnss_manoeuvring": 0,
             "gnss_resets": 0,
+            "velocities_applied": 0,
+            "velocities_gated": 0,
+            "velocities_manoeuvring": 0,
         }
         self._warned: set[str] = set()
 
@@ -467,6 +476,27 @@ class NavFilter:
         y = -float(n @ u) - float(h[0] @ sx)
         return h, y, self.cfg.course_speed_sigma_mps**2
 
+    def _velocity_model(self, st: _State) -> tuple[np.ndarray, np.ndarray, float] | None:
+        """The ground velocity's (H, prediction, input noise variance) at ``st``: ``v (1 + k) + (d + tr) perp(v) +
+        b`` for the input ``v`` in force (None without one)."""
+        sx, _ = _xp(st)
+        if st.u is None:
+            return None
+        u = st.u.v
+        h = np.zeros((2, _N))
+        h[:, 2:4] = np.eye(2)
+        h[:, 4] = u
+        h[:, 5] = h[:, 6] = _perp(u)
+        pred = u * (1 + sx[4]) + (sx[5] + sx[6]) * _perp(u) + sx[2:4]
+        return h, pred, min(self.cfg.input_noise_mps, st.u.sigma) ** 2
+
+    def _velocity_update(self, st: _State, ev: _Event) -> _State:
+        m = self._velocity_model(st)
+        if m is None:
+            return st
+        h, pred, var_u = m
+        return _kalman(st, h, ev.z - pred, ev.r + np.eye(2) * var_u)
+
     def _course_update(self, st: _State, ev: _Event) -> _State:
         m = self._course_model(st, ev.z)
         if m is None:
@@ -507,6 +537,9 @@ class NavFilter:
                 st = self._reset(self._predict(st, ev.t_s), ev)
             elif ev.kind == "course" and st is not None and st.x is not None:
                 st = self._course_update(self._predict(st, ev.t_s), ev)
+            elif ev.kind == "velocity":
+                if st is not None and st.x is not None:
+                    st = self._velocity_update(self._predict(st, ev.t_s), ev)
             elif st is not None and st.x is not None:
                 st = self._update(self._predict(st, ev.t_s), ev)  # decisions stand: a replay never re-gates
             self._after[j] = st
@@ -597,6 +630,44 @@ class NavFilter:
         ev = _Event(float(t_s), "course", z, np.eye(1) * math.radians(sigma_deg) ** 2, self._next_seq())
         self._replay_from(self._insert(ev))
         self.stats["courses_applied"] += 1
+        self._prune(now_s)
+        return True, "applied"
+
+    def add_velocity(
+        self, t_s: float, v_en_mps: tuple[float, float], sigma_mps: float, now_s: float
+    ) -> tuple[bool, str]:
+        """A ground velocity (east, north; grid frame) at ``t_s`` measured independently of the motion input and of
+        the positions sent: the autopilot's own, while its GNSS has a fix. It teaches the input's wind, scale and
+        heading errors before the GNSS is lost, so that the velocity sent at the denial is as good as stated (the
+        wind prior alone leaves 2 m/s, above EKF3's glitch threshold). Like GNSS fixes, not while the input turns or
+        changes its speed, or within GNSS_STRAIGHT_S after (a fraction of a second between the two looks like a
+        heading or scale error then); gated (2 degrees of freedom, ``gate_chi2``). Returns (applied, reason)."""
+        v = np.asarray(v_en_mps, float)
+        if v.shape != (2,) or not np.all(np.isfinite(v)) or not (math.isfinite(sigma_mps) and sigma_mps > 0):
+            return False, "non-finite velocity"
+        if not math.isfinite(t_s) or t_s > now_s + self.cfg.future_tolerance_s or t_s < self._oldest_s():
+            return False, "velocity outside the history"
+        st = self._state_at(t_s)
+        if st is None:
+            return False, "not initialised"
+        m = self._velocity_model(st)
+        if m is None:
+            return False, "no motion input"
+        if self._manoeuvring(t_s):
+            self.stats["velocities_manoeuvring"] += 1
+            return False, "the motion input is turning or changing its speed"
+        h, pred, var_u = m
+        _, sp = _xp(st)
+        r = np.eye(2) * float(sigma_mps) ** 2
+        y = v - pred
+        s = h @ sp @ h.T + r + np.eye(2) * var_u
+        d2 = float(y @ np.linalg.solve(s, y))
+        if d2 > self.cfg.gate_chi2:
+            self.stats["velocities_gated"] += 1
+            return False, f"gated out (Mahalanobis^2 {d2:.1f})"
+        ev = _Event(float(t_s), "velocity", v, r, self._next_seq())
+        self._replay_from(self._insert(ev))
+        self.stats["velocities_applied"] += 1
         self._prune(now_s)
         return True, "applied"
 
