@@ -1,8 +1,10 @@
 """What the daemon exchanges with the autopilot: :class:`AutopilotIO`.
 
 In, from the MAVLink link: the motion input between fixes (``motion`` in :mod:`sarloc.runtime.config`: ATTITUDE yaw,
-led in turns by ``[nav] turn_slip_s``, with VFR_HUD airspeed turned into true airspeed; OPTICAL_FLOW with the
-ATTITUDE; or GLOBAL_POSITION_INT ground velocity), SYSTEM_TIME clock samples
+led in turns by the plane's slip (:class:`TurnSlip`, learnt while the autopilot's GNSS works, or ``[nav]
+turn_slip_s``), with VFR_HUD airspeed turned into true airspeed; OPTICAL_FLOW with the ATTITUDE; or
+GLOBAL_POSITION_INT ground velocity), with ``[nav] gnss_velocity_sigma_mps`` the autopilot's ground velocity as a
+measurement while its own GNSS has a fix, SYSTEM_TIME clock samples
 for the :class:`~sarloc.runtime.clockmap.ClockMap`, the heading for strips without one, and the autopilot's wind
 estimate to start the filter's wind; with ``gnss_aiding``, the fixes of the autopilot's own GNSS receiver while
 it has them (the filter then learns the motion input's errors from them and starts a GNSS-denied flight from the

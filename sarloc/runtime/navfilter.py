@@ -31,6 +31,9 @@ then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavF
   and teach it the input's errors on straight legs; the first one after a turn resets the position (the drift
   through a turn is not an error of a straight leg), and while they come the turns do not open the heading error
   (the autopilot's heading is GNSS-aided then).
+* **The autopilot's velocity** (:meth:`NavFilter.add_velocity`, with ``gnss_velocity_sigma_mps``): while its GNSS
+  works, a measurement of the ground velocity on straight legs; it teaches the same errors without touching the
+  position.
 * **Gating**: a fix whose Mahalanobis distance to the predicted state exceeds ``gate_chi2`` is not applied; a
   wrong fix cannot jerk the output. ``reinit_after`` consecutive gated-out fixes that agree with one another (each
   within the gate of the previous one moved by the filter's motion) re-initialise the position: recovery from a
@@ -125,8 +128,9 @@ class NavConfig:
             ``heading_transient_s``, where the turn gain's one-sigma takes its place.
         heading_transient_s: time constant of the heading error's transient part after a turn of an air-velocity
             input (the autopilot's yaw), seconds; 0: one heading error, no transient.
-        turn_gain_sigma: one-sigma of the transient per angle turned at initialisation (0.03: 2.7 degrees after a
-            90 degree turn); used with ``heading_transient_s`` only.
+        turn_gain_sigma: one-sigma of the transient per angle turned at initialisation (0.02: 1.8 degrees after a
+            90 degree turn; with the plane's slip learnt ArduPlane SITL's yaw was pulled by 0.1-2.1 % of each turn,
+            without it by up to 4.8 %); used with ``heading_transient_s`` only.
         turn_gain_sigma_per_s: random-walk rate of that gain, per sqrt(s): an autopilot's yaw stays right through
             turns while it has GNSS and is pulled off once it has none, so what was learnt before has to give way.
         loiter_slip_deg: in a loiter (one continuous turn of an air-velocity input beyond half a circle) the speed
@@ -143,7 +147,7 @@ class NavConfig:
         gnss_velocity_sigma_mps: while the autopilot's own GNSS has a fix, its ground velocity (GLOBAL_POSITION_INT,
             GNSS-backed then) is a measurement of the filter's ground velocity with this one-sigma, about once a
             second on straight steady flight: it teaches the input's wind, scale and heading errors before the
-            denial. 0: not used.
+            denial (0.3: ArduPilot's GNSS-aided velocity is good to a few tenths of a m/s). 0: not used.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
             the daemon as a course measurement while the motion input comes from the autopilot (it tells the
             heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
@@ -179,12 +183,12 @@ class NavConfig:
     heading_sigma_deg_per_s: float = 0.05
     heading_turn_fraction: float = 0.03
     heading_transient_s: float = 30.0
-    turn_gain_sigma: float = 0.03
+    turn_gain_sigma: float = 0.02
     turn_gain_sigma_per_s: float = 0.001
     loiter_slip_deg: float = 0.0
     turn_slip_s: float = 0.0
     learn_turn_slip: bool = True
-    gnss_velocity_sigma_mps: float = 0.0
+    gnss_velocity_sigma_mps: float = 0.3
     course_sigma_deg: float = 0.0
     course_speed_sigma_mps: float = 1.0
     airspeed_sigma_mps: float = 1.0
