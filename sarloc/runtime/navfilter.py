@@ -326,6 +326,15 @@ def _perp(v: np.ndarray) -> np.ndarray:
     return np.array([v[1], -v[0]])
 
 
+def _vel_jacobian(u: np.ndarray) -> np.ndarray:
+    """The ground velocity's Jacobian for the input ``u``: ``u + J x`` is the linearised ``(1 + k) R(d + tr) u + b``."""
+    j = np.zeros((2, _N))
+    j[:, 2:4] = np.eye(2)
+    j[:, 4] = u
+    j[:, 5] = j[:, 6] = _perp(u)
+    return j
+
+
 def _angle(a: np.ndarray, b: np.ndarray) -> float:
     """The angle between two vectors, radians in [0, pi]."""
     return abs(math.atan2(float(a[0] * b[1] - a[1] * b[0]), float(a @ b)))
@@ -389,9 +398,7 @@ class NavFilter:
         sx, sp = _xp(st)
         v, var = self._vel_var(st.u, st.t_s + dt / 2.0)
         f = np.eye(_N)
-        f[0, 2] = f[1, 3] = dt
-        f[0:2, 4] = v * dt  # position moves by ((1 + k) u + d perp(u) + b) dt: linear in the state for a known u
-        f[0:2, 5] = f[0:2, 6] = _perp(v) * dt
+        f[0:2] += _vel_jacobian(v) * dt  # position moves by ((1 + k) u + d perp(u) + b) dt: linear for a known u
         if self.cfg.heading_transient_s > 0:  # the transient decays over the step (its mean effect on the position)
             a = math.exp(-dt / self.cfg.heading_transient_s)
             f[0:2, 6] *= (1.0 - a) * self.cfg.heading_transient_s / dt
@@ -473,10 +480,7 @@ class NavFilter:
             return None
         u = st.u.v
         n = np.array([course[1], -course[0]])  # unit vector to the right of the course
-        h = np.zeros((1, _N))
-        h[0, 2:4] = n
-        h[0, 4] = float(n @ u)
-        h[0, 5] = h[0, 6] = float(n @ _perp(u))
+        h = (n @ _vel_jacobian(u))[None, :]
         y = -float(n @ u) - float(h[0] @ sx)
         return h, y, self.cfg.course_speed_sigma_mps**2
 
@@ -486,13 +490,8 @@ class NavFilter:
         sx, _ = _xp(st)
         if st.u is None:
             return None
-        u = st.u.v
-        h = np.zeros((2, _N))
-        h[:, 2:4] = np.eye(2)
-        h[:, 4] = u
-        h[:, 5] = h[:, 6] = _perp(u)
-        pred = u * (1 + sx[4]) + (sx[5] + sx[6]) * _perp(u) + sx[2:4]
-        return h, pred, min(self.cfg.input_noise_mps, st.u.sigma) ** 2
+        h = _vel_jacobian(st.u.v)
+        return h, st.u.v + h @ sx, min(self.cfg.input_noise_mps, st.u.sigma) ** 2
 
     def _velocity_update(self, st: _State, ev: _Event) -> _State:
         m = self._velocity_model(st)
@@ -959,13 +958,10 @@ class NavFilter:
         x, p = _xp(st)  # _state_at returns initialised states only
         v, var = self._vel_var(st.u, t_s)
         sigma_h = _sigma(p[:2, :2])
-        vel = v * (1 + x[4]) + (x[5] + x[6]) * _perp(v) + x[2:4]
-        # the ground velocity's covariance through its Jacobian: on a straight leg the wind and the heading / scale
-        # errors are each uncertain but strongly correlated, and the fixes pin down their sum, the ground velocity
-        j = np.zeros((2, _N))
-        j[:, 2:4] = np.eye(2)
-        j[:, 4] = v
-        j[:, 5] = j[:, 6] = _perp(v)
+        # the ground velocity and its covariance through its Jacobian: on a straight leg the wind and the heading /
+        # scale errors are each uncertain but strongly correlated, and the fixes pin down their sum, the ground velocity
+        j = _vel_jacobian(v)
+        vel = v + j @ x
         if st.u is not None:  # the input's own part: its sample noise, not the drift its one-sigma also stands for
             var += min(self.cfg.input_noise_mps, st.u.sigma) ** 2 - st.u.sigma**2
         p_vel = j @ p @ j.T + np.eye(2) * var
