@@ -319,7 +319,7 @@ class AutopilotIO:
             return
         self._vel_rx = pos.rx_mono_s
         t, now = self.clock.now(wall_s - (mono_now - pos.rx_mono_s)), self.clock.now(wall_s)
-        if t is None or now is None or not self.nav.initialised:
+        if t is None or now is None:
             return
         v = self._to_grid(pos.vel_ned_mps[1], pos.vel_ned_mps[0])
         ok, _ = self.nav.add_velocity(t, v, self.nav.cfg.gnss_velocity_sigma_mps, now)

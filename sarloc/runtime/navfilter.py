@@ -90,6 +90,9 @@ GNSS_REGIME_S = 20.0
 #: the drift through a manoeuvre the first GNSS fix after it may show (one-sigma): the change of the input's velocity
 #: times this (a yaw or a speed that lags the truth by this long, or the equivalent slip)
 GNSS_TURN_LAG_S = 2.0
+#: the position's one-sigma where the filter starts before its first fix (velocities kept before it): unknown
+_DIFFUSE_M = 1.0e4
+_START_LEAD_S = 1.0e-3
 
 
 def _clip_turn(run: float) -> float:
@@ -380,6 +383,8 @@ class NavFilter:
             "velocities_applied": 0,
             "velocities_gated": 0,
             "velocities_manoeuvring": 0,
+            "velocities_kept": 0,
+            "velocities_before_init": 0,
         }
         self._warned: set[str] = set()
 
@@ -500,6 +505,28 @@ class NavFilter:
         h, pred, var_u = m
         return _kalman(st, h, ev.z - pred, ev.r + np.eye(2) * var_u)
 
+    def _velocity_d2(self, st: _State, ev: _Event) -> float | None:
+        """Mahalanobis^2 of velocity event ``ev`` against ``st`` (None without a motion input)."""
+        m = self._velocity_model(st)
+        if m is None:
+            return None
+        h, pred, var_u = m
+        _, sp = _xp(st)
+        y = ev.z - pred
+        return float(y @ np.linalg.solve(h @ sp @ h.T + ev.r + np.eye(2) * var_u, y))
+
+    def _velocity_decided(self, st: _State, ev: _Event) -> bool:
+        """Whether velocity event ``ev`` is applied: one kept before the first position is gated on its first
+        application (``velocities_before_init`` or ``velocities_gated``); the decision stands in later replays."""
+        info = ev.info
+        if info is None or "gate" not in info:
+            return True
+        if info["gate"]:
+            d2 = self._velocity_d2(st, ev)
+            info["gate"], info["applied"] = False, d2 is not None and d2 <= self.cfg.gate_chi2
+            self.stats["velocities_before_init" if info["applied"] else "velocities_gated"] += 1
+        return bool(info["applied"])
+
     def _course_update(self, st: _State, ev: _Event) -> _State:
         m = self._course_model(st, ev.z)
         if m is None:
@@ -542,7 +569,9 @@ class NavFilter:
                 st = self._course_update(self._predict(st, ev.t_s), ev)
             elif ev.kind == "velocity":
                 if st is not None and st.x is not None:
-                    st = self._velocity_update(self._predict(st, ev.t_s), ev)
+                    st = self._predict(st, ev.t_s)
+                    if self._velocity_decided(st, ev):
+                        st = self._velocity_update(st, ev)
             elif st is not None and st.x is not None:
                 st = self._update(self._predict(st, ev.t_s), ev)  # decisions stand: a replay never re-gates
             self._after[j] = st
@@ -652,23 +681,34 @@ class NavFilter:
             return False, "velocity outside the history"
         st = self._state_at(t_s)
         if st is None:
-            return False, "not initialised"
+            before = self._state_before(bisect.bisect_right(self._keys, (t_s, math.inf)))
+            if before is None or before.u is None:
+                return False, "no motion input"
+            if before.x is not None:  # initialised later only: the time is before the filter's first position
+                return False, "before the filter's first position"
+            if self._manoeuvring(t_s):
+                self.stats["velocities_manoeuvring"] += 1
+                return False, "the motion input is turning or changing its speed"
+            # kept: the first position starts the filter before it, and it is gated and applied then
+            ev = _Event(float(t_s), "velocity", v, np.eye(2) * float(sigma_mps) ** 2, self._next_seq(), {"gate": True})
+            self._replay_from(self._insert(ev))
+            bisect.insort(self._gnss_t, ev.t_s)
+            self.stats["velocities_kept"] += 1
+            self._prune(now_s)
+            return True, "kept for the filter's first position"
         m = self._velocity_model(st)
         if m is None:
             return False, "no motion input"
         if self._manoeuvring(t_s):
             self.stats["velocities_manoeuvring"] += 1
             return False, "the motion input is turning or changing its speed"
-        h, pred, var_u = m
-        _, sp = _xp(st)
-        r = np.eye(2) * float(sigma_mps) ** 2
-        y = v - pred
-        s = h @ sp @ h.T + r + np.eye(2) * var_u
-        d2 = float(y @ np.linalg.solve(s, y))
+        ev = _Event(float(t_s), "velocity", v, np.eye(2) * float(sigma_mps) ** 2, self._next_seq())
+        d2 = self._velocity_d2(st, ev)
+        assert d2 is not None  # _velocity_model above had an input
         if d2 > self.cfg.gate_chi2:
             self.stats["velocities_gated"] += 1
             return False, f"gated out (Mahalanobis^2 {d2:.1f})"
-        ev = _Event(float(t_s), "velocity", v, r, self._next_seq())
+        bisect.insort(self._gnss_t, ev.t_s)  # before the replay: the turns after it are GNSS-aided
         self._replay_from(self._insert(ev))
         self.stats["velocities_applied"] += 1
         self._prune(now_s)
@@ -741,11 +781,23 @@ class NavFilter:
         ``counter`` and prune the history. Returns the motion input in force at its time."""
         i = self._insert(ev)
         u = self._input_before(i)
+        start = None
         if init:
-            self._make_init(ev, u, bias_prior)
+            start = self._start_before(i, ev, bias_prior)
+            if start is None:
+                self._make_init(ev, u, bias_prior)
+            else:  # the filter starts before the fix, which is then applied like any other
+                i = start
         if gnss:
             bisect.insort(self._gnss_t, ev.t_s)
+        before = self.stats["velocities_before_init"]
         self._replay_from(i)
+        if init and start is not None:
+            logger.info(
+                "navigation filter started %.0f s before its first fix: %d velocities of the autopilot applied",
+                ev.t_s - self._events[start].t_s,
+                self.stats["velocities_before_init"] - before,
+            )
         self.stats[counter] += 1
         self.last_fix_s = max(self.last_fix_s or -math.inf, ev.t_s)
         self._prune(now_s)
@@ -872,6 +924,21 @@ class NavFilter:
             return True, "filter re-initialised after consistent disagreeing consensus fixes"
         return False, f"disagrees with the track (Mahalanobis^2 {d2:.1f}); {len(self._rejected)} in a row"
 
+    def _start_before(self, i: int, ev: _Event, bias_prior=None) -> int | None:
+        """With velocities kept before the filter's first position (:meth:`add_velocity`) the filter starts just
+        before the first of them, at first fix ``ev`` (event ``i``) moved back by the motion inputs, with a position
+        known to _DIFFUSE_M only: the kept velocities teach the input's errors from there on and fix ``ev`` gives
+        the position. Returns the index of the start event (None without kept velocities)."""
+        j0 = next((j for j in range(i) if "gate" in (self._events[j].info or {})), None)
+        if j0 is None:
+            return None
+        t0 = self._events[j0].t_s - _START_LEAD_S
+        xy0 = ev.z - self.displacement_m(t0, ev.t_s)
+        start = _Event(t0, "fix", xy0, np.eye(2) * _DIFFUSE_M**2, self._next_seq())
+        i0 = self._insert(start)
+        self._make_init(start, self._input_before(i0), bias_prior)
+        return i0
+
     def _make_init(self, ev: _Event, u: _Input | None, bias_prior=None) -> None:
         """Turn fix event ``ev`` into an initialisation at its time (bias from ``bias_prior`` or zero; its
         uncertainty depends on the motion input ``u`` in force: a wind for an air velocity, a small bias for a
@@ -910,7 +977,8 @@ class NavFilter:
         drop = [j for j in range(i + 1, len(self._events)) if (self._events[j].info or {}).get("source") == "gnss"]
         for j in reversed(drop):
             del self._events[j], self._keys[j], self._after[j]
-        self._gnss_t = [t for t in self._gnss_t if t <= last.t_s]
+        kept = {e.t_s for e in self._events if e.kind == "velocity"}  # the autopilot's velocities stay applied
+        self._gnss_t = [t for t in self._gnss_t if t <= last.t_s or t in kept]
         self.stats["gnss_dropped"] += len(drop)
         self._replay_from(i)
         self._rejected.clear()

@@ -530,6 +530,48 @@ def test_the_autopilot_s_velocity_teaches_the_input_errors_before_the_denial():
     assert not ok and why.startswith("gated") and f.stats["velocities_gated"] == 1
 
 
+def _legs_then_consensus(keep: bool, bad_velocity: bool = False):
+    """Three 90 s legs (25 m/s air, the input's heading 2 degrees anticlockwise of the truth, 3 % slow, in a
+    (3, -2) m/s wind), the autopilot's GNSS-backed velocity every second (from the start with ``keep``, else only
+    once the filter has a position), then the first SAR consensus (20 m) for rows 20 s old. Returns the filter, its
+    estimate now and the true position."""
+    f = NavFilter()
+    rng = np.random.default_rng(0)
+    wind, pos, t, truth = np.array([3.0, -2.0]), np.zeros(2), 0.0, np.zeros(2)
+    for leg, air in enumerate([(0.0, 25.0), (25.0, 0.0), (0.0, -25.0)]):
+        for k in range(900):
+            t = leg * 90 + k / 10
+            f.add_motion(t, "air", air)
+            truth = _rot_cw(np.asarray(air) * 1.03, 2.0) + wind
+            pos = pos + truth * 0.1
+            if k % 10 == 5 and (keep or f.initialised):
+                v = truth + rng.normal(0, 0.2, 2) + (10.0 if bad_velocity and leg == 1 and k == 505 else 0.0)
+                ok, why = f.add_velocity(t, tuple(v), 0.3, now_s=t)
+                assert ok or why == "the motion input is turning or changing its speed", (t, why)
+    assert f.add_consensus(t - 20.0, tuple(pos - 20.0 * truth), 20.0, now_s=t) == (True, "filter initialised")
+    return f, f.estimate(t), pos
+
+
+def test_the_autopilot_s_velocities_before_the_first_fix_start_the_filter_knowing_the_input_errors():
+    """Velocities that come before the filter's first position are kept; the first consensus starts the filter before
+    them, so that it knows the wind, scale and heading errors at once (the speed accuracy sent is then that of the
+    input's noise, not the wind prior's, above EKF3's 1.5 m/s glitch threshold), and its position is the fix's. A
+    kept velocity far from the others is gated out when the filter starts."""
+    f, e, pos = _legs_then_consensus(keep=True)
+    assert f.stats["velocities_kept"] == 250 and f.stats["velocities_manoeuvring"] == 20  # the 10 s after each turn
+    assert f.stats["velocities_before_init"] == 160  # the history's 180 s
+    assert np.allclose(e.bias_mps, (3.0, -2.0), atol=0.3) and e.scale == pytest.approx(0.03, abs=0.01), e
+    assert e.heading_offset_deg == pytest.approx(2.0, abs=0.5) and e.sigma_v_mps < 0.6, e
+    assert e.valid and np.hypot(*(np.asarray(e.xy_m) - pos)) < 30.0 and e.sigma_h_m < 25.0, e
+    assert f.estimate(e.t_s - 50.0).valid is False  # before the fix the position is unknown: never valid
+    f0, e0, _ = _legs_then_consensus(keep=False)
+    assert f0.stats["velocities_kept"] == 0 and e0.sigma_v_mps > 3.0, e0  # the wind prior's
+    fb, eb, _ = _legs_then_consensus(keep=True, bad_velocity=True)
+    assert fb.stats["velocities_gated"] == 1 and fb.stats["velocities_before_init"] == 159
+    assert np.allclose(eb.bias_mps, e.bias_mps, atol=0.1), eb
+    assert NavFilter().add_velocity(0.0, (1.0, 1.0), 0.3, now_s=0.0) == (False, "no motion input")
+
+
 def test_gnss_initialises_is_gated_and_a_sar_consensus_still_overrides_it():
     f = NavFilter(NavConfig(reinit_after=3))
     for k in range(1300):
