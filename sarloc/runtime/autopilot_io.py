@@ -311,7 +311,8 @@ class AutopilotIO:
 
     def _feed_gnss_velocity(self, link: Any, wall_s: float, mono_now: float) -> None:
         """The autopilot's ground velocity as a measurement (``[nav] gnss_velocity_sigma_mps``), about once a
-        second, while its own GNSS has a fix (then its velocity is the GNSS's, not built from the positions sent)."""
+        second, while its own GNSS has a fix (then its velocity is the GNSS's, not built from the positions sent);
+        before the filter's first position too (it keeps them for its start)."""
         pos = link.position_prior(max_age_s=0.5)
         if pos is None or link.gnss(max_age_s=1.0) is None:
             return

@@ -33,7 +33,10 @@ then it is matched). An autopilot wants where the vehicle is *now*. :class:`NavF
   (the autopilot's heading is GNSS-aided then).
 * **The autopilot's velocity** (:meth:`NavFilter.add_velocity`, with ``gnss_velocity_sigma_mps``): while its GNSS
   works, a measurement of the ground velocity on straight legs; it teaches the same errors without touching the
-  position.
+  position, and the turns between them are GNSS-aided like those between GNSS fixes. Velocities that come before
+  the filter's first position are kept: the first fix then starts the filter just before the oldest of them (its
+  position unknown there, ``_DIFFUSE_M``), they are gated and applied, and the fix gives the position, so that the
+  errors the whole history taught are known from the first position on.
 * **Gating**: a fix whose Mahalanobis distance to the predicted state exceeds ``gate_chi2`` is not applied; a
   wrong fix cannot jerk the output. ``reinit_after`` consecutive gated-out fixes that agree with one another (each
   within the gate of the previous one moved by the filter's motion) re-initialise the position: recovery from a
@@ -134,8 +137,9 @@ class NavConfig:
         turn_gain_sigma: one-sigma of the transient per angle turned at initialisation (0.02: 1.8 degrees after a
             90 degree turn; with the plane's slip learnt ArduPlane SITL's yaw was pulled by 0.1-2.1 % of each turn,
             without it by up to 4.8 %); used with ``heading_transient_s`` only.
-        turn_gain_sigma_per_s: random-walk rate of that gain, per sqrt(s): an autopilot's yaw stays right through
-            turns while it has GNSS and is pulled off once it has none, so what was learnt before has to give way.
+        turn_gain_sigma_per_s: random-walk rate of that gain, per sqrt(s), up to ``turn_gain_sigma``: an autopilot's
+            yaw stays right through turns while it has GNSS and is pulled off once it has none, so what was learnt
+            before has to give way.
         loiter_slip_deg: in a loiter (one continuous turn of an air-velocity input beyond half a circle) the speed
             accuracy sent also covers this angle between the input's heading and the course (a plane slips in a
             steady turn: 3 degrees in ArduPlane SITL); 0 (the default): not. With 3 the loiter's accuracy was
@@ -150,7 +154,8 @@ class NavConfig:
         gnss_velocity_sigma_mps: while the autopilot's own GNSS has a fix, its ground velocity (GLOBAL_POSITION_INT,
             GNSS-backed then) is a measurement of the filter's ground velocity with this one-sigma, about once a
             second on straight steady flight: it teaches the input's wind, scale and heading errors before the
-            denial (0.3: ArduPilot's GNSS-aided velocity is good to a few tenths of a m/s). 0: not used.
+            denial (0.3: ArduPilot's GNSS-aided velocity is good to a few tenths of a m/s), from before the first
+            SAR fix on (those of the last ``start_history_s`` are kept for it). 0: not used.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
             the daemon as a course measurement while the motion input comes from the autopilot (it tells the
             heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
@@ -170,6 +175,9 @@ class NavConfig:
         gate_chi2: Mahalanobis^2 gate for fixes (13.8 = 99.9 % for 2 dof).
         reinit_after: consecutive, mutually consistent gated-out fixes that re-initialise the position.
         history_s: how far back a delayed fix may be applied; older ones are dropped (counted).
+        start_history_s: before the filter's first position, the events of this long are kept: the autopilot's
+            velocities among them (``gnss_velocity_sigma_mps``) start the filter at its first fix (long enough for
+            more than one heading: a straight leg teaches the wind, scale and heading errors only in sums).
         future_tolerance_s: a fix stamped later than "now" by more than this is refused (a clock problem).
         max_sigma_m: the estimate is invalid (the autopilot gets no-fix) while its one-sigma horizontal error is
             larger than this.
@@ -201,6 +209,7 @@ class NavConfig:
     gate_chi2: float = 13.8
     reinit_after: int = 3
     history_s: float = 180.0
+    start_history_s: float = 600.0
     future_tolerance_s: float = 1.0
     max_sigma_m: float = 400.0
 
@@ -226,6 +235,7 @@ class NavConfig:
             "correlation_s",
             "gate_chi2",
             "history_s",
+            "start_history_s",
             "max_sigma_m",
         ):
             v = finite_number(getattr(self, name))
@@ -415,8 +425,9 @@ class NavFilter:
         q[2, 2] = q[3, 3] = self.cfg.bias_sigma_mps_per_s**2 * dt
         q[4, 4] = self.cfg.scale_sigma_per_s**2 * dt
         q[5, 5] = math.radians(self.cfg.heading_sigma_deg_per_s) ** 2 * dt
-        if self.cfg.heading_transient_s > 0:
-            q[7, 7] = self.cfg.turn_gain_sigma_per_s**2 * dt
+        if self.cfg.heading_transient_s > 0:  # what fixes taught of the gain gives way, up to its prior (no further:
+            # the gain is learnt only from turns without GNSS, and none may come for a long time)
+            q[7, 7] = min(self.cfg.turn_gain_sigma_per_s**2 * dt, max(0.0, self.cfg.turn_gain_sigma**2 - sp[7, 7]))
         return dataclasses.replace(st, t_s=t_s, x=x, p=f @ sp @ f.T + q)
 
     @staticmethod
@@ -586,7 +597,7 @@ class NavFilter:
         return i
 
     def _prune(self, now_s: float) -> None:
-        cut = now_s - self.cfg.history_s
+        cut = now_s - (self.cfg.history_s if self.initialised else max(self.cfg.history_s, self.cfg.start_history_s))
         n = bisect.bisect_left(self._keys, (cut, -1))
         n = min(n, len(self._events) - 1)  # keep the newest event: it carries the current state
         if n <= 0:
@@ -673,7 +684,9 @@ class NavFilter:
         heading errors before the GNSS is lost, so that the velocity sent at the denial is as good as stated (the
         wind prior alone leaves 2 m/s, above EKF3's glitch threshold). Like GNSS fixes, not while the input turns or
         changes its speed, or within GNSS_STRAIGHT_S after (a fraction of a second between the two looks like a
-        heading or scale error then); gated (2 degrees of freedom, ``gate_chi2``). Returns (applied, reason)."""
+        heading or scale error then); gated (2 degrees of freedom, ``gate_chi2``). Before the filter's first
+        position it is kept (``velocities_kept``; returns True): the first fix starts the filter before it, and it
+        is gated then (``velocities_before_init`` or ``velocities_gated``). Returns (applied or kept, reason)."""
         v = np.asarray(v_en_mps, float)
         if v.shape != (2,) or not np.all(np.isfinite(v)) or not (math.isfinite(sigma_mps) and sigma_mps > 0):
             return False, "non-finite velocity"

@@ -153,8 +153,13 @@ def test_bad_times_and_values_are_refused():
 
 
 def test_history_is_bounded():
-    f = NavFilter(NavConfig(history_s=30.0))
+    """``start_history_s`` of events before the first position, ``history_s`` after it."""
+    f = NavFilter(NavConfig(history_s=30.0, start_history_s=60.0))
     for k in range(3000):
+        f.add_motion(k / 10, "air", (20.0, 0.0))
+    assert 60 * 10 <= len(f._events) <= 60 * 10 + 2
+    assert f.add_consensus(299.9, (0.0, 0.0), 20.0, now_s=299.9)[0]
+    for k in range(3000, 3010):
         f.add_motion(k / 10, "air", (20.0, 0.0))
     assert len(f._events) <= 30 * 10 + 2
 
@@ -559,15 +564,16 @@ def test_the_autopilot_s_velocities_before_the_first_fix_start_the_filter_knowin
     kept velocity far from the others is gated out when the filter starts."""
     f, e, pos = _legs_then_consensus(keep=True)
     assert f.stats["velocities_kept"] == 250 and f.stats["velocities_manoeuvring"] == 20  # the 10 s after each turn
-    assert f.stats["velocities_before_init"] == 160  # the history's 180 s
+    assert f.stats["velocities_before_init"] == 250  # all: start_history_s is 600 s
     assert np.allclose(e.bias_mps, (3.0, -2.0), atol=0.3) and e.scale == pytest.approx(0.03, abs=0.01), e
     assert e.heading_offset_deg == pytest.approx(2.0, abs=0.5) and e.sigma_v_mps < 0.6, e
     assert e.valid and np.hypot(*(np.asarray(e.xy_m) - pos)) < 30.0 and e.sigma_h_m < 25.0, e
     assert f.estimate(e.t_s - 50.0).valid is False  # before the fix the position is unknown: never valid
+    assert math.sqrt(f.state(e.t_s)[1][7, 7]) == pytest.approx(0.02)  # the turn gain's random walk: its prior at most
     f0, e0, _ = _legs_then_consensus(keep=False)
     assert f0.stats["velocities_kept"] == 0 and e0.sigma_v_mps > 3.0, e0  # the wind prior's
     fb, eb, _ = _legs_then_consensus(keep=True, bad_velocity=True)
-    assert fb.stats["velocities_gated"] == 1 and fb.stats["velocities_before_init"] == 159
+    assert fb.stats["velocities_gated"] == 1 and fb.stats["velocities_before_init"] == 249
     assert np.allclose(eb.bias_mps, e.bias_mps, atol=0.1), eb
     assert NavFilter().add_velocity(0.0, (1.0, 1.0), 0.3, now_s=0.0) == (False, "no motion input")
 
