@@ -42,6 +42,12 @@ WIND_PRIOR_SIGMA_MPS = 1.5
 #: the errors that persist for minutes); fixes older than GNSS_MAX_AGE_S at receipt are not used; after
 #: GNSS_GATED_LIMIT gated-out fixes in a row the GNSS is not used again in this run (it disagrees with the track)
 GNSS_AIDING_INTERVAL_S = 1.0
+#: the autopilot's velocity teaches the input's errors in level flight under way only: below this ground speed a
+#: plane is on the ground, where its airspeed means nothing (or a copter hovers, where it tells no heading), and
+#: beyond this climb or sink rate the airspeed's horizontal part rests on the flight-path angle (a take-off's
+#: stationary and climbing seconds, kept to start the filter, once taught it a 13 % scale and a 3 m/s wind)
+VELOCITY_MIN_SPEED_MPS = 5.0
+VELOCITY_MAX_CLIMB_MPS = 2.0
 GNSS_MIN_SIGMA_M = 2.0
 GNSS_MAX_AGE_S = 1.0
 GNSS_GATED_LIMIT = 5
@@ -222,7 +228,7 @@ class AutopilotIO:
         self.turn_slip = TurnSlip()
         self._slip_pos_rx: float | None = None  # the GLOBAL_POSITION_INT last used to learn the slip
         self._vel_rx: float | None = None  # the GLOBAL_POSITION_INT last handed to the filter as a velocity
-        self.velocity_stats = {"used": 0, "refused": 0}
+        self.velocity_stats = {"used": 0, "refused": 0, "not_level": 0}
         self._flow: deque[tuple[float, float, float]] = deque()  # (rx_mono_s, north, east): the flow's last second
         self._last_nav_record = -math.inf
         self._last_ap_clock: float | None = None
@@ -311,8 +317,9 @@ class AutopilotIO:
 
     def _feed_gnss_velocity(self, link: Any, wall_s: float, mono_now: float) -> None:
         """The autopilot's ground velocity as a measurement (``[nav] gnss_velocity_sigma_mps``), about once a
-        second, while its own GNSS has a fix (then its velocity is the GNSS's, not built from the positions sent);
-        before the filter's first position too (it keeps them for its start)."""
+        second, while its own GNSS has a fix (then its velocity is the GNSS's, not built from the positions sent), in
+        level flight under way (VELOCITY_MIN_SPEED_MPS, VELOCITY_MAX_CLIMB_MPS); before the filter's first position
+        too (it keeps them for its start)."""
         pos = link.position_prior(max_age_s=0.5)
         if pos is None or link.gnss(max_age_s=1.0) is None:
             return
@@ -322,7 +329,11 @@ class AutopilotIO:
         t, now = self.clock.now(wall_s - (mono_now - pos.rx_mono_s)), self.clock.now(wall_s)
         if t is None or now is None:
             return
-        v = self._to_grid(pos.vel_ned_mps[1], pos.vel_ned_mps[0])
+        vn, ve, vd = pos.vel_ned_mps
+        if math.hypot(vn, ve) < VELOCITY_MIN_SPEED_MPS or not abs(vd) <= VELOCITY_MAX_CLIMB_MPS:
+            self.velocity_stats["not_level"] += 1
+            return
+        v = self._to_grid(ve, vn)
         ok, _ = self.nav.add_velocity(t, v, self.nav.cfg.gnss_velocity_sigma_mps, now)
         self.velocity_stats["used" if ok else "refused"] += 1
 

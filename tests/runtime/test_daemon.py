@@ -564,32 +564,38 @@ def test_the_slip_is_learnt_while_the_autopilot_has_its_gnss_and_leads_the_air_i
 def test_the_autopilot_s_velocity_is_measured_while_its_gnss_has_a_fix(flight, tmp_path):
     """``[nav] gnss_velocity_sigma_mps``: the autopilot's ground velocity reaches the filter about once a second
     while its own GNSS has a fix, never without it (it is then built from the positions sent), never when it is the
-    motion input itself (``motion = "velocity"``), and not when unset."""
+    motion input itself (``motion = "velocity"``), and not when unset; in level flight under way only (not on the
+    ground, not in a climb); before the filter's first position it is kept for the filter's start."""
     from sarloc.runtime.daemon import Daemon, load_run_config
     from sarloc.runtime.mavlink import GnssSample
     from sarloc.runtime.navfilter import NavConfig
 
-    def used(sigma: float, gnss: bool, motion: str = "airspeed") -> int:
+    def stats(sigma: float, gnss: bool, motion: str = "airspeed", vel=(0.0, 20.0, -1.5), init=True) -> dict:
         cfg = load_run_config(
             None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
-            out=str(tmp_path / f"run{sigma}{gnss}{motion}"), follow=False, clock="unix", motion=motion,
+            out=str(tmp_path / f"run{sigma}{gnss}{motion}{vel}{init}"), follow=False, clock="unix", motion=motion,
         )  # fmt: skip
         d = Daemon(dataclasses.replace(cfg, nav=NavConfig(gnss_velocity_sigma_mps=sigma)))
         link = d.link = _FakeLink(time.monotonic())
         now, mono = time.time(), time.monotonic()
         d.clock.observe_data(now, now)
         d.nav_state(now)  # the first motion input
-        assert d.nav.add_consensus(now, (500.0, 500.0), 20.0, now_s=now)[0]
+        if init:
+            assert d.nav.add_consensus(now, (500.0, 500.0), 20.0, now_s=now)[0]
         for k in range(1, 31):  # 3 s at 10 Hz
             link.att = link.att._replace(rx_mono_s=mono + 0.1 * k)
             link.asp = link.asp._replace(rx_mono_s=mono + 0.1 * k)
-            link.pos = dataclasses.replace(link.pos, rx_mono_s=mono + 0.1 * k)
+            link.pos = dataclasses.replace(link.pos, rx_mono_s=mono + 0.1 * k, vel_ned_mps=vel)
             link.fix = GnssSample(mono + 0.1 * k, 0.0, 46.0, 1.7, 1.0, "GPS2_RAW") if gnss else None
             d.nav_state(now + 0.1 * k)
-        return d.autopilot.velocity_stats["used"]
+        return dict(d.autopilot.velocity_stats, **{k: v for k, v in d.nav.stats.items() if k.startswith("veloc")})
 
-    assert used(0.5, True) == 3
-    assert used(0.5, False) == used(0.0, True) == used(0.5, True, "velocity") == 0
+    assert stats(0.5, True)["used"] == 3
+    assert stats(0.5, False)["used"] == stats(0.0, True)["used"] == stats(0.5, True, "velocity")["used"] == 0
+    assert stats(0.5, True, vel=(0.0, 0.0, 0.0))["not_level"] == 3  # on the ground
+    assert stats(0.5, True, vel=(0.0, 20.0, -8.0))["not_level"] == 3  # climbing
+    s = stats(0.5, True, init=False)
+    assert s["used"] == s["velocities_kept"] == 3 and s["velocities_applied"] == 0
 
 
 def test_run_restores_the_signal_handlers(flight, tmp_path):

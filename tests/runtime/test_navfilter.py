@@ -620,22 +620,26 @@ def test_the_drift_through_a_turn_is_not_taught_as_a_heading_error():
 
 
 def test_a_turn_does_not_open_the_heading_error_while_gnss_aided():
-    """The same 90 degree turn as above: within GNSS_REGIME_S of a GNSS fix it adds nothing to the heading error's
-    uncertainty (the autopilot's heading is GNSS-aided); 30 s after the last one it adds the turn's share again."""
+    """The same 90 degree turn as above: within GNSS_REGIME_S of a GNSS fix, or of the autopilot's GNSS-backed
+    velocity, it adds nothing to the heading error's uncertainty (the autopilot's heading is GNSS-aided); 30 s after
+    the last one it adds the turn's share again."""
 
-    def grown(last_gnss_s: float) -> float:
+    def grown(last_gnss_s: float, velocity: bool = False) -> float:
         f = NavFilter(PLAIN)
         for k in range(400):
             f.add_motion(k / 10, "air", (0.0, 20.0))
         f.add_gnss(0.0, (0.0, 0.0), 2.0, now_s=0.0)
         for t in range(11, int(last_gnss_s) + 1):
-            assert f.add_gnss(float(t), (0.0, 20.0 * t), 2.0, now_s=float(t))[0]
+            if velocity:
+                assert f.add_velocity(float(t), (0.0, 20.0), 0.3, now_s=float(t))[0]
+            else:
+                assert f.add_gnss(float(t), (0.0, 20.0 * t), 2.0, now_s=float(t))[0]
         p0 = f.state(39.9)[1][5, 5]
         for k, deg in enumerate(np.linspace(0, 90, 31)):
             f.add_motion(40.0 + k / 10, "air", tuple(_rot_cw(np.array([0.0, 20.0]), deg)))
         return math.degrees(math.sqrt(f.state(43.0)[1][5, 5])) - math.degrees(math.sqrt(p0))
 
-    assert abs(grown(39.0)) < 0.05
+    assert abs(grown(39.0)) < 0.05 and abs(grown(39.0, velocity=True)) < 0.05
     assert grown(10.0) == pytest.approx(PLAIN.heading_turn_fraction * 90.0, rel=0.15)
 
 
