@@ -44,8 +44,9 @@ WIND_PRIOR_SIGMA_MPS = 1.5
 GNSS_AIDING_INTERVAL_S = 1.0
 #: the autopilot's velocity teaches the input's errors in level flight under way only: below this ground speed a
 #: plane is on the ground, where its airspeed means nothing (or a copter hovers, where it tells no heading), and
-#: beyond this climb or sink rate the airspeed's horizontal part rests on the flight-path angle (a take-off's
-#: stationary and climbing seconds, kept to start the filter, once taught it a 13 % scale and a 3 m/s wind)
+#: beyond this climb or sink rate the airspeed's horizontal part rests on the flight-path angle. (The seconds before
+#: a take-off, kept to start the filter, once taught it a 3 m/s wind along the runway, the airspeed read standing
+#: still, and the climb-out after them a 13 % scale to match.)
 VELOCITY_MIN_SPEED_MPS = 5.0
 VELOCITY_MAX_CLIMB_MPS = 2.0
 GNSS_MIN_SIGMA_M = 2.0
