@@ -693,39 +693,31 @@ class NavFilter:
         if not math.isfinite(t_s) or t_s > now_s + self.cfg.future_tolerance_s or t_s < self._oldest_s():
             return False, "velocity outside the history"
         st = self._state_at(t_s)
-        if st is None:
+        if st is None:  # before the filter's first position: kept for its start (gated and applied then)
             before = self._state_before(bisect.bisect_right(self._keys, (t_s, math.inf)))
             if before is None or before.u is None:
                 return False, "no motion input"
             if before.x is not None:  # initialised later only: the time is before the filter's first position
                 return False, "before the filter's first position"
-            if self._manoeuvring(t_s):
-                self.stats["velocities_manoeuvring"] += 1
-                return False, "the motion input is turning or changing its speed"
-            # kept: the first position starts the filter before it, and it is gated and applied then
-            ev = _Event(float(t_s), "velocity", v, np.eye(2) * float(sigma_mps) ** 2, self._next_seq(), {"gate": True})
-            self._replay_from(self._insert(ev))
-            bisect.insort(self._gnss_t, ev.t_s)
-            self.stats["velocities_kept"] += 1
-            self._prune(now_s)
-            return True, "kept for the filter's first position"
-        m = self._velocity_model(st)
-        if m is None:
+        elif st.u is None:
             return False, "no motion input"
         if self._manoeuvring(t_s):
             self.stats["velocities_manoeuvring"] += 1
             return False, "the motion input is turning or changing its speed"
         ev = _Event(float(t_s), "velocity", v, np.eye(2) * float(sigma_mps) ** 2, self._next_seq())
-        d2 = self._velocity_d2(st, ev)
-        assert d2 is not None  # _velocity_model above had an input
-        if d2 > self.cfg.gate_chi2:
-            self.stats["velocities_gated"] += 1
-            return False, f"gated out (Mahalanobis^2 {d2:.1f})"
+        if st is None:
+            ev.info = {"gate": True}
+        else:
+            d2 = self._velocity_d2(st, ev)
+            assert d2 is not None  # the state has an input
+            if d2 > self.cfg.gate_chi2:
+                self.stats["velocities_gated"] += 1
+                return False, f"gated out (Mahalanobis^2 {d2:.1f})"
         bisect.insort(self._gnss_t, ev.t_s)  # before the replay: the turns after it are GNSS-aided
         self._replay_from(self._insert(ev))
-        self.stats["velocities_applied"] += 1
+        self.stats["velocities_applied" if st is not None else "velocities_kept"] += 1
         self._prune(now_s)
-        return True, "applied"
+        return (True, "applied") if st is not None else (True, "kept for the filter's first position")
 
     def _check_fix(self, t_s: float, xy: np.ndarray, sigma_m: float, now_s: float) -> str | None:
         if xy.shape != (2,) or not np.all(np.isfinite(xy)) or not (math.isfinite(sigma_m) and sigma_m > 0):
