@@ -42,6 +42,10 @@ WIND_PRIOR_SIGMA_MPS = 1.5
 #: the errors that persist for minutes); fixes older than GNSS_MAX_AGE_S at receipt are not used; after
 #: GNSS_GATED_LIMIT gated-out fixes in a row the GNSS is not used again in this run (it disagrees with the track)
 GNSS_AIDING_INTERVAL_S = 1.0
+GNSS_MIN_SIGMA_M = 2.0
+GNSS_MAX_AGE_S = 1.0
+GNSS_GATED_LIMIT = 5
+
 #: the autopilot's velocity teaches the input's errors in level flight under way only: below this ground speed a
 #: plane is on the ground, where its airspeed means nothing (or a copter hovers, where it tells no heading), and
 #: beyond this climb or sink rate the airspeed's horizontal part rests on the flight-path angle. (The seconds before
@@ -49,9 +53,6 @@ GNSS_AIDING_INTERVAL_S = 1.0
 #: still, and the climb-out after them a 13 % scale to match.)
 VELOCITY_MIN_SPEED_MPS = 5.0
 VELOCITY_MAX_CLIMB_MPS = 2.0
-GNSS_MIN_SIGMA_M = 2.0
-GNSS_MAX_AGE_S = 1.0
-GNSS_GATED_LIMIT = 5
 
 #: the optical-flow velocity handed to the filter is the mean over this long (a flow sensor's samples are noisy: 0.05
 #: rad/s at 30 m above ground is 1.5 m/s each), stamped at the mean receipt time
