@@ -36,6 +36,7 @@ import math
 import signal
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,7 @@ class Daemon:
             pack_from_lonlat(self.loc.pack) if cfg.gnss_aiding else None,
         )
         self._source: Any = None
+        self._course_done: deque[str] = deque(maxlen=64)  # strips whose course the filter has decided on
 
     # ------------------------------------------------------------------------------------------ MAVLink
     @property
@@ -185,18 +187,24 @@ class Daemon:
     def _strip_course(self, block) -> None:
         """The strip metadata's course (the SAR's own motion measurement) as a course measurement of the filter,
         while the motion input comes from the autopilot (with the strips' own velocity as the input it adds
-        nothing)."""
+        nothing). The heading is the course at the strip's start (its pixels are laid out across it), so it is
+        measured once per strip, at ``t0_s``: the vehicle's course may wander from it along the strip (a copter's by
+        up to the strip's tolerance), and the motion input carries the course from there."""
         sigma = self.cfg.nav.course_sigma_deg
         if block.meta.heading_deg is None or sigma <= 0 or self.cfg.motion == "strip":
             return
         if self.cfg.motion == "auto" and not self.autopilot.airspeed_known():
             return  # auto without airspeed: the strips' velocity is the input
-        t = float(block.meta.row_time_s(block.row0 + block.pixels.shape[0] / 2.0))
+        sid = block.meta.strip_id
+        if sid in self._course_done:
+            return
         now = self.clock.now(time.time())
         if now is None:
             return
         with self._lock:
-            self.nav.add_course(t, float(block.meta.heading_deg), sigma, now)
+            applied, reason = self.nav.add_course(float(block.meta.t0_s), float(block.meta.heading_deg), sigma, now)
+        if applied or reason.startswith("gated") or reason == "course outside the history":
+            self._course_done.append(sid)  # decided; otherwise (no position or input yet) the next block tries
 
     def _windows(self, batch) -> list[WindowFix]:
         meta = batch.meta

@@ -157,9 +157,9 @@ class NavConfig:
             denial (0.3: ArduPilot's GNSS-aided velocity is good to a few tenths of a m/s), from before the first
             SAR fix on (those of the last ``start_history_s`` are kept for it). 0: not used.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
-            the daemon as a course measurement while the motion input comes from the autopilot (it tells the
-            heading error within seconds of a leg's first strip); 0 (the default): not used (closed loops with and
-            without it: docs/research/closed_loop.md).
+            the daemon as a measurement of the course at each strip's first row while the motion input comes from
+            the autopilot (it tells the heading error within seconds of a leg's first strip); 0 (the default): not
+            used (closed loops with and without it: docs/research/closed_loop.md).
         course_speed_sigma_mps: the cross-track speed error a course measurement sees besides the course's own
             (the input's slowly varying error, which a stream of courses does not average away), m/s.
         airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis: the

@@ -41,8 +41,8 @@ class StripMeta:
     Attributes:
         strip_id: unique name of the strip within a flight.
         gsd_m: ground sample distance, metres per pixel (square pixels).
-        heading_deg: flight direction, degrees clockwise from grid north of the map frame; None = unknown (taken
-            from the autopilot's ATTITUDE / VFR_HUD when connected).
+        heading_deg: flight direction at row 0 (the rows are laid out across it), degrees clockwise from grid north
+            of the map frame; None = unknown (taken from the autopilot's ATTITUDE / VFR_HUD when connected).
         t0_s: time of row 0, seconds (UNIX time or any monotonic flight clock; one clock per flight).
         row_rate_hz: rows acquired per second.
         across_offset_m: offset of the strip's centre line from the vehicle track, metres, positive to the right.

@@ -474,6 +474,40 @@ def test_the_flow_motion_input_is_the_last_second_s_mean(flight, tmp_path):
     assert float(np.hypot(*d.nav._after[-1].u.v)) == pytest.approx((6.0 + 15.0) / 2)
 
 
+def test_the_strip_s_course_is_measured_once_at_its_start(flight, tmp_path):
+    """``[nav] course_sigma_deg``: the strip's heading is the course at its first row (its pixels are laid out across
+    it; a copter's course wanders from it along the strip), so each strip gives one course measurement, at its
+    ``t0_s``, however many blocks it arrives in; a strip seen before the filter has a position is measured later."""
+    from sarloc.runtime.daemon import Daemon, load_run_config
+    from sarloc.runtime.navfilter import NavConfig
+    from sarloc.runtime.types import Strip, StripMeta
+
+    cfg = load_run_config(
+        None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+        out=str(tmp_path / "run"), follow=False, clock="unix", motion="velocity",
+    )  # fmt: skip
+    d = Daemon(dataclasses.replace(cfg, nav=NavConfig(course_sigma_deg=1.0)))
+    link = d.link = _FakeLink(time.monotonic())  # flying east at 20 m/s
+    now, mono = time.time(), time.monotonic()
+    d.clock.observe_data(now, now)
+
+    def blocks(sid: str, t0: float, n: int) -> list[Strip]:
+        meta = StripMeta(sid, 10.0, 90.0 + d.autopilot.grid_from_true_deg, t0, 2.0)
+        return [Strip(meta, np.zeros((16, 8), np.float32), 16 * k, k == n - 1) for k in range(n)]
+
+    for k in range(60):  # 6 s of the autopilot's velocity at 10 Hz
+        link.pos = dataclasses.replace(link.pos, rx_mono_s=mono - 6.0 + 0.1 * k)
+        d.nav_state(now - 6.0 + 0.1 * k)
+    early = blocks("a", now - 5.5, 3)
+    d._strip_course(early[0])  # no position yet: not decided
+    assert d.nav.stats["courses_applied"] == 0
+    assert d.nav.add_consensus(now - 5.8, (500.0, 500.0), 20.0, now_s=now)[0]
+    for b in early[1:] + blocks("b", now - 2.5, 4):
+        d._strip_course(b)
+    assert d.nav.stats["courses_applied"] == 2
+    assert sorted(e.t_s for e in d.nav._events if e.kind == "course") == [now - 5.5, now - 2.5]
+
+
 def test_the_air_input_leads_the_yaw_by_the_turn_slip(flight, tmp_path):
     """``[nav] turn_slip_s``: in a turn the air-velocity input's heading is the yaw led by the heading rate (from
     consecutive ATTITUDEs) times it; without a turn, or unset, the yaw itself."""
