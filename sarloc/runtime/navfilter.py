@@ -158,10 +158,11 @@ class NavConfig:
             SAR fix on (those of the last ``start_history_s`` are kept for it). 0: not used.
         course_sigma_deg: one-sigma of the strip metadata's course (the SAR's own motion measurement), applied by
             the daemon as a measurement of the course at each strip's first row while the motion input comes from
-            the autopilot (it tells the heading error within seconds of a leg's first strip); 0 (the default): not
-            used (closed loops with and without it: docs/research/closed_loop.md).
-        course_speed_sigma_mps: the cross-track speed error a course measurement sees besides the course's own
-            (the input's slowly varying error, which a stream of courses does not average away), m/s.
+            the autopilot (it tells the heading error within seconds of a leg's first strip); 1.0 (the default;
+            the simulated strips' heading carries 0.5 degree of noise); 0: not used (closed loops with and without
+            it: docs/research/closed_loop.md).
+        course_speed_sigma_mps: the cross-track speed error a course measurement sees besides the course's own:
+            the input's sample noise at the strip's first row (as ``input_noise_mps``), m/s.
         airspeed_sigma_mps: one-sigma of an air-velocity input (airspeed and heading errors), per axis: the
             position's random walk between fixes.
         ground_sigma_mps: one-sigma of a ground-velocity input, per axis; also the drift allowed per second between
@@ -200,8 +201,8 @@ class NavConfig:
     turn_slip_s: float = 0.0
     learn_turn_slip: bool = True
     gnss_velocity_sigma_mps: float = 0.3
-    course_sigma_deg: float = 0.0
-    course_speed_sigma_mps: float = 1.0
+    course_sigma_deg: float = 1.0
+    course_speed_sigma_mps: float = 0.5
     airspeed_sigma_mps: float = 1.0
     ground_sigma_mps: float = 1.0
     input_noise_mps: float = 0.5

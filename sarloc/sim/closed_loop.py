@@ -111,7 +111,7 @@ class ClosedLoopConfig:
         motion: the daemon's motion input (default: ``airspeed`` for the plane; for the copter, which has no
             airspeed sensor, ``velocity`` with ``flow`` and ``strip`` without: without an independent velocity source
             the autopilot's velocity is built from sarloc's own positions once the GNSS is gone).
-        nav: the daemon's ``[nav]`` settings beyond its defaults (e.g. ``{"course_sigma_deg": 1.0}``).
+        nav: the daemon's ``[nav]`` settings beyond its defaults (e.g. ``{"course_sigma_deg": 0.0}``).
         fusion: the daemon's ``[fusion]`` settings beyond its defaults (e.g. ``{"window_sigma_scale": 1.0}``).
         gnss_aiding: the daemon's ``gnss_aiding`` (the autopilot's GNSS reaches its filter until the denial).
         max_turn_deg: a strip ends where the course leaves its heading by more than this (default per vehicle:

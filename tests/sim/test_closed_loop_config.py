@@ -41,9 +41,9 @@ def test_extra_params_override_and_turn_limit_defaults(tmp_path):
 
 
 def test_nav_settings_reach_the_daemon_config(tmp_path):
-    cfg = _cfg(tmp_path, nav={"course_sigma_deg": 1.0})
+    cfg = _cfg(tmp_path, nav={"course_sigma_deg": 2.0})
     toml = _daemon_config(cfg, tmp_path / "export", tmp_path / "pack", tmp_path, 14550, "tcp:127.0.0.1:5762")
-    assert tomllib.loads(toml.read_text())["nav"] == {"course_sigma_deg": 1.0}
+    assert tomllib.loads(toml.read_text())["nav"] == {"course_sigma_deg": 2.0}
 
 
 def test_sent_sigma_consistency_counts_errors_in_units_of_the_stated_sigma():
