@@ -61,7 +61,8 @@ AUTOPILOT_PARAMS: dict[str, dict[str, float]] = {
     "copter": {},
 }
 #: An optical-flow camera and a downward rangefinder (SITL's own sensors) as EKF3's horizontal velocity source, so
-#: that the autopilot's velocity does not come from sarloc's positions (a vehicle without airspeed, docs/autopilot.md)
+#: that the autopilot's velocity does not come from sarloc's positions (a vehicle without airspeed, docs/autopilot.md),
+#: and more weight on its compass
 FLOW_PARAMS: dict[str, float] = {
     "FLOW_TYPE": 10,  # the SITL optical-flow sensor (a real one: its driver's type)
     "SIM_FLOW_ENABLE": 1,
@@ -72,6 +73,9 @@ FLOW_PARAMS: dict[str, float] = {
     "EK3_SRC1_VELXY": 5,  # horizontal velocity from optical flow only: neither sarloc's nor the GNSS's is fused
     "EK3_SRC1_VELZ": 0,  # vertical velocity from the barometer and IMU
     "EK3_SRC_OPTIONS": 0,  # source set 1 alone
+    # without GNSS the yaw rests on the compass; at the default 0.05 gauss the position steps of SAR fixes turned
+    # EKF3's yaw by up to 9 degrees, and its flow velocity with it (docs/research/closed_loop.md)
+    "EK3_MAG_M_NSE": 0.02,
 }
 #: What the test flights set beyond that (mission speed, not sarloc's business)
 FLIGHT_PARAMS: dict[str, dict[str, float]] = {"plane": {}, "copter": {"WPNAV_SPEED": 1500}}

@@ -30,6 +30,7 @@ def test_flow_makes_optical_flow_the_only_horizontal_velocity_source(tmp_path):
     without = _autopilot_params(_cfg(tmp_path, vehicle="copter"))
     assert with_flow["EK3_SRC1_VELXY"] == 5 and with_flow["EK3_SRC_OPTIONS"] == 0
     assert with_flow["FLOW_TYPE"] == 10 and with_flow["RNGFND1_TYPE"] == 100
+    assert with_flow["EK3_MAG_M_NSE"] == 0.02  # the yaw without GNSS rests on the compass
     assert not set(FLOW_PARAMS) & set(without)
     assert with_flow["GPS2_TYPE"] == 14  # sarloc stays GPS2
 
