@@ -25,6 +25,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from sarloc.core.errors import brief
 from sarloc.runtime.clockmap import ClockMap
 from sarloc.runtime.config import RunConfig
@@ -59,6 +61,9 @@ VELOCITY_MAX_CLIMB_MPS = 2.0
 FLOW_AVERAGE_S = 1.0
 #: below this height above ground (m) an optical flow's scale means little; no flow input
 FLOW_MIN_HEIGHT_M = 0.5
+#: ``flow_correction_s``: the flow's correction of the autopilot's velocity is applied while its last flow sample is
+#: at most this old (s); a flow that comes back after more than ``flow_correction_s`` starts it again from zero
+FLOW_CORRECTION_STALE_S = 2.0
 
 #: the turn slip learnt (``[nav] learn_turn_slip``): from this heading rate on (rad/s; 5.7 deg/s) a sample counts as
 #: a turn and the whole slip leads the heading (below it, in proportion to the rate); it is used from
@@ -232,6 +237,9 @@ class AutopilotIO:
         self._vel_rx: float | None = None  # the GLOBAL_POSITION_INT last handed to the filter as a velocity
         self.velocity_stats = {"used": 0, "refused": 0, "not_level": 0}
         self._flow: deque[tuple[float, float, float]] = deque()  # (rx_mono_s, north, east): the flow's last second
+        self._flow_corr = np.zeros(2)  # motion = "velocity": the flow's low-passed difference from it (grid, m/s)
+        self._flow_corr_rx: float | None = None  # receipt of the last flow sample in it
+        self.flow_stats = {"corrected": 0, "plain": 0}
         self._last_nav_record = -math.inf
         self._last_ap_clock: float | None = None
         self.from_lonlat = from_lonlat
@@ -306,7 +314,8 @@ class AutopilotIO:
         if motion == "velocity":
             pos = link.position_prior(max_age_s=1.0)
             if pos is not None:
-                sample = (pos.rx_mono_s, "ground", self._to_grid(pos.vel_ned_mps[1], pos.vel_ned_mps[0]))
+                v = self._to_grid(pos.vel_ned_mps[1], pos.vel_ned_mps[0])
+                sample = (pos.rx_mono_s, "ground", self._flow_corrected(link, v, pos.vel_ned_mps[2], mono_now))
         if motion == "flow":
             sample = self._flow_sample(link)
         if sample is not None and sample[0] != self._last_motion_rx:
@@ -378,6 +387,42 @@ class AutopilotIO:
             msg = f"turn slip learnt: the course leads the nose by {slip:.1f} deg in turns"
             logger.info(msg)
             self.rec.write({"type": "nav", "event": "turn slip", "wall_s": time.time(), "reason": msg})
+
+    def _flow_corrected(self, link: Any, v: tuple[float, float], vd_mps: float, mono_now: float) -> tuple[float, float]:
+        """``motion = "velocity"`` with ``flow_correction_s``: the autopilot's ground velocity ``v`` (grid east,
+        north) plus the optical flow's mean difference from it over that time constant (an exponential mean of every
+        new flow sample's difference). Without GNSS the autopilot's velocity is pulled by the positions sarloc sends
+        (EKF3 fuses them with the flow): a position that drifts drags it after itself, for tens of seconds, and the
+        filter, predicting with it, drifts the more. The flow is independent of the positions; alone it is noisy (a
+        second's mean 0.3-0.6 m/s in ArduCopter SITL), so it corrects only the slow part. ``v`` unchanged without a
+        flow sample of the last FLOW_CORRECTION_STALE_S (or none at all, or with the correction off)."""
+        tau = self.cfg.flow_correction_s
+        if tau <= 0:
+            return v
+        f, att = link.optical_flow(max_age_s=1.0), link.attitude(max_age_s=1.0)
+        last = self._flow_corr_rx
+        if (
+            f is not None
+            and att is not None
+            and f.quality > 0
+            and f.ground_distance_m >= FLOW_MIN_HEIGHT_M
+            and (last is None or f.rx_mono_s > last)
+        ):
+            n, e = flow_velocity_ne(
+                f.comp_x_rad_s, f.comp_y_rad_s, f.ground_distance_m, att.roll_deg, att.pitch_deg, att.yaw_deg,
+                vd_mps if math.isfinite(vd_mps) else 0.0,
+            )  # fmt: skip
+            diff = np.subtract(self._to_grid(e, n), v)
+            if last is None or f.rx_mono_s - last > tau:  # first sample, or the flow comes back: start again
+                self._flow_corr = np.zeros(2)
+                last = f.rx_mono_s - 0.1  # the first sample weighs as one of a 10 Hz stream
+            self._flow_corr = self._flow_corr + (1.0 - math.exp(-(f.rx_mono_s - last) / tau)) * (diff - self._flow_corr)
+            self._flow_corr_rx = last = f.rx_mono_s
+        if last is None or mono_now - last > FLOW_CORRECTION_STALE_S:
+            self.flow_stats["plain"] += 1
+            return v
+        self.flow_stats["corrected"] += 1
+        return float(v[0] + self._flow_corr[0]), float(v[1] + self._flow_corr[1])
 
     def _flow_sample(self, link: Any) -> tuple[float, str, tuple[float, float]] | None:
         """The optical flow's ground velocity, the mean of the last FLOW_AVERAGE_S, as a ``ground`` motion input

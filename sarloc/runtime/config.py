@@ -7,7 +7,8 @@ value stops the daemon at start, not mid-flight.
 Motion between fixes (``motion``): the autopilot's heading and airspeed (``airspeed``: ATTITUDE + VFR_HUD,
 independent of the positions sarloc sends; the filter estimates the wind), the autopilot's ground velocity
 (``velocity``: only with an independent velocity source such as optical flow; without GNSS and without one it
-is built from sarloc's own positions and the loop drifts; with one, the positions sent still pull it), the
+is built from sarloc's own positions and the loop drifts; with one, the positions sent still pull it, and where
+the autopilot reports its optical flow the velocity is corrected by the flow's slow part, ``flow_correction_s``), the
 autopilot's optical flow (``flow``: OPTICAL_FLOW rates and height above ground with the ATTITUDE, independent of
 the positions sent), the strips' metadata (``strip``:
 heading and along-track speed), or ``auto`` (airspeed when the autopilot reports it, else the strips).
@@ -29,7 +30,7 @@ from typing import Any
 
 import tomllib
 
-from sarloc.core.config import build_dataclass
+from sarloc.core.config import build_dataclass, finite_number
 from sarloc.core.errors import ConfigError, brief
 from sarloc.runtime.fusion import FusionConfig
 from sarloc.runtime.localizer import LocalizerConfig
@@ -63,6 +64,9 @@ class RunConfig:
         max_clock_offset_s: ``unix`` clock: a larger difference from the autopilot's SYSTEM_TIME is logged.
         motion: the motion input between fixes: ``auto``, ``airspeed``, ``velocity``, ``flow`` or ``strip`` (module
             docstring).
+        flow_correction_s: ``motion = "velocity"``: where the autopilot reports an optical flow (OPTICAL_FLOW), the
+            velocity is corrected by the flow's mean difference from it over this time constant, seconds: without
+            GNSS the autopilot's velocity follows the positions sent, the flow does not (module docstring); 0: off.
         field_elevation_m: altitude above mean sea level of the take-off point; when set, the altitude sent is this
             plus the autopilot's own height above home (GLOBAL_POSITION_INT.relative_alt), else no altitude is sent
             (the autopilot then needs ``BARO_FIELD_ELV``, see docs/mavlink.md).
@@ -92,6 +96,7 @@ class RunConfig:
     clock: str = "auto"
     max_clock_offset_s: float = 0.5
     motion: str = "auto"
+    flow_correction_s: float = 8.0
     field_elevation_m: float | None = None
     gnss_aiding: bool = False
     localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
@@ -170,6 +175,9 @@ def load_run_config(path: str | Path | None = None, **overrides: Any) -> RunConf
         raise ConfigError(f"{where}: clock must be one of {', '.join(CLOCKS)}, got {cfg.clock!r}")
     if cfg.motion not in MOTIONS:
         raise ConfigError(f"{where}: motion must be one of {', '.join(MOTIONS)}, got {cfg.motion!r}")
+    fcs = finite_number(cfg.flow_correction_s)
+    if fcs is None or fcs < 0:
+        raise ConfigError(f"{where}: flow_correction_s must be a number >= 0 (0 = off), got {cfg.flow_correction_s!r}")
     if not cfg.max_clock_offset_s > 0:
         raise ConfigError(f"{where}: max_clock_offset_s must be > 0, got {cfg.max_clock_offset_s!r}")
     if cfg.gnss_aiding and not cfg.mavlink:

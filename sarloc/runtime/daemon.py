@@ -467,6 +467,8 @@ class Daemon:
             self.stats["gnss_aiding"] = dict(self.autopilot.gnss_stats)
         if self.cfg.nav.gnss_velocity_sigma_mps > 0:
             self.stats["gnss_velocity"] = dict(self.autopilot.velocity_stats)
+        if self.cfg.motion == "velocity" and self.cfg.flow_correction_s > 0:
+            self.stats["flow_correction"] = dict(self.autopilot.flow_stats)
         ts = self.autopilot.turn_slip
         if ts.n:
             self.stats["turn_slip"] = {"samples": ts.n, "deg": round(math.degrees(ts.slip_rad), 2), "used": ts.learnt}

@@ -130,8 +130,8 @@ class NavConfig:
         heading_sigma_deg_per_s: random-walk rate of the heading error, degrees per sqrt(s).
         heading_turn_fraction: the heading error's one-sigma grows by this fraction of every turn of the input (an
             autopilot's yaw lags after a turn without GNSS: 0.5-4.5 % of a 90-110 degree turn in ArduPlane SITL,
-            0.1-14 % in ArduCopter's); not used for an air-velocity input with
-            ``heading_transient_s``, where the turn gain's one-sigma takes its place.
+            0.1-14 % in ArduCopter's, at most 2.6 % with ``EK3_MAG_M_NSE`` 0.02); not used for an air-velocity input
+            with ``heading_transient_s``, where the turn gain's one-sigma takes its place.
         heading_transient_s: time constant of the heading error's transient part after a turn of an air-velocity
             input (the autopilot's yaw), seconds; 0: one heading error, no transient.
         turn_gain_sigma: one-sigma of the transient per angle turned at initialisation (0.02: 1.8 degrees after a

@@ -77,6 +77,11 @@ FLOW_PARAMS: dict[str, float] = {
     # EKF3's yaw by up to 9 degrees, and its flow velocity with it (docs/research/closed_loop.md)
     "EK3_MAG_M_NSE": 0.02,
 }
+#: The daemon's ``[nav]`` settings that go with FLOW_PARAMS (``motion = "velocity"``): with EKF3 trusting its compass
+#: its yaw moved by 0.5 degrees (median; 2.3 at most) in the 30 s after a 90 degree turn without GNSS, no more than
+#: on straight legs; at the filter's default 3 % per turn the heading's uncertainty after the turn home took the
+#: speed accuracy sent past EKF3's 1.5 m/s glitch threshold (docs/research/closed_loop.md)
+FLOW_NAV: dict[str, float] = {"heading_turn_fraction": 0.015}
 #: What the test flights set beyond that (mission speed, not sarloc's business)
 FLIGHT_PARAMS: dict[str, dict[str, float]] = {"plane": {}, "copter": {"WPNAV_SPEED": 1500}}
 
@@ -219,8 +224,9 @@ gps_id = 1
 gps_rate_hz = 10.0
 require_autopilot_s = 60.0
 """
-    if cfg.nav:
-        text += "\n[nav]\n" + "".join(f"{k} = {float(v)!r}\n" for k, v in cfg.nav.items())
+    nav = {**(FLOW_NAV if cfg.flow and motion == "velocity" else {}), **cfg.nav}
+    if nav:
+        text += "\n[nav]\n" + "".join(f"{k} = {float(v)!r}\n" for k, v in nav.items())
     if cfg.fusion:
         text += "\n[fusion]\n" + "".join(f"{k} = {float(v)!r}\n" for k, v in cfg.fusion.items())
     p = out / "onboard.toml"

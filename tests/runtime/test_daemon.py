@@ -247,6 +247,9 @@ def test_config_errors(tmp_path):
         load_run_config(bad)
     with pytest.raises(ConfigError, match="'pack' is required"):
         load_run_config(None, source="dir://x", export="e")
+    for v in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ConfigError, match="flow_correction_s"):
+            load_run_config(None, source="dir://x", export="e", pack="p", flow_correction_s=v)
     bad.write_text("source = 'dir://x'\nexport = 'e'\npack = 'p'\n[mavlink]\ngps_rate_hz = -1\n")
     with pytest.raises(ConfigError):
         load_run_config(bad)
@@ -357,9 +360,13 @@ class _FakeLink:
         self.asp = SpeedSample(20.0, mono)
         self.wnd = WindSample(mono, 0.0, 3.0)
         self.fix = None  # the autopilot's own GNSS
+        self.flow = None  # its OPTICAL_FLOW
 
     def gnss(self, max_age_s=None):
         return self.fix
+
+    def optical_flow(self, max_age_s=None):
+        return self.flow
 
     def position_prior(self, max_age_s=None):
         return self.pos
@@ -472,6 +479,58 @@ def test_the_flow_motion_input_is_the_last_second_s_mean(flight, tmp_path):
     link.flow = FlowSample(mono + 1.15, 0.0, 0.5, 30.0, 255)  # the first two are more than a second older
     d.nav_state(now)
     assert float(np.hypot(*d.nav._after[-1].u.v)) == pytest.approx((6.0 + 15.0) / 2)
+
+
+@pytest.mark.parametrize("tau", [8.0, 0.0])
+def test_the_autopilot_s_velocity_is_corrected_by_the_flow_s_slow_part(flight, tmp_path, tau, monkeypatch):
+    """``motion = "velocity"`` with ``flow_correction_s``: the autopilot's velocity (pulled by the positions sent
+    without GNSS) plus the flow's exponential mean difference from it: a steady 1 m/s across the track that the
+    velocity lacks is learnt over a few time constants, a single noisy flow sample moves the input by a fraction
+    only, and a flow that stops leaves the autopilot's velocity as it is; 0: off."""
+    import types
+
+    from sarloc.runtime import autopilot_io
+    from sarloc.runtime.daemon import Daemon, load_run_config
+    from sarloc.runtime.mavlink import FlowSample
+
+    cfg = load_run_config(
+        None, source=f"dir://{flight / 'strips'}", export=str(MODEL_DIR), pack=str(flight / "pack"),
+        out=str(tmp_path / "run"), follow=False, clock="unix", motion="velocity", flow_correction_s=tau,
+    )  # fmt: skip
+    mono = [1000.0]  # the daemon's monotonic clock, stepped with the samples
+    monkeypatch.setattr(autopilot_io, "time", types.SimpleNamespace(monotonic=lambda: mono[0], time=time.time))
+    d = Daemon(cfg)
+    link = d.link = _FakeLink(time.monotonic())
+    link.att = link.att._replace(yaw_deg=0.0)  # facing north, level
+    now = time.time()
+    d.clock.observe_data(now, now)
+    g = math.radians(d.autopilot.grid_from_true_deg)
+
+    def step(t_mono: float, flow_east: float) -> np.ndarray:
+        mono[0] = t_mono
+        link.pos = dataclasses.replace(link.pos, rx_mono_s=t_mono, vel_ned_mps=(10.0, 0.0, 0.0))  # north, 10 m/s
+        link.att = link.att._replace(rx_mono_s=t_mono)
+        comp_x = -flow_east / 30.0  # body y (east when facing north) at 30 m: the flow sees 1 m/s more east
+        link.flow = FlowSample(t_mono, comp_x, 10.0 / 30.0, 30.0, 255)
+        d.nav_state(now)
+        u = d.nav._after[-1].u.v  # grid -> true north
+        return np.array([u[0] * math.cos(g) - u[1] * math.sin(g), u[0] * math.sin(g) + u[1] * math.cos(g)])
+
+    t0 = mono[0]
+    u = step(t0, 1.0)
+    assert u == pytest.approx([0.0, 10.0], abs=0.02)  # the first sample barely moves it
+    for k in range(1, 401):  # 40 s at 10 Hz: five time constants
+        u = step(t0 + 0.1 * k, 1.0)
+    if tau == 0:
+        assert u == pytest.approx([0.0, 10.0], abs=1e-6) and d.autopilot.flow_stats["corrected"] == 0
+        return
+    assert u == pytest.approx([1.0 - math.exp(-40.0 / tau), 10.0], abs=0.02)
+    assert step(t0 + 40.1, 6.0)[0] == pytest.approx(1.0 + 5.0 * (1.0 - math.exp(-0.1 / tau)), abs=0.02)
+    link.flow = None  # the flow stops: after FLOW_CORRECTION_STALE_S the velocity is the autopilot's again
+    mono[0] = t0 + 40.1 + autopilot_io.FLOW_CORRECTION_STALE_S + 0.1
+    link.pos = dataclasses.replace(link.pos, rx_mono_s=mono[0])
+    d.nav_state(now)
+    assert float(d.nav._after[-1].u.v @ d.nav._after[-1].u.v) == pytest.approx(100.0, abs=1e-6)
 
 
 def test_the_strip_s_course_is_measured_once_at_its_start(flight, tmp_path):

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import tomllib
 
-from sarloc.sim.closed_loop import FLOW_PARAMS, MAX_TURN_DEG, ClosedLoopConfig, _autopilot_params, _daemon_config
+from sarloc.sim.closed_loop import (
+    FLOW_NAV,
+    FLOW_PARAMS,
+    MAX_TURN_DEG,
+    ClosedLoopConfig,
+    _autopilot_params,
+    _daemon_config,
+)
 
 
 def _cfg(tmp_path, **kw) -> ClosedLoopConfig:
@@ -45,6 +52,22 @@ def test_nav_settings_reach_the_daemon_config(tmp_path):
     cfg = _cfg(tmp_path, nav={"course_sigma_deg": 2.0})
     toml = _daemon_config(cfg, tmp_path / "export", tmp_path / "pack", tmp_path, 14550, "tcp:127.0.0.1:5762")
     assert tomllib.loads(toml.read_text())["nav"] == {"course_sigma_deg": 2.0}
+
+
+def _nav(cfg: ClosedLoopConfig, tmp_path) -> dict:
+    toml = _daemon_config(cfg, tmp_path / "export", tmp_path / "pack", tmp_path, 14550, "tcp:127.0.0.1:5762")
+    return tomllib.loads(toml.read_text()).get("nav", {})
+
+
+def test_the_copter_with_flow_turns_its_heading_uncertainty_down(tmp_path):
+    """With optical flow (its autopilot's velocity as the input) the copter's ``[nav]`` has the smaller heading
+    growth per turn that goes with EKF3's compass trust; settings given override it; other set-ups have none."""
+    assert _nav(_cfg(tmp_path, vehicle="copter", flow=True), tmp_path) == FLOW_NAV
+    assert FLOW_NAV["heading_turn_fraction"] < 0.03  # below the filter's default
+    over = _nav(_cfg(tmp_path, vehicle="copter", flow=True, nav={"heading_turn_fraction": 0.02}), tmp_path)
+    assert over == {"heading_turn_fraction": 0.02}
+    assert _nav(_cfg(tmp_path, vehicle="copter", flow=True, motion="flow"), tmp_path) == {}
+    assert _nav(_cfg(tmp_path, vehicle="plane"), tmp_path) == {}
 
 
 def test_sent_sigma_consistency_counts_errors_in_units_of_the_stated_sigma():
