@@ -388,6 +388,23 @@ class AutopilotIO:
             logger.info(msg)
             self.rec.write({"type": "nav", "event": "turn slip", "wall_s": time.time(), "reason": msg})
 
+    @staticmethod
+    def _usable_flow(link: Any) -> tuple[Any, Any] | None:
+        """The latest OPTICAL_FLOW and ATTITUDE (a second old at most) when the flow can give a velocity: quality
+        above 0 and at least FLOW_MIN_HEIGHT_M above ground; else None."""
+        f, att = link.optical_flow(max_age_s=1.0), link.attitude(max_age_s=1.0)
+        if f is None or att is None or f.quality <= 0 or f.ground_distance_m < FLOW_MIN_HEIGHT_M:
+            return None
+        return f, att
+
+    @staticmethod
+    def _flow_ne(f: Any, att: Any, vd_mps: float) -> tuple[float, float]:
+        """The flow sample's ground velocity (true north, east) with the vertical speed ``vd_mps`` (0 when unknown)."""
+        vd = vd_mps if math.isfinite(vd_mps) else 0.0
+        return flow_velocity_ne(
+            f.comp_x_rad_s, f.comp_y_rad_s, f.ground_distance_m, att.roll_deg, att.pitch_deg, att.yaw_deg, vd
+        )
+
     def _flow_corrected(self, link: Any, v: tuple[float, float], vd_mps: float, mono_now: float) -> tuple[float, float]:
         """``motion = "velocity"`` with ``flow_correction_s``: the autopilot's ground velocity ``v`` (grid east,
         north) plus the optical flow's mean difference from it over that time constant (an exponential mean of every
@@ -399,19 +416,11 @@ class AutopilotIO:
         tau = self.cfg.flow_correction_s
         if tau <= 0:
             return v
-        f, att = link.optical_flow(max_age_s=1.0), link.attitude(max_age_s=1.0)
+        flow = self._usable_flow(link)
         last = self._flow_corr_rx
-        if (
-            f is not None
-            and att is not None
-            and f.quality > 0
-            and f.ground_distance_m >= FLOW_MIN_HEIGHT_M
-            and (last is None or f.rx_mono_s > last)
-        ):
-            n, e = flow_velocity_ne(
-                f.comp_x_rad_s, f.comp_y_rad_s, f.ground_distance_m, att.roll_deg, att.pitch_deg, att.yaw_deg,
-                vd_mps if math.isfinite(vd_mps) else 0.0,
-            )  # fmt: skip
+        if flow is not None and (last is None or flow[0].rx_mono_s > last):
+            f = flow[0]
+            n, e = self._flow_ne(*flow, vd_mps)
             diff = np.subtract(self._to_grid(e, n), v)
             if last is None or f.rx_mono_s - last > tau:  # first sample, or the flow comes back: start again
                 self._flow_corr = np.zeros(2)
@@ -428,15 +437,13 @@ class AutopilotIO:
         """The optical flow's ground velocity, the mean of the last FLOW_AVERAGE_S, as a ``ground`` motion input
         ``(rx_mono_s, kind, (east, north))`` on the grid, or None (no fresh flow, no attitude, too low, or the same
         flow sample as last time)."""
-        f, att = link.optical_flow(max_age_s=1.0), link.attitude(max_age_s=1.0)
-        if f is None or att is None or f.quality <= 0 or f.ground_distance_m < FLOW_MIN_HEIGHT_M:
+        flow = self._usable_flow(link)
+        if flow is None:
             return None
+        f = flow[0]
         if not self._flow or f.rx_mono_s > self._flow[-1][0]:
             pos = link.position_prior(max_age_s=5.0)
-            vd = pos.vel_ned_mps[2] if pos is not None and math.isfinite(pos.vel_ned_mps[2]) else 0.0
-            n, e = flow_velocity_ne(
-                f.comp_x_rad_s, f.comp_y_rad_s, f.ground_distance_m, att.roll_deg, att.pitch_deg, att.yaw_deg, vd
-            )
+            n, e = self._flow_ne(*flow, pos.vel_ned_mps[2] if pos is not None else 0.0)
             self._flow.append((f.rx_mono_s, n, e))
         while self._flow and self._flow[0][0] < self._flow[-1][0] - FLOW_AVERAGE_S:
             self._flow.popleft()
